@@ -1,0 +1,48 @@
+# The two commands: `make test` and `make demo`. Both build their own virtualenv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-test
+
+OLDEST_VENV ?= .venv-oldest
+OLDEST_STAMP := $(OLDEST_VENV)/.installed-test
+# The oldest versions we support, tested beside the newest ones.
+OLDEST_PINS := 'Django>=4.2,<5.0' 'celery>=5.4,<5.5'
+
+.PHONY: test test-oldest venv clean demo demo-serve bench
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+$(OLDEST_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(OLDEST_VENV)/bin/python -m pip install --quiet -e '.[test]' $(OLDEST_PINS)
+	touch $@
+
+# The suite on Django 4.2 LTS and Celery 5.4.
+test-oldest: $(OLDEST_STAMP)
+	$(OLDEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The whole system on embedded defaults (SQLite, embedded Redis, two MediaServers, a worker).
+demo: $(STAMP)
+	$(PY) example/demo.py
+
+# The same, then the example site on http://127.0.0.1:8000/ to try uploads and the admin.
+demo-serve: $(STAMP)
+	$(PY) example/demo.py --serve
+
+clean:
+	rm -rf $(VENV) $(OLDEST_VENV) .pytest_cache build *.egg-info example/var
+
+# Benchmarks: benchmarks/README.md. BENCH_ARGS=--quick for a smoke run.
+bench: $(STAMP)
+	$(PY) -m benchmarks.run $(BENCH_ARGS)

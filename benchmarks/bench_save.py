@@ -1,0 +1,347 @@
+"""Request latency of ``save()``: what a web request pays to store an upload.
+
+Django's ``FileSystemStorage.save()`` is the baseline (ratio 1.0). Against it, for 10 KB
+and 1 MB files:
+
+- ``AsyncStorage`` with no hosts: the atomic master write alone;
+- ``AsyncStorage`` with 1 and 3 hosts: the master write plus one Celery message per host,
+  published to a private Redis (no worker runs: the queue fills and is emptied between
+  rounds);
+- ``HybridStorage`` with 1 and 3 hosts: the master write plus a PUT to every host, within
+  the request, to real ``MediaServer``s on 127.0.0.1 that keep files in memory: a media
+  host's disk belongs to another machine, and here its writes would slow the master's.
+
+Each configuration is warmed up, then timed save by save for ``--saves`` saves per round
+and ``--rounds`` rounds; within a round the configurations take turns every 20 saves, so
+that all see the same noise. Each save has a fresh name, so no ``get_available_name`` loop
+runs. Reported: the median over rounds of each round's median latency, the range of the
+round medians, and the ratio to ``FileSystemStorage`` of the same size in the same round.
+
+Run alone: ``.venv/bin/python -m benchmarks.bench_save [--quick] [--output FILE]``.
+"""
+import collections
+import gc
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks import common
+
+SIZES = {"10 KB": 10 * 1024, "1 MB": 1024 * 1024}
+GOAL_RATIO = 2.0  # AsyncStorage.save() within 2x of FileSystemStorage.save()
+BLOCK = 20  # saves in a row for one configuration before the next takes its turn
+
+
+@dataclass
+class Case:
+    """One storage configuration under test."""
+
+    label: str
+    backend: str  # "fs", "async" or "hybrid"
+    storage: object
+    servers: list = field(default_factory=list)
+
+    @property
+    def location(self):
+        return Path(self.storage.location)
+
+
+def build_cases(workdir, servers):
+    """The storages to compare, each with its own master folder under ``workdir``."""
+    from django.core.files.storage import FileSystemStorage
+
+    from resto_celery.storage import AsyncStorage, HybridStorage
+
+    def where(name):
+        return str(workdir / name)
+
+    def urls(count):
+        return [server.url for server in servers[:count]]
+
+    return [
+        Case("FileSystemStorage (baseline)", "fs", FileSystemStorage(location=where("fs"))),
+        Case("AsyncStorage, no hosts (master write only)", "async", AsyncStorage(location=where("async-0"), hosts=[])),
+        Case("AsyncStorage, 1 host", "async", AsyncStorage(location=where("async-1"), hosts=urls(1)), servers[:1]),
+        Case("AsyncStorage, 3 hosts", "async", AsyncStorage(location=where("async-3"), hosts=urls(3)), servers[:3]),
+        Case("HybridStorage, 1 host", "hybrid", HybridStorage(location=where("hybrid-1"), hosts=urls(1)), servers[:1]),
+        Case("HybridStorage, 3 hosts", "hybrid", HybridStorage(location=where("hybrid-3"), hosts=urls(3)), servers[:3]),
+    ]
+
+
+def time_saves(storage, data, count):
+    """Save ``count`` fresh files of ``data``; return each ``save()``'s latency in ns."""
+    from django.core.files.base import ContentFile
+
+    latencies = []
+    for _ in range(count):
+        name = f"uploads/{uuid.uuid4().hex}.bin"
+        content = ContentFile(data)
+        start = time.perf_counter_ns()
+        saved = storage.save(name, content)
+        latencies.append(time.perf_counter_ns() - start)
+        if saved != name:
+            raise AssertionError(f"{name} was saved as {saved}: the benchmark expected fresh names")
+    return latencies
+
+
+def reset(cases, broker_url):
+    """Empty the master folders, the media servers and the broker; flush dirty pages to disk.
+
+    ``os.sync()`` keeps the writes of one round from being written back during the next.
+    """
+    for case in cases:
+        shutil.rmtree(case.location, ignore_errors=True)
+        case.location.mkdir(parents=True)
+    for server in {server for case in cases for server in case.servers}:
+        server.clear()
+        server.clear_requests()
+    common.flush_redis(broker_url)
+    os.sync()
+
+
+def check_replicated(cases, saves, broker_url):
+    """Fail unless the round really did its work: every message queued, every PUT answered.
+
+    ``AsyncStorage`` logs and goes on when the broker refuses a message, which would look
+    fast; a benchmark of that would be wrong.
+    """
+    expected = saves * sum(len(case.servers) for case in cases if case.backend == "async")
+    found = common.queue_length(broker_url)
+    if found != expected:
+        raise AssertionError(f"{found} messages in the queue, expected {expected}")
+    puts = collections.Counter(server for case in cases if case.backend == "hybrid" for server in case.servers)
+    for server, count in puts.items():
+        answered = [r for r in server.requests if r.method == "PUT" and r.status in (200, 201, 204)]
+        if len(answered) != count * saves:
+            raise AssertionError(f"{server} answered {len(answered)} PUTs, expected {count * saves}")
+
+
+def run_round(cases, data, saves, broker_url, rotation):
+    """One round: blocks of ``BLOCK`` saves, the cases taking turns block by block.
+
+    Fine-grained turns make every case see the same disk and CPU noise as the baseline.
+    The order starts at ``rotation``. Returns ``{label: median ns}``.
+    """
+    reset(cases, broker_url)
+    gc.collect()
+    order = cases[rotation:] + cases[:rotation]
+    latencies = {case.label: [] for case in cases}
+    for done in range(0, saves, BLOCK):
+        for case in order:
+            latencies[case.label] += time_saves(case.storage, data, min(BLOCK, saves - done))
+    check_replicated(cases, saves, broker_url)
+    return {case.label: statistics.median(latencies[case.label]) for case in cases}
+
+
+def measure(cases, size, saves, rounds, warmup, broker_url):
+    """Warm up, then ``rounds`` rounds for one file size; return ``{label: [round medians]}``."""
+    data = os.urandom(size)
+    reset(cases, broker_url)
+    for case in cases:
+        time_saves(case.storage, data, warmup)
+    per_round = {case.label: [] for case in cases}
+    for number in range(rounds):
+        medians = run_round(cases, data, saves, broker_url, rotation=number % len(cases))
+        for label, median in medians.items():
+            per_round[label].append(median)
+        print(f"  {size} bytes, round {number + 1}/{rounds}: "
+              + ", ".join(f"{label.split(' (')[0]} {common.micros(m)} µs" for label, m in medians.items()))
+    return per_round
+
+
+def summarize_size(cases, per_round):
+    """Per case: latency summary (ns) and ratio summary to the baseline, round by round."""
+    baseline = per_round[cases[0].label]
+    summary = {}
+    for case in cases:
+        medians = per_round[case.label]
+        ratios = [value / base for value, base in zip(medians, baseline)]
+        summary[case.label] = {
+            "hosts": len(case.servers),
+            "latency_ns": common.summarize(medians),
+            "round_medians_ns": medians,
+            "ratio": common.summarize(ratios),
+        }
+    return summary
+
+
+def table_rows(results):
+    """Rows of the results table, one per size and case."""
+    rows = []
+    for size, cases in results.items():
+        for label, entry in cases.items():
+            latency, ratio = entry["latency_ns"], entry["ratio"]
+            rows.append([
+                size, label, common.micros(latency["median"]),
+                f"{common.micros(latency['min'])} – {common.micros(latency['max'])}",
+                common.ratio(ratio["median"]), f"{common.ratio(ratio['min'])} – {common.ratio(ratio['max'])}",
+            ])
+    return rows
+
+
+def goals(results):
+    """Whether ``AsyncStorage.save()`` stays within 2x of ``FileSystemStorage.save()``."""
+    verdicts = []
+    for size, cases in results.items():
+        for label, entry in cases.items():
+            if not label.startswith("AsyncStorage") or entry["hosts"] == 0:
+                continue
+            ratio = entry["ratio"]
+            verdicts.append({
+                "goal": f"{label}, {size}: save() within {GOAL_RATIO:g}x of FileSystemStorage.save()",
+                "met": ratio["median"] <= GOAL_RATIO,
+                "detail": f"median ratio {common.ratio(ratio['median'])}, "
+                          f"rounds {common.ratio(ratio['min'])} – {common.ratio(ratio['max'])}",
+            })
+    return verdicts
+
+
+def time_publishes(publish, count):
+    """Call ``publish(index)`` ``count`` times; return the median ns per call."""
+    latencies = []
+    for index in range(count):
+        start = time.perf_counter_ns()
+        publish(index)
+        latencies.append(time.perf_counter_ns() - start)
+    return sorted(latencies)[count // 2]
+
+
+def publish_ways(app, storage, client):
+    """Ways to send one message, from the bare Redis round trip up to ``AsyncStorage.enqueue()``.
+
+    Each is ``run(count) -> median ns per message``.
+    """
+    host = storage.hosts[0]
+    payload = b"x" * 700  # about the size of one resto_celery.upload message
+
+    def lpush(count):
+        return time_publishes(lambda index: client.lpush("resto", payload), count)
+
+    def pooled(count):
+        return time_publishes(lambda index: storage.enqueue("upload", host, f"pooled/{index}"), count)
+
+    def shared(count):
+        with app.producer_or_acquire() as producer:
+            return time_publishes(
+                lambda index: storage.enqueue("upload", host, f"shared/{index}", producer=producer), count
+            )
+
+    return {
+        "redis-py LPUSH of a 700-byte message (the floor)": lpush,
+        "AsyncStorage.enqueue(), a producer from the pool each time (as save() does)": pooled,
+        "AsyncStorage.enqueue(producer=...), one producer for all (as reconcile does)": shared,
+    }
+
+
+def measure_publish(app, storage, broker_url, count, rounds):
+    """Median ns per message of each way to publish, per round; ``{label: [medians]}``."""
+    import redis
+
+    per_round = {}
+    with redis.Redis.from_url(broker_url) as client:
+        ways = publish_ways(app, storage, client)
+        for run in ways.values():
+            run(20)  # warm-up
+        for _ in range(rounds):
+            for label, run in ways.items():
+                common.flush_redis(broker_url)
+                per_round.setdefault(label, []).append(run(count))
+    common.flush_redis(broker_url)
+    return per_round
+
+
+def publish_rows(per_round):
+    """Rows of the publish table: median µs, range, ratio to the raw LPUSH."""
+    floor = next(iter(per_round.values()))
+    rows = []
+    for label, medians in per_round.items():
+        latency = common.summarize(medians)
+        ratio = common.summarize([value / base for value, base in zip(medians, floor)])
+        rows.append([
+            label, common.micros(latency["median"]),
+            f"{common.micros(latency['min'])} – {common.micros(latency['max'])}", common.ratio(ratio["median"]),
+        ])
+    return rows
+
+
+def profile_async_save(cases, saves):
+    """Print a cProfile of ``AsyncStorage.save()`` with 3 hosts, 10 KB files."""
+    case = next(case for case in cases if case.label == "AsyncStorage, 3 hosts")
+    data = os.urandom(10 * 1024)
+    common.print_profile(f"{saves} x {case.label}.save(), 10 KB", time_saves, case.storage, data, saves)
+
+
+def main(argv=None):
+    parser = common.argument_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--saves", type=int, help="saves per configuration per round (default 200)")
+    parser.add_argument("--rounds", type=int, help="rounds (default 5)")
+    args = parser.parse_args(argv)
+    saves = args.saves or (20 if args.quick else 200)
+    rounds = args.rounds or (2 if args.quick else 5)
+    warmup = 5 if args.quick else 50
+
+    from resto_celery.testing import MediaServer
+
+    with common.private_redis() as redis_server, tempfile.TemporaryDirectory(prefix="resto-bench-save-") as workdir:
+        common.setup_django()
+        app = common.celery_app()
+        environment = common.environment()
+        workdir = Path(workdir)
+        servers = [MediaServer().start() for _ in range(3)]  # in memory, emptied every round
+        try:
+            cases = build_cases(workdir / "masters", servers)
+            results = {}
+            for size_label, size in SIZES.items():
+                per_round = measure(cases, size, saves, rounds, warmup, redis_server.url)
+                results[size_label] = summarize_size(cases, per_round)
+            publish = measure_publish(app, cases[2].storage, redis_server.url, saves, rounds)
+            if args.profile:
+                reset(cases, redis_server.url)
+                profile_async_save(cases, saves)
+        finally:
+            for server in servers:
+                server.stop()
+
+    result = {
+        "benchmark": "bench_save",
+        "title": "save() latency",
+        "description": (
+            f"Per-save latency of `storage.save(name, ContentFile(...))`, fresh names, {saves} saves per "
+            f"configuration per round, {rounds} rounds (configurations take turns every {BLOCK} saves), after "
+            f"{warmup} warm-up saves. Latency: median over rounds of each round's median, and the range of "
+            f"the round medians. Ratio: to FileSystemStorage of the same size in the same round "
+            f"(median and range over rounds). AsyncStorage publishes to a private Redis (no worker); "
+            f"HybridStorage PUTs to real MediaServers on 127.0.0.1 that keep files in memory (the hosts' disks "
+            f"would otherwise compete with the master's); the servers run in the benchmark's process."
+        ),
+        "quick": args.quick,
+        "parameters": {"saves_per_round": saves, "rounds": rounds, "warmup": warmup, "sizes": SIZES},
+        "environment": environment,
+        "results": results,
+        "publish_ns": publish,
+        "tables": [{
+            "title": "save() latency (µs)",
+            "headers": ["size", "storage", "median µs", "round medians µs (min – max)", "ratio", "ratio (min – max)"],
+            "rows": table_rows(results),
+        }, {
+            "title": "One message to the private Redis (µs per message; AsyncStorage sends one per host)",
+            "headers": ["how", "median µs", "round medians µs (min – max)", "ratio to LPUSH"],
+            "rows": publish_rows(publish),
+        }],
+        "goals": goals(results),
+        "notes": [
+            common.measured_note(environment),
+        ],
+    }
+    common.report(result, args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""System checks: bad settings are reported by ``manage.py check`` before anything runs."""
+import os
+
+from django.conf import settings
+from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
+from django.utils.module_loading import import_string
+
+from . import conf
+
+
+@checks.register(checks.Tags.compatibility)
+def check_settings(app_configs=None, **kwargs):
+    """Validate the global ``RESTO_*`` settings and every ``STORAGES`` entry using our backends."""
+    from .storage import ReplicatedStorageMixin
+
+    errors = []
+    try:
+        _check_options(conf.resolve(), "RESTO_* settings", errors)
+    except ImproperlyConfigured as exc:
+        errors.append(checks.Error(str(exc), id="resto_celery.E001"))
+    replicated = {}  # host name -> (alias, master location) of Celery-replicated storages
+    for alias, entry in getattr(settings, "STORAGES", {}).items():
+        try:
+            backend = import_string(entry.get("BACKEND", ""))
+        except ImportError:
+            continue  # Django reports unusable backends itself
+        if not (isinstance(backend, type) and issubclass(backend, ReplicatedStorageMixin)):
+            continue
+        where = f"STORAGES[{alias!r}]"
+        try:
+            storage = backend(**entry.get("OPTIONS", {}))
+        except ImproperlyConfigured as exc:
+            errors.append(checks.Error(f"{where}: {exc}", id="resto_celery.E002"))
+            continue
+        if not storage.options.hosts:
+            errors.append(
+                checks.Warning(
+                    f"{where} uses {backend.__name__} with no media hosts: files stay in the master copy only.",
+                    hint="Set RESTO_MEDIA_HOSTS or the 'hosts' option.",
+                    id="resto_celery.W001",
+                )
+            )
+        _check_options(storage.options, where, errors)
+        if getattr(storage, "replicated_by_celery", False):
+            _check_celery_storage(storage, alias, where, replicated, errors)
+    return errors
+
+
+def _check_celery_storage(storage, alias, where, replicated, errors):
+    for host in storage.hosts:
+        other = replicated.setdefault(host, (alias, storage.location))
+        if other[1] != storage.location:
+            errors.append(
+                checks.Error(
+                    f"{where} and STORAGES[{other[0]!r}] both replicate to media host {host} from different "
+                    f"master copies; a task names only the host, so workers could not tell them apart.",
+                    hint="Give one of them another name with a dict host entry: {'url': ..., 'name': ...}.",
+                    id="resto_celery.E004",
+                )
+            )
+    broker = getattr(settings, "CELERY_BROKER_URL", None) or ""
+    if storage.options.redis_url is None and broker and not broker.startswith(conf.REDIS_SCHEMES):
+        errors.append(
+            checks.Error(
+                f"{where}: AsyncStorage keeps its leases in Redis, and the Celery broker ({broker.split('://')[0]}) "
+                f"is not Redis.",
+                hint="Set RESTO_REDIS_URL (or the 'redis_url' option).",
+                id="resto_celery.E005",
+            )
+        )
+
+
+def _check_options(options, where, errors):
+    for host in options.hosts:
+        if (host.auth or host.headers) and host.scheme == "http":
+            errors.append(
+                checks.Warning(
+                    f"{where}: credentials for media host {host.name} would be sent over plain HTTP.",
+                    hint="Use an https:// URL for hosts that need credentials.",
+                    id="resto_celery.W002",
+                )
+            )
+        if host.ca_bundle and not os.path.isfile(host.ca_bundle):
+            errors.append(
+                checks.Error(
+                    f"{where}: the CA bundle {host.ca_bundle} for media host {host.name} does not exist.",
+                    id="resto_celery.E003",
+                )
+            )

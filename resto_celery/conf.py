@@ -1,0 +1,246 @@
+"""Settings: the global ``RESTO_*`` settings, per-storage ``OPTIONS`` and media host entries.
+
+Every option has a global setting (``RESTO_MEDIA_HOSTS``...) and a lower-case name that
+``STORAGES[alias]["OPTIONS"]`` may use instead (``hosts``...). Settings are read when a
+storage is constructed, never at import time, so ``override_settings`` works in tests.
+"""
+import numbers
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+#: option name -> (global setting, default). The documentation of each is in the README.
+SETTINGS = {
+    "hosts": ("RESTO_MEDIA_HOSTS", ()),
+    "timeout": ("RESTO_TIMEOUT", 2),
+    "fatal_exceptions": ("RESTO_FATAL_EXCEPTIONS", True),
+    "show_traceback": ("RESTO_SHOW_TRACEBACK", False),
+    "ca_bundle": ("RESTO_CA_BUNDLE", None),
+    # AsyncStorage: the Celery protocol.
+    "redis_url": ("RESTO_REDIS_URL", None),
+    "queue": ("RESTO_QUEUE", "resto"),
+    "max_retries": ("RESTO_MAX_RETRIES", 6),
+    "retry_backoff": ("RESTO_RETRY_BACKOFF", 2),
+    "retry_backoff_max": ("RESTO_RETRY_BACKOFF_MAX", 300),
+    "lease_ttl": ("RESTO_LEASE_TTL", 60),
+    "breaker_threshold": ("RESTO_BREAKER_THRESHOLD", 5),
+    "breaker_cooldown": ("RESTO_BREAKER_COOLDOWN", 30),
+    "failed_retry_after": ("RESTO_FAILED_RETRY_AFTER", 300),
+}
+
+#: Options that are a number of seconds (> 0), and options that are a count (>= 0).
+SECONDS = ("timeout", "retry_backoff", "retry_backoff_max", "lease_ttl", "breaker_cooldown", "failed_retry_after")
+COUNTS = ("max_retries", "breaker_threshold")
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+HOST_ENTRY_KEYS = {"url", "name", "auth", "headers", "ca_bundle"}
+
+
+@dataclass(frozen=True)
+class MediaHost:
+    """One media server, as resolved from a host entry.
+
+    ``name`` identifies the host in logs, task messages and ``Replica`` rows; ``base_url``
+    is where files live (ends with ``/``). Neither ever contains credentials: those stay
+    in ``auth`` and ``headers``, which are left out of ``repr()``.
+    """
+
+    name: str
+    base_url: str
+    auth: tuple | None = field(default=None, repr=False)
+    headers: dict = field(default_factory=dict, repr=False, hash=False)
+    ca_bundle: str | None = None
+
+    @property
+    def scheme(self):
+        return urlsplit(self.base_url).scheme
+
+
+@dataclass(frozen=True)
+class Options:
+    """The resolved options of one storage."""
+
+    hosts: tuple
+    timeout: float
+    fatal_exceptions: bool
+    show_traceback: bool
+    ca_bundle: str | None
+    redis_url: str | None
+    queue: object
+    max_retries: int
+    retry_backoff: float
+    retry_backoff_max: float
+    lease_ttl: float
+    breaker_threshold: int
+    breaker_cooldown: float
+    failed_retry_after: float
+
+    def host(self, name):
+        """Return the :class:`MediaHost` called ``name``, or raise ``KeyError``."""
+        for host in self.hosts:
+            if host.name == name:
+                return host
+        raise KeyError(f"No media host named {name!r}; configured: {[h.name for h in self.hosts]}")
+
+    def queue_for(self, host):
+        """The Celery queue for tasks of ``host``: ``queue`` is a name (``{host}`` in it is
+        replaced by the host's name) or a dict from host names to queues (default ``resto``)."""
+        if isinstance(self.queue, dict):
+            return self.queue.get(host, SETTINGS["queue"][1])
+        return self.queue.replace("{host}", host)
+
+
+def split_options(options, names=SETTINGS):
+    """Split storage keyword arguments into resto options and the rest."""
+    ours = {key: value for key, value in options.items() if key in names}
+    rest = {key: value for key, value in options.items() if key not in names}
+    return ours, rest
+
+
+def resolve(options=None, *, media_url=None):
+    """Resolve per-storage ``options`` over the global settings into :class:`Options`.
+
+    Raises :class:`~django.core.exceptions.ImproperlyConfigured` naming the option at fault.
+    """
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(SETTINGS))
+    if unknown:
+        raise ImproperlyConfigured(
+            f"Unknown resto_celery option(s) {', '.join(map(repr, unknown))}; "
+            f"known options are {', '.join(sorted(SETTINGS))}."
+        )
+    values = {
+        key: options[key] if key in options else getattr(settings, setting, default)
+        for key, (setting, default) in SETTINGS.items()
+    }
+    for key in SECONDS:
+        value = values[key]
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or value <= 0:
+            raise ImproperlyConfigured(f"{_label(key)} must be a positive number of seconds, not {value!r}.")
+    for key in COUNTS:
+        value = values[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ImproperlyConfigured(f"{_label(key)} must be a whole number >= 0, not {value!r}.")
+    if values["lease_ttl"] <= values["timeout"]:
+        raise ImproperlyConfigured(
+            f"{_label('lease_ttl')} ({values['lease_ttl']}s) must be longer than {_label('timeout')} "
+            f"({values['timeout']}s): a lease must outlive any request made under it."
+        )
+    redis_url = values["redis_url"]
+    if redis_url is not None and not (isinstance(redis_url, str) and redis_url.startswith(REDIS_SCHEMES)):
+        raise ImproperlyConfigured(f"{_label('redis_url')} must be a redis:// URL, not {redis_url!r}.")
+    queue = values["queue"]
+    if not (isinstance(queue, str) and queue) and not (
+        isinstance(queue, dict) and all(isinstance(k, str) and isinstance(v, str) and v for k, v in queue.items())
+    ):
+        raise ImproperlyConfigured(f"{_label('queue')} must be a queue name or a dict of host names to queues.")
+    for key in ("fatal_exceptions", "show_traceback"):
+        if not isinstance(values[key], bool):
+            raise ImproperlyConfigured(f"{_label(key)} must be True or False, not {values[key]!r}.")
+    ca_bundle = values["ca_bundle"]
+    if ca_bundle is not None and not isinstance(ca_bundle, str):
+        raise ImproperlyConfigured(f"{_label('ca_bundle')} must be a path to a PEM file or None.")
+    hosts = values["hosts"]
+    if isinstance(hosts, (str, bytes, dict)) or not hasattr(hosts, "__iter__"):
+        raise ImproperlyConfigured(f"{_label('hosts')} must be a list of host entries, not {hosts!r}.")
+    media_url = settings.MEDIA_URL if media_url is None else media_url
+    parsed = tuple(parse_host(entry, media_url=media_url, ca_bundle=ca_bundle) for entry in hosts)
+    names = [host.name for host in parsed]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ImproperlyConfigured(f"{_label('hosts')} lists {', '.join(duplicates)} more than once.")
+    values["hosts"] = parsed
+    for key in SECONDS:
+        values[key] = float(values[key])
+    return Options(**values)
+
+
+def parse_host(entry, *, media_url="/media/", ca_bundle=None):
+    """Turn one host entry into a :class:`MediaHost`.
+
+    An entry is ``"host[:port]"`` (scheme and path prefix taken from ``MEDIA_URL``, as in
+    django-resto), a full base URL (``"https://media-2.internal:8443/media/"``; user and
+    password in it become basic auth and are removed from the URL), or a dict with ``url``
+    (either form) and optionally ``name``, ``auth`` (a ``(user, password)`` pair),
+    ``headers`` (e.g. ``{"Authorization": "Bearer ..."}``) and ``ca_bundle``.
+    """
+    if isinstance(entry, dict):
+        unknown = sorted(set(entry) - HOST_ENTRY_KEYS)
+        if unknown:
+            raise ImproperlyConfigured(
+                f"Media host entry has unknown key(s) {', '.join(map(repr, unknown))}; "
+                f"known keys are {', '.join(sorted(HOST_ENTRY_KEYS))}."
+            )
+        if not isinstance(entry.get("url"), str):
+            raise ImproperlyConfigured("A media host entry given as a dict needs a 'url' string.")
+        host = parse_host(entry["url"], media_url=media_url, ca_bundle=entry.get("ca_bundle", ca_bundle))
+        auth = entry.get("auth", host.auth)
+        if auth is not None and not (
+            isinstance(auth, (tuple, list)) and len(auth) == 2 and all(isinstance(p, str) for p in auth)
+        ):
+            raise ImproperlyConfigured(f"The 'auth' of media host {host.name} must be a (user, password) pair.")
+        headers = entry.get("headers", {})
+        if not isinstance(headers, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+        ):
+            raise ImproperlyConfigured(f"The 'headers' of media host {host.name} must map strings to strings.")
+        name = entry.get("name", host.name)
+        if not isinstance(name, str) or not name:
+            raise ImproperlyConfigured(f"The 'name' of media host {host.name} must be a non-empty string.")
+        return MediaHost(
+            name=name,
+            base_url=host.base_url,
+            auth=tuple(auth) if auth else None,
+            headers=dict(headers),
+            ca_bundle=host.ca_bundle,
+        )
+    if not isinstance(entry, str) or not entry.strip():
+        raise ImproperlyConfigured(f"A media host entry must be a string or a dict, not {entry!r}.")
+    entry = entry.strip()
+    if "://" in entry:
+        return _parse_url_entry(entry, ca_bundle)
+    return _parse_hostport_entry(entry, media_url, ca_bundle)
+
+
+def _parse_url_entry(entry, ca_bundle):
+    parts = urlsplit(entry)
+    if parts.scheme not in ("http", "https"):
+        raise ImproperlyConfigured(f"Media host URL must use http or https, not {parts.scheme!r}.")
+    _check_port(parts, entry)
+    if not parts.hostname:
+        raise ImproperlyConfigured("Media host URL has no host name.")
+    if parts.query or parts.fragment:
+        raise ImproperlyConfigured("Media host URL must not have a query string or a fragment.")
+    netloc = parts.netloc.rpartition("@")[2]
+    path = parts.path if parts.path.endswith("/") else parts.path + "/"
+    base_url = urlunsplit((parts.scheme, netloc, path, "", ""))
+    auth = (unquote(parts.username), unquote(parts.password or "")) if parts.username else None
+    return MediaHost(name=base_url, base_url=base_url, auth=auth, ca_bundle=ca_bundle)
+
+
+def _parse_hostport_entry(entry, media_url, ca_bundle):
+    if any(char in entry for char in "/?#@ "):
+        raise ImproperlyConfigured(
+            f"Media host entry {entry!r} must be 'host[:port]' or a full URL such as "
+            f"'https://{entry.split('/')[0]}/media/'."
+        )
+    media = urlsplit(media_url or "/")
+    scheme = media.scheme or "http"
+    path = media.path if media.path.endswith("/") else media.path + "/"
+    base_url = urlunsplit((scheme, entry, path, "", ""))
+    _check_port(urlsplit(base_url), entry)
+    return MediaHost(name=entry, base_url=base_url, ca_bundle=ca_bundle)
+
+
+def _check_port(parts, entry):
+    try:
+        parts.port
+    except ValueError:
+        raise ImproperlyConfigured(f"Media host entry {entry!r} has an invalid port.") from None
+
+
+def _label(key):
+    return f"{SETTINGS[key][0]} (option {key!r})"

@@ -1,0 +1,107 @@
+"""Exceptions raised by resto_celery.
+
+This module imports nothing from Django or Celery, so the transport can use it.
+"""
+
+
+class TransportError(OSError):
+    """An HTTP operation on one media host did not succeed.
+
+    Carries what an operator needs to act: the host (its configured name, never a URL
+    with credentials), the HTTP method, the file name, the status code when the host
+    answered, and a short reason. ``retryable`` tells whether trying again later can
+    help (connection errors, timeouts, 5xx) or not (other 4xx, TLS failures).
+    """
+
+    retryable = False
+    #: True when the request may have reached the host and may still be applied (a
+    #: timeout or a connection cut after sending): its outcome is unknown.
+    in_doubt = False
+
+    def __init__(self, host, method, name, reason, status=None, in_doubt=None):
+        self.host = host
+        self.method = method
+        self.name = name
+        self.reason = reason
+        self.status = status
+        if in_doubt is not None:
+            self.in_doubt = in_doubt
+        super().__init__(str(self))
+
+    def __str__(self):
+        return f"{self.method} {self.name} on {self.host} failed: {self.reason}"
+
+    def __reduce__(self):
+        # Keeps the exception picklable (Celery stores it in results).
+        return (type(self), (self.host, self.method, self.name, self.reason, self.status, self.in_doubt))
+
+
+class HostUnreachable(TransportError):
+    """The host refused the connection, reset it, or could not be resolved."""
+
+    retryable = True
+
+
+class HostTimeout(TransportError):
+    """The host did not accept the connection or answer within the timeout."""
+
+    retryable = True
+
+
+class HostShortCircuited(TransportError):
+    """The host failed repeatedly: its circuit breaker is open, so it was not contacted.
+
+    ``wait`` is how many seconds the breaker stays open.
+    """
+
+    retryable = True
+
+    def __init__(self, host, method, name, reason, status=None, in_doubt=None, wait=0.0):
+        self.wait = wait
+        super().__init__(host, method, name, reason, status, in_doubt)
+
+    def __reduce__(self):
+        return (type(self), (self.host, self.method, self.name, self.reason, self.status, self.in_doubt, self.wait))
+
+
+class TLSFailure(TransportError):
+    """The TLS handshake failed, usually because the certificate could not be verified."""
+
+
+class UnexpectedStatus(TransportError):
+    """The host answered with a status code the operation does not accept."""
+
+    @property
+    def retryable(self):
+        return self.status is not None and (self.status >= 500 or self.status in (408, 429))
+
+
+class MissingFile(UnexpectedStatus, FileNotFoundError):
+    """The host answered 404 for a file that was expected to exist."""
+
+
+class ReplicationError(OSError):
+    """An operation failed on one or more media hosts.
+
+    Raised by the synchronous backends when ``fatal_exceptions`` is on, after every host
+    was tried and every failure logged. ``failures`` maps each failing host's name to the
+    :class:`TransportError` (or other exception) it raised.
+    """
+
+    def __init__(self, operation, name, failures, total_hosts):
+        self.operation = operation
+        self.name = name
+        self.failures = dict(failures)
+        self.total_hosts = total_hosts
+        details = "; ".join(f"{host}: {_reason(exc)}" for host, exc in self.failures.items())
+        super().__init__(
+            f"Failed to {operation} {name} on {len(self.failures)} of {total_hosts} "
+            f"media host(s): {details}"
+        )
+
+    def __reduce__(self):
+        return (type(self), (self.operation, self.name, self.failures, self.total_hosts))
+
+
+def _reason(exc):
+    return exc.reason if isinstance(exc, TransportError) else f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,101 @@
+"""``Replica``: what each media host holds, as far as the workers know.
+
+Rows are written by workers only, each write in its own autocommit transaction, never by
+the web request. With the master tree, they are the whole truth that ``reconcile`` needs.
+"""
+from django.db import models
+from django.utils import timezone
+
+
+class ReplicaQuerySet(models.QuerySet):
+    def record_success(self, host, path, fingerprint, task_id=""):
+        """The host now holds the master's bytes with ``fingerprint``."""
+        now = timezone.now()
+        self.update_or_create(
+            host=host,
+            path=path,
+            defaults={
+                "state": Replica.State.SYNCED,
+                "fingerprint": fingerprint,
+                "attempts": 0,
+                "last_success_at": now,
+                "pending_since": None,
+                "retry_at": None,
+                "task_id": task_id,
+            },
+        )
+
+    def record_gone(self, host, path):
+        """The host no longer holds ``path`` (nor does the master): forget the row."""
+        self.filter(host=host, path=path).delete()
+
+    def record_failure(self, host, path, error, *, final, retry_at, task_id=""):
+        """An attempt failed: ``pending`` while retries remain, ``failed`` when ``final``.
+
+        ``retry_at`` is when the next attempt is due (a task retry, or reconcile for a
+        final failure). Returns the row.
+        """
+        now = timezone.now()
+        row, _ = self.get_or_create(host=host, path=path, defaults={"pending_since": now})
+        row.state = Replica.State.FAILED if final else Replica.State.PENDING
+        row.attempts += 1
+        row.last_error = str(error)[:2000]
+        row.last_error_at = now
+        row.pending_since = row.pending_since or now
+        row.retry_at = retry_at
+        row.task_id = task_id or row.task_id
+        row.save()
+        return row
+
+
+class Replica(models.Model):
+    """One file on one media host: its state, its fingerprint, its last error."""
+
+    class State(models.TextChoices):
+        SYNCED = "synced", "synced"
+        PENDING = "pending", "pending (retrying)"
+        FAILED = "failed", "failed"
+
+    host = models.CharField(max_length=255, help_text="The media host's name, as in RESTO_MEDIA_HOSTS.")
+    path = models.CharField(max_length=1024, help_text="The storage name of the file.")
+    state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)
+    fingerprint = models.CharField(
+        max_length=128, blank=True, help_text="The master file's size, mtime and inode when it was last copied."
+    )
+    attempts = models.PositiveIntegerField(default=0, help_text="Failed attempts since the last success.")
+    last_error = models.TextField(blank=True)
+    last_error_at = models.DateTimeField(null=True, blank=True)
+    last_success_at = models.DateTimeField(null=True, blank=True)
+    pending_since = models.DateTimeField(
+        null=True, blank=True, help_text="When the host first fell behind on this file."
+    )
+    retry_at = models.DateTimeField(null=True, blank=True, help_text="When the next attempt is due.")
+    task_id = models.CharField(max_length=255, blank=True, help_text="The last Celery task that worked on it.")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = ReplicaQuerySet.as_manager()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["host", "path"], name="resto_replica_host_path")]
+        indexes = [
+            # The dashboard: counts per host and state, and per host the newest success,
+            # the newest error and the oldest change still pending, each one index lookup.
+            models.Index(fields=["host", "state"], name="resto_replica_host_state"),
+            models.Index(fields=["host", "last_success_at"], name="resto_replica_host_success"),
+            models.Index(fields=["host", "last_error_at"], name="resto_replica_host_error"),
+            models.Index(fields=["host", "pending_since"], name="resto_replica_host_pending"),
+            # reconcile: rows by path (batches of the master tree).
+            models.Index(fields=["path"], name="resto_replica_path"),
+        ]
+
+    def __str__(self):
+        return f"{self.path} on {self.host} ({self.state})"
+
+
+class ReplicationDashboard(Replica):
+    """The admin's per-host dashboard (a proxy, so it has its place in the admin index)."""
+
+    class Meta:
+        proxy = True
+        verbose_name = "replication dashboard"
+        verbose_name_plural = "replication dashboard"

@@ -1,0 +1,44 @@
+"""Operator actions (admin, commands): re-send tasks now, or mark a host for a full resync.
+
+They enqueue the same ``(host, path)`` tasks as the storage; the master decides what is sent.
+"""
+import logging
+
+from django.utils import timezone
+
+from . import registry
+from .models import Replica
+
+logger = logging.getLogger(__name__)
+
+
+def retry(replicas, *, user=None):
+    """Enqueue a task now for each row of the ``Replica`` queryset. Returns how many were sent."""
+    sent = 0
+    for host, path in replicas.values_list("host", "path").iterator():
+        storage = registry.storage_for_host(host)
+        operation = "upload" if storage.exists(path) else "delete"
+        storage.enqueue(operation, host, path)
+        sent += 1
+    logger.info("%s re-sent %d replication task(s).", user or "An operator", sent)
+    return sent
+
+
+def retry_failed(host, *, user=None):
+    """Enqueue a task now for every failed row of ``host``. Returns how many were sent."""
+    return retry(Replica.objects.filter(host=host, state=Replica.State.FAILED), user=user)
+
+
+def mark_for_resync(host, *, user=None):
+    """Make the next reconcile send every file to ``host`` again, and queue a reconcile now.
+
+    Fingerprints are forgotten, so no transfer is skipped; files with no row were going to
+    be sent anyway. Returns how many rows were marked.
+    """
+    from .tasks import reconcile
+
+    storage = registry.storage_for_host(host)  # refuses hosts that are not configured
+    marked = Replica.objects.filter(host=host).update(fingerprint="", retry_at=timezone.now())
+    reconcile.apply_async(queue=storage.options.queue_for(host))
+    logger.info("%s marked %s for a full resync (%d rows).", user or "An operator", host, marked)
+    return marked

@@ -1,0 +1,68 @@
+"""Which storage a task's host belongs to.
+
+Task messages carry only ``(host, path)``. A worker finds the storage (its master copy and
+options) by host name among the Celery-replicated storages of its settings: those of
+``STORAGES`` and any constructed in code (a ``FileField(storage=AsyncStorage(...))`` is
+constructed when the models are imported).
+"""
+import threading
+
+from django.conf import settings
+from django.utils.module_loading import import_string
+
+_by_host = {}
+_lock = threading.Lock()
+
+
+class UnknownHost(LookupError):
+    """No Celery-replicated storage on this worker has a host of that name."""
+
+
+def register(storage):
+    """Make ``storage`` the one that serves its hosts (the latest constructed wins)."""
+    with _lock:
+        for host in storage.hosts:
+            _by_host[host] = storage
+
+
+def clear(**kwargs):
+    """Forget every registered storage (connected to ``setting_changed`` for STORAGES)."""
+    if kwargs.get("setting", "STORAGES") in ("STORAGES", "RESTO_MEDIA_HOSTS"):
+        with _lock:
+            _by_host.clear()
+
+
+def storage_for_host(host):
+    """Return the storage that has a media host named ``host``, or raise :class:`UnknownHost`."""
+    storage = _by_host.get(host)
+    if storage is None:
+        _load_configured()
+        storage = _by_host.get(host)
+    if storage is None:
+        raise UnknownHost(
+            f"No AsyncStorage on this worker has a media host named {host!r}; "
+            f"check RESTO_MEDIA_HOSTS and STORAGES in the worker's settings (known: {sorted(_by_host)})."
+        )
+    return storage
+
+
+def replicated_storages():
+    """Every Celery-replicated storage known to this process, each once."""
+    _load_configured()
+    with _lock:
+        unique = {id(storage): storage for storage in _by_host.values()}
+    return list(unique.values())
+
+
+def _load_configured():
+    from django.core.files.storage import storages
+
+    for alias, entry in settings.STORAGES.items():
+        try:
+            backend = import_string(entry.get("BACKEND", ""))
+        except ImportError:
+            continue
+        if getattr(backend, "replicated_by_celery", False):
+            # Constructing registers it, but the handler may return an instance built before
+            # the registry was last cleared: register it again.
+            register(storages[alias])

@@ -1,0 +1,244 @@
+"""Bring a media host in line with the master copy (``resto_resync``), or the reverse (restore).
+
+Plain functions over the storage's transports: no Celery unless asked to go via the queue.
+"""
+import hashlib
+import os
+import queue
+import tempfile
+import threading
+from dataclasses import dataclass, field
+
+from . import replication
+from .exceptions import TransportError
+
+CHUNK = 1024 * 1024
+
+
+class HostDown(Exception):
+    """The host does not answer at all: nothing can be compared or copied."""
+
+
+@dataclass
+class Plan:
+    """What a host needs: files to upload (missing or different), and what could be seen."""
+
+    host: str
+    upload: list = field(default_factory=list)  # (name, size, reason)
+    unchanged: int = 0
+    errors: list = field(default_factory=list)  # (name, error)
+    can_list: bool = False  # plain HTTP hosts cannot list their files: extra files stay unseen
+
+    @property
+    def upload_bytes(self):
+        return sum(size for _, size, _ in self.upload)
+
+
+@dataclass
+class Outcome:
+    """What applying a plan did."""
+
+    host: str
+    uploaded: int = 0
+    uploaded_bytes: int = 0
+    queued: int = 0
+    failures: list = field(default_factory=list)  # (name, error)
+
+
+def _parallel(function, items, workers):
+    """Yield ``function(item)`` for every item, as ``workers`` threads finish them.
+
+    ``function`` must not raise (it returns its error). Each thread closes its own database
+    connections when it is done: Django opens one per thread, and nothing else would close it.
+    """
+    from django.db import connections
+
+    todo = queue.SimpleQueue()
+    for item in items:
+        todo.put(item)
+    total = todo.qsize()
+    done = queue.SimpleQueue()
+
+    def work():
+        try:
+            while True:
+                try:
+                    item = todo.get_nowait()
+                except queue.Empty:
+                    return
+                done.put(function(item))
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=work, daemon=True, name="resto-resync") for _ in range(min(workers, total))]
+    for thread in threads:
+        thread.start()
+    for _ in range(total):
+        yield done.get()
+    for thread in threads:
+        thread.join()
+
+
+def _sha256_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sha256_remote(transport, name):
+    digest = hashlib.sha256()
+
+    class _Sink:
+        def write(self, chunk):
+            digest.update(chunk)
+
+    transport.download(name, _Sink())
+    return digest.hexdigest()
+
+
+def make_plan(storage, host, *, verify=False, workers=8, progress=None):
+    """Compare every master file with ``host`` (HEAD, and with ``verify`` a SHA-256 of both).
+
+    ``progress(name, size)`` is called after each file is checked. Raises :class:`HostDown`
+    when the host does not answer at all.
+    """
+    transport = storage.transport(host)
+    plan = Plan(host)
+    master = [(name, int(fp.split(":", 1)[0])) for name, fp in replication.walk_master(storage.location)]
+    if master:
+        _probe(transport, master[0][0])
+
+    def check(item):
+        name, size = item
+        try:
+            remote = transport.head(name)
+            if remote is None:
+                return name, size, "missing", None
+            if remote.size != size:
+                return name, size, f"size {remote.size} on the host, {size} in the master", None
+            if verify and _sha256_remote(transport, name) != _sha256_file(storage.path(name)):
+                return name, size, "different content", None
+            return name, size, None, None
+        except (TransportError, OSError) as error:
+            return name, size, None, error
+
+    for name, size, reason, error in _parallel(check, master, workers):
+        if error is not None:
+            plan.errors.append((name, error))
+        elif reason is not None:
+            plan.upload.append((name, size, reason))
+        else:
+            plan.unchanged += 1
+        if progress:
+            progress(name, size)
+    return plan
+
+
+def apply_plan(storage, plan, *, workers=8, via_queue=False, progress=None):
+    """Upload what ``plan`` lists: in this process (streamed, in parallel), or as Celery tasks.
+
+    With an ``AsyncStorage`` the copies take the same leases as the workers and record their
+    ``Replica`` rows; going via the queue first forgets the rows' fingerprints, so the
+    workers do not skip files the host turned out to lack.
+    """
+    outcome = Outcome(plan.host)
+    if via_queue:
+        from .models import Replica
+
+        names = [name for name, _, _ in plan.upload]
+        for start in range(0, len(names), 1000):
+            Replica.objects.filter(host=plan.host, path__in=names[start : start + 1000]).update(fingerprint="")
+        for name, size, _ in plan.upload:
+            storage.enqueue("upload", plan.host, name)
+            outcome.queued += 1
+            if progress:
+                progress(name, size)
+        return outcome
+
+    copy = _copier(storage, plan.host)
+
+    def upload(item):
+        name, size, _ = item
+        try:
+            copy(name)
+            return name, size, None
+        except (TransportError, OSError, replication.LeaseBusy) as error:
+            return name, size, error
+
+    for name, size, error in _parallel(upload, plan.upload, workers):
+        if error is None:
+            outcome.uploaded += 1
+            outcome.uploaded_bytes += size
+        else:
+            outcome.failures.append((name, error))
+        if progress:
+            progress(name, size)
+    return outcome
+
+
+def _copier(storage, host):
+    transport = storage.transport(host)
+    if getattr(storage, "replicated_by_celery", False):
+        from .tasks import coordinator_for
+
+        coordinator = coordinator_for(storage.options)
+        return lambda name: replication.sync(host, name, storage.path(name), transport, coordinator, force=True)
+    return lambda name: replication.push(storage.path(name), transport, name)
+
+
+def _probe(transport, name):
+    try:
+        transport.head(name)
+    except TransportError as error:
+        if error.retryable:
+            raise HostDown(f"{transport.name} does not answer: {error.reason}") from error
+        raise
+
+
+def restore(storage, host, names, *, force=False, workers=8, progress=None):
+    """Copy ``names`` from ``host`` into the master copy (disaster recovery).
+
+    A master file newer than the host's copy is kept unless ``force``. Each file is written
+    atomically (temporary file, then rename). Returns ``(restored, skipped, failures)``.
+    """
+    transport = storage.transport(host)
+    names = list(names)
+    if names:
+        _probe(transport, names[0])
+
+    def fetch(name):
+        try:
+            remote = transport.head(name)
+            if remote is None:
+                return name, "missing on the host", None
+            target = storage.path(name)
+            if os.path.exists(target) and not force and remote.modified is not None:
+                if os.stat(target).st_mtime >= remote.modified.timestamp():
+                    return name, "the master copy is newer (use --force to overwrite it)", None
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            handle, temp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".resto-", suffix=".part")
+            try:
+                with os.fdopen(handle, "wb") as sink:
+                    transport.download(name, sink)
+                os.chmod(temp, storage._file_mode())
+                os.replace(temp, target)
+            finally:
+                if os.path.exists(temp):
+                    os.unlink(temp)
+            return name, None, None
+        except (TransportError, OSError) as error:
+            return name, None, error
+
+    restored, skipped, failures = [], [], []
+    for name, reason, error in _parallel(fetch, names, workers):
+        if error is not None:
+            failures.append((name, error))
+        elif reason is not None:
+            skipped.append((name, reason))
+        else:
+            restored.append(name)
+        if progress:
+            progress(name)
+    return restored, skipped, failures

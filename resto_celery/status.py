@@ -1,0 +1,121 @@
+"""Per-host replication figures, for the admin dashboard and ``manage.py resto_status``.
+
+Each figure is one aggregate query, or one index lookup per host, so the cost does not grow
+with the number of ``Replica`` rows beyond an index scan.
+"""
+import logging
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+
+from django.db.models import Count
+from django.utils import timezone
+
+from . import registry
+from .models import Replica
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class HostStatus:
+    """What an operator needs to know about one media host."""
+
+    host: str
+    configured: bool = True
+    synced: int = 0
+    pending: int = 0
+    failed: int = 0
+    oldest_pending: datetime | None = None
+    last_success: datetime | None = None
+    last_error: str = ""
+    last_error_at: datetime | None = None
+    last_error_path: str = ""
+    breaker_open_for: float | None = None  # seconds; None when Redis could not be asked
+    notes: list = field(default_factory=list)
+
+    @property
+    def behind(self):
+        return self.pending + self.failed
+
+    @property
+    def oldest_pending_age(self):
+        """Seconds since the oldest change this host has not caught up with."""
+        if self.oldest_pending is None:
+            return None
+        return (timezone.now() - self.oldest_pending).total_seconds()
+
+    @property
+    def healthy(self):
+        return not self.failed and not self.breaker_open_for
+
+    def as_dict(self):
+        data = asdict(self)
+        data.update(behind=self.behind, oldest_pending_age=self.oldest_pending_age, healthy=self.healthy)
+        for key, value in data.items():
+            if isinstance(value, datetime):
+                data[key] = value.isoformat()
+        return data
+
+
+def configured_hosts():
+    """Host name -> storage, for every Celery-replicated storage of this process."""
+    hosts = {}
+    for storage in registry.replicated_storages():
+        for host in storage.hosts:
+            hosts.setdefault(host, storage)
+    return hosts
+
+
+def host_statuses(with_breakers=True):
+    """A :class:`HostStatus` per configured host, plus hosts that only old rows mention."""
+    storages = configured_hosts()
+    statuses = {host: HostStatus(host) for host in storages}
+    # COUNT(*) lets PostgreSQL answer from the (host, state) index alone (index-only scan).
+    for row in Replica.objects.values("host", "state").annotate(count=Count("*")).order_by():
+        status = statuses.setdefault(row["host"], HostStatus(row["host"], configured=False))
+        setattr(status, row["state"], row["count"])
+    for host, status in statuses.items():
+        rows = Replica.objects.filter(host=host)
+        status.last_success = (
+            rows.filter(last_success_at__isnull=False).order_by("-last_success_at")
+            .values_list("last_success_at", flat=True).first()
+        )
+        status.oldest_pending = (
+            rows.filter(pending_since__isnull=False).order_by("pending_since")
+            .values_list("pending_since", flat=True).first()
+        )
+        error = (  # errors of files still behind: a repaired one is no longer news
+            rows.filter(last_error_at__isnull=False).exclude(state=Replica.State.SYNCED).order_by("-last_error_at")
+            .values("last_error", "last_error_at", "path").first()
+        )
+        if error:
+            status.last_error = error["last_error"].replace(f" on {host}", "")  # the host is known here
+            status.last_error_at, status.last_error_path = error["last_error_at"], error["path"]
+        if not status.configured:
+            status.notes.append("not in the settings any more: old rows only")
+        elif with_breakers:
+            status.breaker_open_for = _breaker_open_for(storages[host], host)
+    return sorted(statuses.values(), key=lambda status: (not status.configured, status.host))
+
+
+def totals(statuses):
+    """Sums over hosts: synced, pending, failed, and the oldest pending change."""
+    pending = [status.oldest_pending for status in statuses if status.oldest_pending]
+    return {
+        "hosts": len(statuses),
+        "synced": sum(status.synced for status in statuses),
+        "pending": sum(status.pending for status in statuses),
+        "failed": sum(status.failed for status in statuses),
+        "oldest_pending": min(pending) if pending else None,
+        "failing_hosts": sum(1 for status in statuses if not status.healthy),
+    }
+
+
+def _breaker_open_for(storage, host):
+    from .tasks import coordinator_for
+
+    try:
+        return coordinator_for(storage.options).breaker(host).open_for()
+    except Exception as error:  # noqa: BLE001 - the dashboard must render without Redis
+        logger.warning("Could not read the circuit breaker of %s: %s", host, error)
+        return None

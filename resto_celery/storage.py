@@ -1,0 +1,302 @@
+"""The storage backends: ``HybridStorage``, ``DistributedStorage`` (and ``AsyncStorage``).
+
+Methods with a docstring are the stable API: subclasses may call or override them.
+"""
+import inspect
+import logging
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+from django.core.exceptions import ImproperlyConfigured
+from django.core.files import File
+from django.core.files.storage import FileSystemStorage, Storage
+from django.utils.deconstruct import deconstructible
+from django.utils.encoding import filepath_to_uri
+from django.utils.functional import cached_property
+
+from . import conf, registry, replication
+from .exceptions import ReplicationError
+from .master import MasterStorage
+from .names import clean_name
+
+logger = logging.getLogger(__name__)
+
+DOWNLOAD_SPOOL_SIZE = 1024 * 1024
+
+
+class ReplicatedStorageMixin:
+    """What every backend shares: options, per-host transports, parallel execution."""
+
+    def _configure(self, options, media_url):
+        self.options = conf.resolve(options, media_url=media_url)
+
+    @property
+    def hosts(self):
+        """The names of the configured media hosts, in order."""
+        return [host.name for host in self.options.hosts]
+
+    def transport(self, host):
+        """Return the :class:`~resto_celery.transport.HostTransport` for the host named ``host``."""
+        return replication.transport_for(self.options.host(host), self.options.timeout)
+
+    def execute(self, operation, name, **kwargs):
+        """Run ``execute_one(operation, host, name, **kwargs)`` on every host, in parallel.
+
+        Every failure is logged at ERROR as ``Failed to <operation> <name> on <host>: ...``
+        (with a traceback when ``show_traceback`` is on). When ``fatal_exceptions`` is on,
+        a :class:`~resto_celery.exceptions.ReplicationError` is raised afterwards, once
+        every host was tried.
+        """
+        hosts = self.hosts
+        if len(hosts) == 1:
+            outcomes = [self._attempt(operation, hosts[0], name, kwargs)]
+        elif hosts:
+            with ThreadPoolExecutor(max_workers=len(hosts), thread_name_prefix="resto") as pool:
+                outcomes = list(pool.map(lambda host: self._attempt(operation, host, name, kwargs), hosts))
+        else:
+            outcomes = []
+        failures = {host: error for host, error in zip(hosts, outcomes) if error is not None}
+        if failures and self.options.fatal_exceptions:
+            raise ReplicationError(operation, name, failures, len(hosts))
+
+    def execute_one(self, operation, host, name, **kwargs):  # pragma: no cover - abstract
+        """Apply ``operation`` (``"upload"`` or ``"delete"``) for ``name`` on one host."""
+        raise NotImplementedError
+
+    def _attempt(self, operation, host, name, kwargs):
+        try:
+            self.execute_one(operation, host, name, **kwargs)
+        except Exception as error:  # noqa: BLE001 - every failure is reported, none lost
+            reason = getattr(error, "reason", None) or f"{type(error).__name__}: {error}"
+            logger.error(
+                "Failed to %s %s on %s: %s", operation, name, host, reason,
+                exc_info=error if self.options.show_traceback else None,
+            )
+            return error
+        return None
+
+
+def _split_storage_options(options, parent):
+    ours, rest = conf.split_options(options)
+    accepted = set(inspect.signature(parent.__init__).parameters) - {"self", "args", "kwargs"}
+    unknown = sorted(set(rest) - accepted)
+    if unknown:
+        raise ImproperlyConfigured(
+            f"Unknown option(s) {', '.join(map(repr, unknown))} for a resto_celery storage; "
+            f"known options are {', '.join(sorted(set(conf.SETTINGS) | accepted))}."
+        )
+    return ours, rest
+
+
+@deconstructible(path="resto_celery.storage.HybridStorage")
+class HybridStorage(ReplicatedStorageMixin, MasterStorage):
+    """Master copy in ``MEDIA_ROOT``, then the same change on every host, within the request.
+
+    Options: those of ``FileSystemStorage`` (``location``, ``base_url``...) and the
+    resto options (``hosts``, ``timeout``, ``fatal_exceptions``, ``show_traceback``,
+    ``ca_bundle``), each defaulting to its ``RESTO_*`` setting.
+    """
+
+    def __init__(self, **options):
+        ours, rest = _split_storage_options(options, FileSystemStorage)
+        super().__init__(**rest)
+        self._configure(ours, media_url=self.base_url)
+
+    def _save(self, name, content):
+        name = super()._save(name, content)
+        self.execute("upload", name)
+        return name
+
+    def delete(self, name):
+        name = clean_name(name)
+        super().delete(name)
+        self.execute("delete", name)
+
+    def execute_one(self, operation, host, name):
+        """Make ``host`` hold the master's current state of ``name`` (see :meth:`replicate`)."""
+        self.replicate(host, name)
+
+    def replicate(self, host, name):
+        """Push the master's current state of ``name`` to ``host``: PUT it, or DELETE it if absent.
+
+        This is the per-host operation; it needs nothing but ``(host, name)``, so a task
+        queue can call it later on any machine that sees the master copy.
+        """
+        return replication.push(self.path(name), self.transport(host), clean_name(name))
+
+
+#: Publishing a task gets one quick retry, no more: the request must not hang on a broker
+#: outage (reconcile repairs what could not be sent).
+ENQUEUE_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
+
+
+@deconstructible(path="resto_celery.storage.AsyncStorage")
+class AsyncStorage(HybridStorage):
+    """Master copy in ``MEDIA_ROOT``, then one Celery task per host, run by workers.
+
+    ``save()`` and ``delete()`` change the master, then send ``resto_celery.upload`` or
+    ``resto_celery.delete`` with ``(host, path)`` for every host, to the queue named by
+    the ``queue`` option. They never raise for replication: a broker that cannot take the
+    message is logged at ERROR and ``reconcile`` repairs the path later.
+    ``fatal_exceptions`` does not apply.
+
+    Options: those of :class:`HybridStorage`, plus ``redis_url``, ``queue``,
+    ``max_retries``, ``retry_backoff``, ``retry_backoff_max``, ``lease_ttl``,
+    ``breaker_threshold``, ``breaker_cooldown`` and ``failed_retry_after``.
+    """
+
+    replicated_by_celery = True
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        registry.register(self)
+
+    def execute(self, operation, name):
+        """Enqueue ``operation`` for ``name`` on every host; log, never raise, on broker errors."""
+        for host in self.hosts:
+            try:
+                self.execute_one(operation, host, name)
+            except Exception as error:  # noqa: BLE001 - the master write stands; reconcile repairs
+                logger.error(
+                    "Failed to enqueue %s of %s for %s: %s; reconcile will repair it.",
+                    operation, name, host, error,
+                    exc_info=error if self.options.show_traceback else None,
+                )
+
+    def execute_one(self, operation, host, name):
+        """Send the task for ``operation`` on ``host``; override to send work elsewhere."""
+        self.enqueue(operation, host, name)
+
+    def enqueue(self, operation, host, name, producer=None):
+        """Publish ``resto_celery.<operation>`` with ``(host, name)`` to the host's queue."""
+        from . import tasks
+
+        task = tasks.upload if operation == "upload" else tasks.delete
+        return task.apply_async(
+            (host, name),
+            queue=self.options.queue_for(host),
+            producer=producer,
+            retry=True,
+            retry_policy=ENQUEUE_RETRY_POLICY,
+        )
+
+
+@deconstructible(path="resto_celery.storage.DistributedStorage")
+class DistributedStorage(ReplicatedStorageMixin, Storage):
+    """Files on the media hosts only, no master copy.
+
+    Reads (``open``, ``exists``, ``size``, ``get_modified_time``) ask the hosts in order
+    and use the first that answers. Beware the race conditions: two uploads of the same
+    name at the same time may leave one version on some hosts and the other elsewhere,
+    and ``exists()`` costs an HTTP request. Keep ``fatal_exceptions`` on, or a failed
+    upload can lose a file silently.
+
+    Options: ``base_url`` (for ``url()``, default ``MEDIA_URL``) and the resto options.
+    """
+
+    def __init__(self, base_url=None, **options):
+        self._base_url = base_url
+        self._configure(options, media_url=self.base_url)
+        if not self.options.hosts:
+            raise ImproperlyConfigured("DistributedStorage needs at least one media host (RESTO_MEDIA_HOSTS).")
+
+    @cached_property
+    def base_url(self):
+        from django.conf import settings
+
+        url = self._base_url if self._base_url is not None else settings.MEDIA_URL
+        return url if url.endswith("/") else url + "/"
+
+    def _save(self, name, content):
+        name = clean_name(name)
+        with _staged(content) as source:
+            self.execute("upload", name, source=source)
+        return name
+
+    def delete(self, name):
+        self.execute("delete", clean_name(name))
+
+    def execute_one(self, operation, host, name, source=None):
+        """Upload the staged file ``source`` as ``name`` on ``host``, or delete ``name`` there."""
+        transport = self.transport(host)
+        if operation == "delete":
+            transport.delete(name)
+            return
+        with open(source, "rb") as stream:
+            transport.put(name, stream)
+
+    def _open(self, name, mode="rb"):
+        if any(flag in mode for flag in "wax+"):
+            raise ValueError("DistributedStorage opens files for reading only; use save() to write.")
+        name = clean_name(name)
+        spool = tempfile.SpooledTemporaryFile(max_size=DOWNLOAD_SPOOL_SIZE)
+
+        def download(transport):
+            spool.seek(0)
+            spool.truncate()  # a host that failed half-way must leave nothing behind
+            transport.download(name, spool)
+
+        try:
+            self._read_from_hosts(download, name)
+        except BaseException:
+            spool.close()
+            raise
+        spool.seek(0)
+        return File(spool, name)
+
+    def exists(self, name):
+        name = clean_name(name)
+        failures = {}
+        for host in self.hosts:
+            try:
+                if self.transport(host).exists(name):
+                    return True
+            except Exception as error:  # noqa: BLE001
+                failures[host] = error
+        if len(failures) == len(self.hosts):
+            raise ReplicationError("check", name, failures, len(self.hosts))
+        for host, error in failures.items():
+            logger.warning("Could not check %s on %s: %s", name, host, error)
+        return False
+
+    def size(self, name):
+        name = clean_name(name)
+        return self._read_from_hosts(lambda transport: transport.size(name), name)
+
+    def get_modified_time(self, name):
+        name = clean_name(name)
+        return self._read_from_hosts(lambda transport: transport.modified_time(name), name)
+
+    def url(self, name):
+        return self.base_url + filepath_to_uri(clean_name(name))
+
+    def listdir(self, path):
+        raise NotImplementedError(
+            "DistributedStorage cannot list directories: plain HTTP PUT/DELETE hosts have no listing."
+        )
+
+    def _read_from_hosts(self, read, name):
+        """Return ``read(transport)`` from the first host that answers it."""
+        failures = {}
+        for host in self.hosts:
+            try:
+                return read(self.transport(host))
+            except Exception as error:  # noqa: BLE001 - try the next host
+                failures[host] = error
+        if all(isinstance(error, FileNotFoundError) for error in failures.values()):
+            raise FileNotFoundError(f"{name} is on none of the media hosts.")
+        raise ReplicationError("read", name, failures, len(self.hosts))
+
+
+@contextmanager
+def _staged(content):
+    """Yield the path of a local file holding ``content``, so each host thread reads its own handle."""
+    if hasattr(content, "temporary_file_path"):
+        yield content.temporary_file_path()
+        return
+    with tempfile.NamedTemporaryFile(prefix="resto-upload-") as staging:
+        for chunk in content.chunks():
+            staging.write(chunk if isinstance(chunk, bytes) else chunk.encode())
+        staging.flush()
+        yield staging.name

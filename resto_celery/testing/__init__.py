@@ -1,0 +1,12 @@
+"""Public test tooling: real media servers to test storages against.
+
+- :class:`MediaServer`: a threaded HTTP media server in the test process, with fault
+  injection (failures, delays, outages, read-only mode) and a request log.
+- :class:`~resto_celery.testing.nginx.NginxMediaServer`: a real nginx with its dav module.
+- :func:`~resto_celery.testing.tls.make_test_certificates`: a throw-away CA for HTTPS tests
+  (needs the ``cryptography`` package, in the ``test`` extra).
+"""
+from .media_server import MediaServer, RequestRecord
+from .nginx import NginxMediaServer, NginxNotFound, find_nginx
+
+__all__ = ["MediaServer", "RequestRecord", "NginxMediaServer", "NginxNotFound", "find_nginx"]

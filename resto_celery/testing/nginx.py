@@ -1,0 +1,277 @@
+"""A real nginx media server for tests: serves a folder by GET and accepts PUT/DELETE.
+
+It runs the system's nginx binary (Debian package ``nginx``, which has the dav module)
+with its own prefix folder, on a loopback port, using the same ``nginx_media.conf`` that
+production configurations include::
+
+    with NginxMediaServer(tmp_path / "media") as server:
+        requests.put(server.url + "a/b.txt", data=b"hi")
+        assert server.files() == {"a/b.txt": b"hi"}
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["MEDIA_CONF", "NginxMediaServer", "NginxNotFound", "find_nginx"]
+
+#: The location body shared by the tests and the deployment configurations.
+MEDIA_CONF = Path(__file__).with_name("nginx_media.conf")
+
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 5.0
+
+
+class NginxNotFound(RuntimeError):
+    """The nginx binary is not installed."""
+
+
+def find_nginx() -> str | None:
+    """Return the nginx binary to use: ``$NGINX``, then ``nginx`` on PATH, then /usr/sbin/nginx."""
+    candidates = [os.environ.get("NGINX"), shutil.which("nginx"), "/usr/sbin/nginx"]
+    for candidate in candidates:
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _quote(path) -> str:
+    """Quote a path for nginx.conf."""
+    text = str(path).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+class NginxMediaServer:
+    """An nginx process serving ``root`` under ``prefix``, writable by PUT/DELETE from 127.0.0.1.
+
+    ``root`` is the folder whose file ``root/x/y`` is served at ``url + "x/y"``; ``prefix``
+    is the URL path of the location (it must start and end with '/'). ``port=0`` picks a
+    free port once: it is kept across :meth:`go_down`/:meth:`come_back`. ``tls`` is None or
+    a ``(certfile, keyfile)`` pair to serve HTTPS. ``workdir`` is nginx's prefix folder
+    (configuration, logs, temporary files, pid); by default a new temporary folder, which
+    :meth:`stop` removes. ``nginx`` is the binary, by default :func:`find_nginx`.
+    """
+
+    def __init__(self, root, *, prefix="/media/", port=0, tls=None, nginx=None, workdir=None):
+        if not (prefix.startswith("/") and prefix.endswith("/")):
+            raise ValueError(f"prefix must start and end with '/', not {prefix!r}")
+        self.nginx = nginx or find_nginx()
+        if self.nginx is None:
+            raise NginxNotFound(
+                "nginx is not installed: run `apt-get install nginx` (Debian/Ubuntu), "
+                "or set the NGINX environment variable to the binary."
+            )
+        self.root = Path(root).resolve()
+        self.prefix = prefix
+        self.port = port or _free_port()
+        self.tls = tuple(Path(p).resolve() for p in tls) if tls else None
+        self._owns_workdir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="resto-nginx-")).resolve()
+        self._process = None
+
+    # Addresses -------------------------------------------------------------------------
+
+    @property
+    def scheme(self) -> str:
+        """``"https"`` with tls, else ``"http"``."""
+        return "https" if self.tls else "http"
+
+    @property
+    def address(self) -> str:
+        """``"127.0.0.1:PORT"``."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """The URL of the media root, ending in '/', e.g. ``http://127.0.0.1:PORT/media/``."""
+        return f"{self.scheme}://{self.address}{self.prefix}"
+
+    @property
+    def error_log(self) -> Path:
+        """nginx's error log (the place to look when a request fails with 500)."""
+        return self.workdir / "error.log"
+
+    @property
+    def _pid_file(self) -> Path:
+        return self.workdir / "nginx.pid"
+
+    @property
+    def running(self) -> bool:
+        """Whether the nginx master process is alive."""
+        return self._process is not None and self._process.poll() is None
+
+    # Life cycle ------------------------------------------------------------------------
+
+    def config(self) -> str:
+        """The text of nginx.conf for this server."""
+        w = self.workdir
+        listen = f"listen {self.address} ssl;" if self.tls else f"listen {self.address};"
+        tls = ""
+        if self.tls:
+            cert, key = self.tls
+            tls = f"ssl_certificate {_quote(cert)};\n        ssl_certificate_key {_quote(key)};"
+        # As root, workers would otherwise run as nobody and fail to write into root.
+        user = "user root;" if os.geteuid() == 0 else ""
+        return f"""\
+{user}
+worker_processes 1;
+pid {_quote(self._pid_file)};
+error_log {_quote(self.error_log)} warn;
+
+events {{
+    worker_connections 256;
+}}
+
+http {{
+    default_type application/octet-stream;
+    access_log {_quote(w / "access.log")};
+    client_body_temp_path {_quote(w / "temp" / "client_body")};
+    proxy_temp_path {_quote(w / "temp" / "proxy")};
+    fastcgi_temp_path {_quote(w / "temp" / "fastcgi")};
+    uwsgi_temp_path {_quote(w / "temp" / "uwsgi")};
+    scgi_temp_path {_quote(w / "temp" / "scgi")};
+
+    server {{
+        {listen}
+        server_name localhost;
+        {tls}
+
+        location {self.prefix} {{
+            alias {_quote(str(self.root) + "/")};
+            # Writes only from trusted addresses (see the SECURITY note in the include).
+            limit_except GET {{
+                allow 127.0.0.1;
+                deny all;
+            }}
+            include {_quote(MEDIA_CONF)};
+        }}
+    }}
+}}
+"""
+
+    def start(self) -> "NginxMediaServer":
+        """Write nginx.conf and run nginx in the foreground; return once the port accepts TCP.
+
+        Raise RuntimeError, with the end of nginx's error log, if it does not come up
+        within 10 seconds.
+        """
+        if self.running:
+            return self
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "temp").mkdir(parents=True, exist_ok=True)
+        (self.workdir / "nginx.conf").write_text(self.config())
+        self._pid_file.unlink(missing_ok=True)
+        command = [
+            self.nginx, "-p", str(self.workdir), "-c", "nginx.conf",
+            "-e", str(self.error_log), "-g", "daemon off;",
+        ]
+        with open(self.workdir / "stdout.log", "ab") as out, \
+                open(self.workdir / "stderr.log", "ab") as err:
+            self._process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                cwd=self.workdir, start_new_session=True,
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                break
+            if self._listening():
+                return self
+            time.sleep(0.02)
+        self._terminate()
+        raise RuntimeError(
+            f"nginx did not start on {self.address}; end of {self.error_log}:\n{self._log_tail()}"
+        )
+
+    def stop(self) -> None:
+        """Stop nginx (gracefully if it can) and remove a temporary workdir. Idempotent."""
+        self._terminate()
+        if self._owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def go_down(self) -> None:
+        """Stop serving (connections are refused) but keep the files, port and workdir."""
+        self._terminate()
+
+    def come_back(self) -> "NginxMediaServer":
+        """Serve again, on the same port, the same files."""
+        return self.start()
+
+    def _terminate(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        # QUIT is a graceful shutdown, TERM a fast one; KILL the whole group (the workers too).
+        for sig in (signal.SIGQUIT, signal.SIGTERM):
+            if process.poll() is not None:
+                break
+            process.send_signal(sig)
+            try:
+                process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pass
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    def _listening(self) -> bool:
+        # nginx writes its pid file once its sockets are bound: a connection before that
+        # could reach another program on the port (nginx retries a busy port for ~2.5 s).
+        try:
+            if self._pid_file.read_text().strip() != str(self._process.pid):
+                return False
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
+
+    def _log_tail(self, lines=20) -> str:
+        for log in (self.error_log, self.workdir / "stderr.log"):
+            try:
+                text = log.read_text(errors="replace").strip()
+            except OSError:
+                continue
+            if text:
+                return "\n".join(text.splitlines()[-lines:])
+        return "(empty)"
+
+    def __enter__(self) -> "NginxMediaServer":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<NginxMediaServer {self.url} root={self.root} {state}>"
+
+    # Content ---------------------------------------------------------------------------
+
+    def files(self) -> dict[str, bytes]:
+        """Every file under root, by '/'-separated path relative to root.
+
+        A file that nginx deletes between listing and reading is left out: the
+        snapshot is what was there, never an error while replication is running.
+        """
+        found = {}
+        for folder, _dirs, names in os.walk(self.root):
+            for name in names:
+                path = Path(folder, name)
+                try:
+                    found[path.relative_to(self.root).as_posix()] = path.read_bytes()
+                except FileNotFoundError:
+                    continue
+        return found

@@ -1,0 +1,120 @@
+"""``CeleryWorker``: a real ``celery worker`` process, started and killed by tests and the demo."""
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _die_with_parent():
+    """In the child: ask Linux to SIGKILL it when the process that started it dies, so a
+    killed test run leaves no worker behind consuming a shared broker's queue."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class CeleryWorker:
+    """Runs ``python -m celery -A APP worker`` in its own process group.
+
+    ``env`` is added to the current environment (settings module, broker URL...).
+    ``start()`` returns once the worker logged that it is ready; ``kill()`` sends SIGKILL
+    to the whole group (the main process and its pool children), as a crash would.
+    """
+
+    def __init__(self, app, *, queues=("resto",), pool="prefork", concurrency=2, env=None,
+                 logfile=None, extra_args=(), hostname=None):
+        self.app = app
+        self.queues = queues
+        self.pool = pool
+        self.concurrency = concurrency
+        self.env = dict(env or {})
+        if logfile is None:
+            handle, logfile = tempfile.mkstemp(prefix="resto-worker-", suffix=".log")
+            os.close(handle)
+        self.logfile = Path(logfile)
+        self.extra_args = list(extra_args)
+        self.hostname = hostname or f"resto-test-{os.getpid()}-{id(self):x}@%h"
+        self._process = None
+        self._offset = 0
+
+    def command(self):
+        return [
+            sys.executable, "-m", "celery", "-A", self.app, "worker",
+            "--pool", self.pool, "--concurrency", str(self.concurrency),
+            "--queues", ",".join(self.queues), "--hostname", self.hostname,
+            "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
+            *self.extra_args,
+        ]
+
+    def start(self, timeout=60):
+        """Start the worker; wait until it is ready to consume."""
+        self.logfile.parent.mkdir(parents=True, exist_ok=True)
+        self._offset = self.logfile.stat().st_size if self.logfile.exists() else 0
+        log = open(self.logfile, "ab")
+        self._process = subprocess.Popen(
+            self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **self.env}, start_new_session=True, preexec_fn=_die_with_parent,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"celery worker exited with {self._process.returncode}:\n{self.log()[-4000:]}")
+            if " ready." in self.log():
+                return self
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"celery worker not ready within {timeout}s:\n{self.log()[-4000:]}")
+
+    def log(self):
+        """What the worker printed since it was last started."""
+        try:
+            with open(self.logfile, "rb") as handle:
+                handle.seek(self._offset)
+                return handle.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    @property
+    def running(self):
+        return self._process is not None and self._process.poll() is None
+
+    def stop(self, timeout=20):
+        """Warm shutdown (SIGTERM: finish the current tasks), then SIGKILL if it takes too long."""
+        if not self.running:
+            return
+        os.killpg(self._process.pid, signal.SIGTERM)
+        try:
+            self._process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self._reap_group()
+
+    def kill(self):
+        """SIGKILL the worker and its pool children at once, like a crash."""
+        if self._process is None:
+            return
+        try:
+            os.killpg(self._process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._process.wait(timeout=10)
+        self._reap_group()
+
+    def _reap_group(self):
+        try:
+            os.killpg(self._process.pid, signal.SIGKILL)  # stray pool children
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()

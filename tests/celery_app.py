@@ -1,0 +1,10 @@
+"""The Celery app of the test suite's workers (as a real project's ``proj/celery.py``)."""
+import os
+
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
+
+app = Celery("tests")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks()

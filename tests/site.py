@@ -1,0 +1,128 @@
+"""A replication site for tests: master, media hosts, Redis, real Celery worker processes."""
+import json
+import os
+import time
+from pathlib import Path
+
+from django.db import connection
+
+from resto_celery.storage import AsyncStorage
+from resto_celery.testing.worker import CeleryWorker
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: The queue of this test run on the shared RabbitMQ (deleted after each RabbitMQ test).
+RABBITMQ_QUEUE = f"resto-test-{os.getpid()}"
+
+#: Fast retries for tests; production defaults are in resto_celery.conf.
+FAST_OPTIONS = {
+    "timeout": 5,
+    "max_retries": 4,
+    "retry_backoff": 0.2,
+    "retry_backoff_max": 1,
+    "lease_ttl": 6,
+    "breaker_threshold": 0,
+    "failed_retry_after": 1,
+}
+
+
+def wait_until(predicate, timeout=30, interval=0.05, message="condition"):
+    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+class ReplicationSite:
+    """Everything AsyncStorage needs, with the same settings in the test and the workers."""
+
+    def __init__(self, media_root, hosts, broker_url, redis_url, tmp_path, **options):
+        self.media_root = Path(media_root)
+        self.hosts = hosts
+        self.broker_url = broker_url
+        self.redis_url = redis_url
+        self.tmp_path = Path(tmp_path)
+        if broker_url.startswith("amqp") and "queue" not in options:
+            # RabbitMQ is shared by every run on the machine: a queue of our own.
+            options["queue"] = RABBITMQ_QUEUE
+        self.options = {**FAST_OPTIONS, "hosts": [h.url for h in hosts], "redis_url": redis_url, **options}
+        self.queue = self.options.get("queue", "resto")
+        self.storage = AsyncStorage(location=str(self.media_root), **self.options)
+        self.workers = []
+
+    def worker_env(self, visibility_timeout=5):
+        return {
+            "DJANGO_SETTINGS_MODULE": "tests.settings",
+            "PYTHONPATH": str(ROOT),
+            "RESTO_TEST_DATABASE": "postgres" if connection.vendor == "postgresql" else "sqlite",
+            "RESTO_TEST_DB_NAME": connection.settings_dict["NAME"],
+            "RESTO_TEST_BROKER_URL": self.broker_url,
+            "RESTO_TEST_REDIS_URL": self.redis_url,
+            "RESTO_TEST_MEDIA_ROOT": str(self.media_root),
+            "RESTO_TEST_STORAGE": "resto_celery.storage.AsyncStorage",
+            "RESTO_TEST_STORAGE_OPTIONS": json.dumps({"location": str(self.media_root), **self.options}),
+            "RESTO_TEST_VISIBILITY": str(visibility_timeout),
+        }
+
+    def start_worker(self, concurrency=2, pool="prefork", visibility_timeout=5):
+        worker = CeleryWorker(
+            "tests.celery_app",
+            queues=(self.queue,),
+            concurrency=concurrency,
+            pool=pool,
+            env=self.worker_env(visibility_timeout),
+            logfile=self.tmp_path / f"worker-{len(self.workers)}.log",
+        )
+        self.workers.append(worker)
+        return worker.start()
+
+    def stop(self):
+        for worker in self.workers:
+            worker.stop()
+
+    def master_files(self):
+        files = {}
+        for path in self.media_root.rglob("*"):
+            if path.is_file() and not path.name.startswith(".resto-"):
+                try:
+                    files[path.relative_to(self.media_root).as_posix()] = path.read_bytes()
+                except FileNotFoundError:  # deleted while we walked
+                    continue
+        return files
+
+    def converged(self):
+        master = self.master_files()
+        return all(host.files() == master for host in self.hosts)
+
+    def wait_until_converged(self, timeout=60):
+        wait_until(self.converged, timeout=timeout, message="every host to equal the master")
+
+    def drained(self):
+        """No message waiting in the queue, none delivered but unacknowledged (running or
+        waiting for a retry countdown)."""
+        if self.broker_url.startswith("redis"):
+            import redis
+
+            client = redis.Redis.from_url(self.broker_url)
+            return client.llen(self.queue) == 0 and client.hlen("unacked") == 0
+        from tests.celery_app import app
+
+        with app.connection_for_write() as connection:
+            _, ready, _ = connection.default_channel.queue_declare(self.queue, passive=True)
+        if ready:
+            return False
+        inspect = app.control.inspect(timeout=1)
+        busy = [inspect.active() or {}, inspect.reserved() or {}, inspect.scheduled() or {}]
+        return not any(tasks for replies in busy for tasks in replies.values())
+
+    def wait_until_drained_and_converged(self, timeout=60):
+        wait_until(
+            lambda: self.drained() and self.converged(), timeout=timeout,
+            message="the queue to drain and every host to equal the master",
+        )
+
+    def logs(self):
+        return "\n".join(worker.log() for worker in self.workers)

@@ -1,0 +1,222 @@
+"""AsyncStorage with real Celery workers, real Redis and real media servers."""
+import json
+import logging
+import time
+
+import pytest
+import redis
+from django.core.files.base import ContentFile
+from django.utils import timezone
+from django_celery_results.models import TaskResult
+
+from resto_celery.models import Replica
+from tests.site import wait_until
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_save_returns_before_replication_and_writes_no_database_row(make_site, django_assert_num_queries):
+    site = make_site()
+    with django_assert_num_queries(0):
+        assert site.storage.save("a.txt", ContentFile(b"hello")) == "a.txt"
+    assert (site.media_root / "a.txt").read_bytes() == b"hello"
+    assert all(host.files() == {} for host in site.hosts)  # no worker yet
+
+
+def test_each_message_carries_only_the_host_and_the_path(make_site):
+    site = make_site()
+    site.storage.save("secret/report.pdf", ContentFile(b"%PDF- secret bytes"))
+    raw = redis.Redis.from_url(site.redis_url).lrange("resto", 0, -1)
+    messages = [json.loads(item) for item in raw]
+    assert len(messages) == 2
+    for message, host in zip(reversed(messages), site.hosts):
+        assert message["headers"]["task"] == "resto_celery.upload"
+        args, kwargs, _ = json.loads(__import__("base64").b64decode(message["body"]))
+        assert (args, kwargs) == ([host.url, "secret/report.pdf"], {})
+        assert b"secret bytes" not in json.dumps(message).encode()
+
+
+def test_a_worker_replicates_saves_and_deletes_to_every_host(make_site, broker_url):
+    site = make_site(broker_url=broker_url, host_count=3)
+    site.start_worker()
+    site.storage.save("a.txt", ContentFile(b"hello"))
+    site.storage.save("dir/b.bin", ContentFile(b"\x00" * 1000))
+    site.wait_until_converged()
+    assert site.hosts[0].files() == {"a.txt": b"hello", "dir/b.bin": b"\x00" * 1000}
+    wait_until(lambda: Replica.objects.filter(state="synced").count() == 6, message="6 synced rows")
+
+    site.storage.delete("a.txt")
+    wait_until(lambda: all(not h.has("a.txt") for h in site.hosts), message="the delete to reach every host")
+    wait_until(lambda: not Replica.objects.filter(path="a.txt").exists(), message="a.txt rows to go")
+
+
+def test_task_results_are_recorded_with_extended_fields(make_site):
+    site = make_site(host_count=1)
+    site.start_worker()
+    site.storage.save("a.txt", ContentFile(b"hello"))
+    wait_until(lambda: TaskResult.objects.filter(status="SUCCESS").exists(), message="a task result")
+    result = TaskResult.objects.get()
+    assert result.task_name == "resto_celery.upload"
+    assert json.loads(result.result) == {"action": "upload", "host": site.hosts[0].url, "path": "a.txt"}
+
+
+def test_a_broker_outage_at_save_time_keeps_the_master_write_and_logs(make_site, redis_server, caplog):
+    site = make_site(host_count=2)
+    redis_server.stop()
+    try:
+        with caplog.at_level(logging.ERROR, logger="resto_celery.storage"):
+            assert site.storage.save("a.txt", ContentFile(b"kept")) == "a.txt"
+    finally:
+        redis_server.start()
+    assert (site.media_root / "a.txt").read_bytes() == b"kept"
+    lines = [r.getMessage() for r in caplog.records if r.name == "resto_celery.storage"]
+    assert len(lines) == 2
+    assert lines[0].startswith(f"Failed to enqueue upload of a.txt for {site.hosts[0].url}: ")
+    assert lines[0].endswith("reconcile will repair it.")
+
+
+def _publish(site, operation, name):
+    """Publish a task by hand, as a late or duplicated delivery would."""
+    for host in site.hosts:
+        site.storage.enqueue(operation, host.url, name)
+
+
+def test_a_slow_first_put_never_leaves_older_bytes_or_a_resurrected_file(make_site, broker_url):
+    site = make_site(broker_url=broker_url, host_count=2)
+    site.hosts[0].set_delay(1.5, methods=["PUT"], count=1)  # the first PUT lands late
+    site.start_worker(concurrency=2)
+    site.start_worker(concurrency=2)
+    site.storage.save("a.txt", ContentFile(b"version 1"))
+    site.storage.delete("a.txt")
+    site.storage.save("a.txt", ContentFile(b"version 2"))
+    site.storage.delete("a.txt")
+    site.storage.save("b.txt", ContentFile(b"b version 1"))
+    site.storage.delete("b.txt")
+    site.storage.save("b.txt", ContentFile(b"b version 2"))
+    site.wait_until_drained_and_converged()
+    assert site.hosts[0].files() == {"b.txt": b"b version 2"}
+    assert site.hosts[1].files() == {"b.txt": b"b version 2"}
+
+
+def test_a_put_that_times_out_but_lands_later_cannot_resurrect_a_deleted_file(make_site, broker_url):
+    """The host applies the timed-out PUT after the client gave up: the lease fences it off."""
+    site = make_site(broker_url=broker_url, host_count=1, timeout=0.5, lease_ttl=4)
+    site.hosts[0].set_delay(2, methods=["PUT"], count=1)
+    site.start_worker(concurrency=2)
+    site.storage.save("a.txt", ContentFile(b"version 1"))
+    wait_until(lambda: "Will retry to upload a.txt" in site.logs(), message="the PUT to time out")
+    site.storage.delete("a.txt")
+    site.wait_until_drained_and_converged(timeout=60)
+    assert site.hosts[0].files() == {}
+
+
+def test_tasks_run_in_reverse_order_still_converge_to_the_master(make_site):
+    site = make_site(host_count=2)
+    site.storage.save("a.txt", ContentFile(b"one"))
+    site.storage.delete("a.txt")
+    site.storage.save("a.txt", ContentFile(b"two"))
+    queue = redis.Redis.from_url(site.redis_url)
+    messages = queue.lrange("resto", 0, -1)
+    queue.delete("resto")
+    queue.rpush("resto", *messages)  # the worker pops from the right: now the newest runs first
+    _publish(site, "upload", "a.txt")  # and a late duplicate of the first save on top
+    site.start_worker(concurrency=1)
+    site.wait_until_converged()
+    assert site.hosts[0].files() == {"a.txt": b"two"}
+
+
+def test_a_host_failing_its_first_requests_ends_in_sync(make_site, broker_url):
+    site = make_site(broker_url=broker_url, host_count=2)
+    site.hosts[1].fail_next(count=3, status=503)
+    site.start_worker()
+    site.storage.save("a.txt", ContentFile(b"hello"))
+    site.wait_until_converged()
+    wait_until(lambda: Replica.objects.filter(state="synced").count() == 2, message="both rows synced")
+    assert Replica.objects.get(host=site.hosts[1].url).attempts == 0
+    assert "Will retry to upload a.txt on" in site.logs()
+
+
+def test_a_host_down_past_the_retry_budget_fails_visibly_then_reconcile_repairs_it(make_site, broker_url):
+    site = make_site(broker_url=broker_url, host_count=2, max_retries=2)
+    broken = site.hosts[1]
+    broken.go_down()
+    site.start_worker()
+    site.storage.save("a.txt", ContentFile(b"hello"))
+    wait_until(lambda: Replica.objects.filter(host=broken.url, state="failed").exists(), message="a failed row")
+
+    row = Replica.objects.get(host=broken.url)
+    assert row.attempts == 3
+    assert "Connection refused" in row.last_error and row.last_error_at is not None
+    wait_until(lambda: TaskResult.objects.filter(status="FAILURE").exists(), message="a failed task result")
+    failed = TaskResult.objects.get(status="FAILURE")
+    assert failed.task_name == "resto_celery.upload"
+    assert broken.url in failed.task_args and "a.txt" in failed.task_args
+    assert "HostUnreachable" in failed.traceback
+
+    broken.come_back()
+    from resto_celery.tasks import reconcile
+
+    wait_until(lambda: Replica.objects.get(host=broken.url).retry_at <= timezone.now(), message="the retry time")
+    reconcile.apply_async(queue=site.queue)
+    site.wait_until_converged()
+    wait_until(lambda: Replica.objects.get(host=broken.url).state == "synced", message="the row to be synced")
+
+
+def test_a_worker_killed_mid_transfer_is_replaced_and_the_host_converges(make_site, broker_url):
+    site = make_site(broker_url=broker_url, host_count=1, lease_ttl=4, timeout=2)
+    host = site.hosts[0]
+    host.set_receive_rate(16 * 1024 * 1024)  # 64 MiB take 4 s to arrive
+    worker = site.start_worker(concurrency=1, visibility_timeout=4)
+    big = b"0123456789abcdef" * (4 * 1024 * 1024)  # 64 MiB
+    site.storage.save("big.bin", ContentFile(big))
+    wait_until(lambda: "resto_celery.upload" in worker.log(), message="the worker to take the task")
+    time.sleep(1.5)  # about a third of the body is sent
+    worker.kill()
+    host.reset_faults()
+    assert not host.has("big.bin")  # the torn upload was not stored
+    site.start_worker(concurrency=1, visibility_timeout=4)
+    site.wait_until_converged(timeout=60)
+    assert host.read("big.bin") == big
+    wait_until(lambda: Replica.objects.filter(state="synced").exists(), message="the row to be synced")
+
+
+def test_reconcile_repairs_a_lost_message_and_a_missed_delete(make_site):
+    site = make_site(host_count=2)
+    site.storage.save("lost.txt", ContentFile(b"never announced"))
+    redis.Redis.from_url(site.redis_url).delete("resto")  # the messages are lost
+    site.start_worker()
+    site.storage.save("gone.txt", ContentFile(b"soon gone"))
+    wait_until(lambda: Replica.objects.filter(path="gone.txt", state="synced").count() == 2, message="gone.txt synced")
+    (site.media_root / "gone.txt").unlink()  # removed behind the storage's back: no task
+
+    from resto_celery.tasks import reconcile
+
+    reconcile.apply_async(queue=site.queue)
+    site.wait_until_converged()
+    assert site.hosts[0].files() == {"lost.txt": b"never announced"}
+    wait_until(lambda: not Replica.objects.filter(path="gone.txt").exists(), message="gone.txt rows to go")
+
+
+def test_a_save_during_a_broker_outage_reaches_every_host_after_reconcile(make_site, redis_server):
+    site = make_site(host_count=2)
+    redis_server.stop()
+    try:
+        site.storage.save("a.txt", ContentFile(b"saved while redis was down"))
+    finally:
+        redis_server.start()
+    site.start_worker()
+    from resto_celery.tasks import reconcile
+
+    reconcile.apply_async(queue=site.queue)
+    site.wait_until_converged()
+    assert site.hosts[1].files() == {"a.txt": b"saved while redis was down"}
+
+
+def test_queue_option_routes_each_hosts_tasks_to_its_own_queue(make_site):
+    site = make_site(host_count=2, queue="resto-{host}")
+    site.storage.save("a.txt", ContentFile(b"x"))
+    client = redis.Redis.from_url(site.redis_url)
+    for host in site.hosts:
+        [raw] = client.lrange(f"resto-{host.url}", 0, -1)
+        assert json.loads(raw)["headers"]["argsrepr"] == repr((host.url, "a.txt"))
+    assert client.llen("resto") == 0

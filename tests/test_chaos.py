@@ -1,0 +1,144 @@
+"""The invariant under random faults.
+
+Hundreds of random saves, overwrites and deletes over a few dozen paths, on three media
+hosts (nginx and two MediaServers), while hosts go down, answer 5xx or slowly, a worker is
+SIGKILLed and the Redis broker restarts. Then: heal everything, reconcile, drain, and every
+host must equal the master byte for byte.
+
+RESTO_CHAOS_OPS (default 300) and RESTO_CHAOS_SEED (default: random, printed) size and
+replay a run.
+"""
+import os
+import random
+import time
+from collections import Counter
+
+import pytest
+from django.core.files.base import ContentFile
+
+from resto_celery.tasks import reconcile
+from tests.site import wait_until
+
+pytestmark = [pytest.mark.chaos, pytest.mark.nginx, pytest.mark.django_db(transaction=True)]
+
+OPS = int(os.environ.get("RESTO_CHAOS_OPS", "300"))
+PATHS = [f"dir{index % 4}/file {index}.bin" for index in range(30)]
+
+CHAOS_OPTIONS = {
+    "timeout": 1,
+    "lease_ttl": 3,
+    "max_retries": 3,
+    "retry_backoff": 0.1,
+    "retry_backoff_max": 0.5,
+    "breaker_threshold": 5,
+    "breaker_cooldown": 1,
+    "failed_retry_after": 1,
+}
+
+
+def _content(rng):
+    size = rng.choice([0, 1, 100, 10_000, 100_000, 700_000])
+    return rng.randbytes(size)
+
+
+class Chaos:
+    """Injects one random fault at a time and remembers how to undo it."""
+
+    def __init__(self, rng, site, redis_server):
+        self.rng = rng
+        self.site = site
+        self.redis_server = redis_server
+        self.faults = Counter()
+        self.down = set()
+
+    def strike(self):
+        kind = self.rng.choice(["outage", "outage", "5xx", "slow", "recover", "recover"])
+        host = self.rng.choice(self.site.hosts)
+        if kind == "outage" and host not in self.down:
+            host.go_down()
+            self.down.add(host)
+        elif kind == "recover" and self.down:
+            back = self.rng.choice(sorted(self.down, key=id))
+            back.come_back()
+            self.down.discard(back)
+        elif kind == "5xx" and hasattr(host, "fail_next"):
+            host.fail_next(count=self.rng.randint(1, 6), status=self.rng.choice([500, 502, 503]))
+        elif kind == "slow" and hasattr(host, "set_delay"):
+            # Longer than the timeout sometimes: the PUT lands after the client gave up.
+            host.set_delay(self.rng.choice([0.2, 0.6, 1.5]), count=self.rng.randint(1, 4))
+        else:
+            return
+        self.faults[kind] += 1
+
+    def kill_a_worker(self):
+        victim = next(worker for worker in self.site.workers if worker.running)
+        victim.kill()
+        self.faults["worker SIGKILL"] += 1
+        self.site.start_worker(concurrency=2, visibility_timeout=4)
+
+    def restart_the_broker(self):
+        self.redis_server.restart()
+        self.faults["broker restart"] += 1
+
+    def heal(self):
+        for host in self.down:
+            host.come_back()
+        self.down.clear()
+        for host in self.site.hosts:
+            if hasattr(host, "reset_faults"):
+                host.reset_faults()
+
+
+def test_random_faults_never_break_the_invariant(make_site, make_media_server, make_nginx, redis_server, capsys):
+    seed = int(os.environ.get("RESTO_CHAOS_SEED", random.randrange(1 << 30)))
+    rng = random.Random(seed)
+    hosts = [make_nginx(), make_media_server(), make_media_server()]
+    site = make_site(hosts=hosts, **CHAOS_OPTIONS)
+    site.start_worker(concurrency=2, visibility_timeout=4)
+    site.start_worker(concurrency=2, visibility_timeout=4)
+    chaos = Chaos(rng, site, redis_server)
+    ops = Counter()
+    kill_at = {OPS // 3, (2 * OPS) // 3}
+    restart_at = OPS // 2
+
+    started = time.monotonic()
+    for index in range(OPS):
+        if rng.random() < 0.08:
+            chaos.strike()
+        if index in kill_at:
+            chaos.kill_a_worker()
+        if index == restart_at:
+            chaos.restart_the_broker()
+        name = rng.choice(PATHS)
+        kind = rng.choice(["save", "save", "overwrite", "overwrite", "delete"])
+        if kind == "delete" or kind == "overwrite":
+            site.storage.delete(name)
+        if kind != "delete":
+            site.storage.save(name, ContentFile(_content(rng)))
+        ops[kind] += 1
+        time.sleep(rng.choice([0, 0.005, 0.02]))
+    ops_seconds = time.monotonic() - started
+
+    chaos.heal()
+    healed = time.monotonic()
+    rounds = 0
+    while not (site.drained() and site.converged()) and rounds < 6:
+        rounds += 1
+        wait_until(site.drained, timeout=120, message="the queue to drain")
+        time.sleep(CHAOS_OPTIONS["failed_retry_after"] + 0.1)  # failed rows come due
+        reconcile.apply_async(queue=site.queue)
+        time.sleep(0.5)
+    site.wait_until_drained_and_converged(timeout=120)
+    converge_seconds = time.monotonic() - healed
+
+    logs = site.logs()
+    master = site.master_files()
+    with capsys.disabled():
+        print(
+            f"\nchaos seed={seed}: {sum(ops.values())} ops {dict(ops)} in {ops_seconds:.1f}s, "
+            f"{len(master)} files at the end; faults {dict(chaos.faults)}; "
+            f"{logs.count('retry: Retry in')} retries, {logs.count('raised unexpected')} final failures; "
+            f"converged {converge_seconds:.1f}s after healing ({rounds} reconcile rounds)"
+        )
+    for host in site.hosts:
+        assert host.files() == master, f"{host!r} differs from the master (seed {seed})"

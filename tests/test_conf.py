@@ -1,0 +1,199 @@
+"""Settings: globals, per-storage OPTIONS, host entries, and the system checks."""
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+from django.test import override_settings
+
+from resto_celery import conf
+from resto_celery.checks import check_settings
+from resto_celery.storage import DistributedStorage, HybridStorage
+
+
+def test_defaults_keep_django_resto_meaning():
+    options = conf.resolve()
+    assert options.hosts == ()
+    assert options.timeout == 2
+    assert options.fatal_exceptions is True
+    assert options.show_traceback is False
+
+
+@override_settings(RESTO_MEDIA_HOSTS=["m1:8080"], RESTO_TIMEOUT=5, RESTO_FATAL_EXCEPTIONS=False)
+def test_global_settings_are_read_when_the_storage_is_constructed():
+    storage = HybridStorage()
+    assert storage.hosts == ["m1:8080"]
+    assert storage.options.timeout == 5
+    assert storage.options.fatal_exceptions is False
+
+
+@override_settings(RESTO_MEDIA_HOSTS=["m1:8080"], RESTO_TIMEOUT=5)
+def test_storage_options_override_global_settings():
+    storage = HybridStorage(hosts=["m2"], timeout=0.5, show_traceback=True)
+    assert storage.hosts == ["m2"]
+    assert storage.options.timeout == 0.5
+    assert storage.options.show_traceback is True
+
+
+def test_unknown_storage_option_is_named_in_the_error():
+    with pytest.raises(ImproperlyConfigured, match="'hostz'"):
+        HybridStorage(hostz=["m1"])
+
+
+def test_filesystem_options_pass_through_to_the_master(tmp_path):
+    storage = HybridStorage(location=str(tmp_path), base_url="/files/", file_permissions_mode=0o640)
+    assert storage.location == str(tmp_path)
+    assert storage.url("a.txt") == "/files/a.txt"
+
+
+@override_settings(MEDIA_URL="/media/")
+def test_host_port_entry_takes_scheme_and_path_from_media_url():
+    host = conf.parse_host("media-1:8080", media_url="https://cdn.example.com/uploads/")
+    assert host.name == "media-1:8080"
+    assert host.base_url == "https://media-1:8080/uploads/"
+
+
+def test_host_port_entry_with_relative_media_url_is_http():
+    assert conf.parse_host("media-1", media_url="/media/").base_url == "http://media-1/media/"
+
+
+def test_full_url_entry_keeps_its_own_scheme_port_and_path():
+    host = conf.parse_host("https://media-2.internal:8443/files", media_url="/media/")
+    assert host.base_url == "https://media-2.internal:8443/files/"
+    assert host.name == "https://media-2.internal:8443/files/"
+
+
+def test_credentials_in_a_url_become_basic_auth_and_leave_the_url():
+    host = conf.parse_host("https://user:p%40ss@media-2:8443/media/")
+    assert host.auth == ("user", "p@ss")
+    assert "p%40ss" not in host.base_url and "user" not in host.base_url
+    assert "p@ss" not in repr(host) and "p%40ss" not in host.name
+
+
+def test_dict_entry_gives_name_auth_headers_and_ca_bundle():
+    host = conf.parse_host(
+        {
+            "url": "https://media-3/media/",
+            "name": "media-3",
+            "headers": {"Authorization": "Bearer s3cret"},
+            "ca_bundle": "/etc/ssl/internal.pem",
+        }
+    )
+    assert host.name == "media-3"
+    assert host.headers == {"Authorization": "Bearer s3cret"}
+    assert host.ca_bundle == "/etc/ssl/internal.pem"
+    assert "s3cret" not in repr(host)
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ("ftp://media/", "http or https"),
+        ("media-1/media", "host\\[:port\\]"),
+        ("media-1:http", "invalid port"),
+        ({"name": "x"}, "'url'"),
+        ({"url": "m1", "token": "x"}, "'token'"),
+        ({"url": "m1", "auth": "user:pass"}, "\\(user, password\\) pair"),
+        (42, "string or a dict"),
+    ],
+)
+def test_bad_host_entries_are_refused_with_a_clear_error(entry, message):
+    with pytest.raises(ImproperlyConfigured, match=message):
+        conf.parse_host(entry)
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("timeout", 0, "positive number"),
+        ("timeout", "2", "positive number"),
+        ("fatal_exceptions", "yes", "True or False"),
+        ("hosts", "media-1:8080", "list of host entries"),
+        ("hosts", ["m1", "m1"], "more than once"),
+    ],
+)
+def test_bad_option_values_name_the_setting(option, value, message):
+    with pytest.raises(ImproperlyConfigured, match=message):
+        conf.resolve({option: value})
+
+
+def test_distributed_storage_needs_hosts():
+    with pytest.raises(ImproperlyConfigured, match="at least one media host"):
+        DistributedStorage(hosts=[])
+
+
+def test_storages_are_deconstructible_for_migrations():
+    path, args, kwargs = HybridStorage(hosts=["m1"], timeout=3).deconstruct()
+    assert path == "resto_celery.storage.HybridStorage"
+    assert kwargs == {"hosts": ["m1"], "timeout": 3}
+    path, args, kwargs = DistributedStorage(hosts=["m1"]).deconstruct()
+    assert path == "resto_celery.storage.DistributedStorage"
+
+
+def _check_ids(**settings):
+    with override_settings(**settings):
+        return [message.id for message in check_settings()]
+
+
+def test_check_reports_bad_global_settings():
+    assert "resto_celery.E001" in _check_ids(RESTO_TIMEOUT=-1)
+
+
+def test_check_reports_bad_storage_options():
+    storages = {
+        "default": {"BACKEND": "resto_celery.storage.HybridStorage", "OPTIONS": {"hots": ["m1"]}},
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    }
+    assert _check_ids(STORAGES=storages) == ["resto_celery.E002"]
+
+
+def test_check_warns_when_a_replicated_storage_has_no_hosts():
+    storages = {"default": {"BACKEND": "resto_celery.storage.HybridStorage"}}
+    assert _check_ids(STORAGES=storages, RESTO_MEDIA_HOSTS=[]) == ["resto_celery.W001"]
+
+
+def test_check_warns_about_credentials_over_plain_http():
+    assert "resto_celery.W002" in _check_ids(RESTO_MEDIA_HOSTS=["http://u:p@media-1/media/"])
+
+
+def test_check_reports_a_missing_ca_bundle():
+    assert "resto_celery.E003" in _check_ids(
+        RESTO_MEDIA_HOSTS=["https://media-1/media/"], RESTO_CA_BUNDLE="/nonexistent/ca.pem"
+    )
+
+
+def test_valid_configuration_passes_the_checks():
+    storages = {"default": {"BACKEND": "resto_celery.storage.HybridStorage", "OPTIONS": {"hosts": ["m1:80"]}}}
+    assert _check_ids(STORAGES=storages) == []
+
+
+def test_check_refuses_two_async_storages_sharing_a_host_name_with_different_masters(tmp_path):
+    storages = {
+        "default": {"BACKEND": "resto_celery.storage.AsyncStorage", "OPTIONS": {"hosts": ["m1:80"], "location": str(tmp_path / "a")}},
+        "other": {"BACKEND": "resto_celery.storage.AsyncStorage", "OPTIONS": {"hosts": ["m1:80"], "location": str(tmp_path / "b")}},
+    }
+    assert _check_ids(STORAGES=storages, RESTO_REDIS_URL="redis://127.0.0.1:1/0") == ["resto_celery.E004"]
+
+
+def test_check_asks_for_a_redis_url_when_the_broker_is_not_redis():
+    storages = {"default": {"BACKEND": "resto_celery.storage.AsyncStorage", "OPTIONS": {"hosts": ["m1:80"]}}}
+    ids = _check_ids(STORAGES=storages, CELERY_BROKER_URL="amqp://guest@127.0.0.1//", RESTO_REDIS_URL=None)
+    assert ids == ["resto_celery.E005"]
+    assert _check_ids(STORAGES=storages, CELERY_BROKER_URL="amqp://guest@127.0.0.1//", RESTO_REDIS_URL="redis://127.0.0.1:6379/0") == []
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("lease_ttl", 1, "must be longer than"),
+        ("max_retries", -1, "whole number"),
+        ("redis_url", "http://x", "redis:// URL"),
+        ("queue", "", "queue name"),
+    ],
+)
+def test_bad_async_options_are_refused(option, value, message):
+    with pytest.raises(ImproperlyConfigured, match=message):
+        conf.resolve({option: value})
+
+
+def test_queue_may_name_one_queue_per_host():
+    assert conf.resolve({"queue": "resto-{host}"}).queue_for("m1") == "resto-m1"
+    options = conf.resolve({"queue": {"m1": "fast"}})
+    assert options.queue_for("m1") == "fast" and options.queue_for("m2") == "resto"

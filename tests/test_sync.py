@@ -1,0 +1,184 @@
+"""replication.sync: the state-based transfer of one (host, path), under a Redis lease."""
+import time
+
+import pytest
+from django.core.files.base import ContentFile
+
+from resto_celery import replication
+from resto_celery.coordination import Coordinator
+from resto_celery.exceptions import HostShortCircuited, HostTimeout, HostUnreachable, UnexpectedStatus
+from resto_celery.master import MasterStorage
+from resto_celery.models import Replica
+from resto_celery.transport import HostTransport
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def master(media_root):
+    return MasterStorage(location=str(media_root))
+
+
+@pytest.fixture
+def host(make_media_server):
+    return make_media_server()
+
+
+@pytest.fixture
+def coordinator(redis_url):
+    return Coordinator(redis_url, lease_ttl=2, breaker_threshold=3, breaker_cooldown=30)
+
+
+def _sync(master, host, coordinator, name, **kwargs):
+    transport = HostTransport(host.url, name="h1", timeout=kwargs.pop("timeout", 2))
+    return replication.sync("h1", name, master.path(name), transport, coordinator, **kwargs)
+
+
+def _puts(host):
+    return [r for r in host.requests if r.method == "PUT"]
+
+
+def test_present_master_is_put_and_recorded_as_synced(master, host, coordinator):
+    master.save("a.txt", ContentFile(b"v1"))
+    assert _sync(master, host, coordinator, "a.txt", task_id="t-1") == "upload"
+    assert host.files() == {"a.txt": b"v1"}
+    row = Replica.objects.get(host="h1", path="a.txt")
+    assert (row.state, row.attempts, row.task_id) == ("synced", 0, "t-1")
+    assert row.fingerprint.startswith("2:")
+
+
+def test_same_fingerprint_skips_the_transfer(master, host, coordinator):
+    master.save("a.txt", ContentFile(b"v1"))
+    _sync(master, host, coordinator, "a.txt")
+    assert _sync(master, host, coordinator, "a.txt") == "skip"
+    assert len(_puts(host)) == 1
+
+
+def test_a_changed_master_file_is_sent_again(master, host, coordinator):
+    master.save("a.txt", ContentFile(b"v1"))
+    _sync(master, host, coordinator, "a.txt")
+    master.delete("a.txt")
+    master.save("a.txt", ContentFile(b"version 2"))
+    assert _sync(master, host, coordinator, "a.txt") == "upload"
+    assert host.files() == {"a.txt": b"version 2"}
+
+
+def test_absent_master_file_is_deleted_on_the_host_and_its_row_forgotten(master, host, coordinator):
+    master.save("a.txt", ContentFile(b"v1"))
+    _sync(master, host, coordinator, "a.txt")
+    master.delete("a.txt")
+    assert _sync(master, host, coordinator, "a.txt") == "delete"
+    assert host.files() == {}
+    assert not Replica.objects.exists()
+
+
+def test_a_late_task_for_an_old_save_sends_the_newest_state(master, host, coordinator):
+    master.save("a.txt", ContentFile(b"old"))
+    master.delete("a.txt")
+    master.save("a.txt", ContentFile(b"newest"))
+    # The task of the first save runs only now: it sends what the master has now.
+    _sync(master, host, coordinator, "a.txt")
+    assert host.files() == {"a.txt": b"newest"}
+
+
+def test_a_held_lease_makes_the_task_wait_and_send_nothing(master, host, coordinator):
+    master.save("a.txt", ContentFile(b"v1"))
+    other = coordinator.lease("h1", "a.txt")
+    assert other.acquire()
+    with pytest.raises(replication.LeaseBusy) as busy:
+        _sync(master, host, coordinator, "a.txt")
+    assert 0 < busy.value.wait <= 2
+    assert host.requests == []
+    other.release()
+    assert _sync(master, host, coordinator, "a.txt") == "upload"
+
+
+def test_the_lease_is_released_after_a_success(master, host, coordinator):
+    master.save("a.txt", ContentFile(b"v1"))
+    _sync(master, host, coordinator, "a.txt")
+    assert coordinator.lease("h1", "a.txt").acquire()
+
+
+def test_a_refused_connection_releases_the_lease_and_reports_the_failure(master, host, coordinator):
+    master.save("a.txt", ContentFile(b"v1"))
+    host.go_down()
+    failures = []
+    with pytest.raises(HostUnreachable) as raised:
+        _sync(master, host, coordinator, "a.txt", on_failure=failures.append)
+    assert failures == [raised.value]
+    assert not raised.value.in_doubt
+    assert coordinator.lease("h1", "a.txt").acquire()
+
+
+def test_a_timeout_keeps_the_lease_until_it_expires(master, host, coordinator):
+    """The host may still apply the timed-out PUT: nothing else may touch the path until then."""
+    master.save("a.txt", ContentFile(b"v1"))
+    host.set_delay(1.0, count=1)
+    with pytest.raises(HostTimeout) as raised:
+        _sync(master, host, coordinator, "a.txt", timeout=0.2)
+    assert raised.value.in_doubt
+    lease = coordinator.lease("h1", "a.txt")
+    assert not lease.acquire()
+    assert 0 < lease.remaining() <= 2
+
+
+def test_a_long_transfer_keeps_its_lease_alive(master, host, redis_url):
+    coordinator = Coordinator(redis_url, lease_ttl=0.6, breaker_threshold=3, breaker_cooldown=30)
+    master.save("a.txt", ContentFile(b"v1"))
+    host.set_delay(1.5, count=1)
+    started = time.monotonic()
+    assert _sync(master, host, coordinator, "a.txt", timeout=5) == "upload"
+    assert time.monotonic() - started >= 1.5  # longer than the TTL, yet nobody could take it
+
+
+def test_the_breaker_opens_after_repeated_failures_and_spares_the_host(master, host, coordinator):
+    master.save("a.txt", ContentFile(b"v1"))
+    host.fail_next(count=3, status=503)
+    for _ in range(3):
+        with pytest.raises(UnexpectedStatus):
+            _sync(master, host, coordinator, "a.txt")
+    host.clear_requests()
+    with pytest.raises(HostShortCircuited, match="circuit breaker open") as raised:
+        _sync(master, host, coordinator, "a.txt")
+    assert raised.value.retryable
+    assert host.requests == []
+
+
+def test_a_success_closes_the_breaker(master, host, coordinator):
+    master.save("a.txt", ContentFile(b"v1"))
+    host.fail_next(count=2, status=503)
+    for _ in range(2):
+        with pytest.raises(UnexpectedStatus):
+            _sync(master, host, coordinator, "a.txt")
+    _sync(master, host, coordinator, "a.txt")
+    assert coordinator.breaker("h1").open_for() == 0
+    host.fail_next(count=2, status=503)
+    for _ in range(2):
+        with pytest.raises(UnexpectedStatus):
+            _sync(master, host, coordinator, "b.txt")
+    assert coordinator.breaker("h1").open_for() == 0  # 2 failures since the success: still closed
+
+
+def test_client_errors_do_not_count_for_the_breaker(master, host, coordinator):
+    master.save("a.txt", ContentFile(b"v1"))
+    host.read_only = True
+    for _ in range(4):
+        with pytest.raises(UnexpectedStatus):
+            _sync(master, host, coordinator, "a.txt")
+    assert coordinator.breaker("h1").open_for() == 0
+
+
+def test_a_lease_lost_during_the_transfer_leaves_the_row_pending_for_reconcile(master, host, coordinator, redis_url):
+    import threading
+
+    import redis
+
+    master.save("a.txt", ContentFile(b"v1"))
+    host.set_delay(0.6, count=1)
+    lease_key = coordinator.lease("h1", "a.txt").key
+    wipe = threading.Timer(0.2, lambda: redis.Redis.from_url(redis_url).delete(lease_key))  # a Redis restart
+    wipe.start()
+    assert _sync(master, host, coordinator, "a.txt") == "upload"
+    wipe.join()
+    row = Replica.objects.get(host="h1", path="a.txt")
+    assert row.state == "pending" and "lease lost" in row.last_error

@@ -1,0 +1,208 @@
+"""HostTransport: URLs, status handling, typed errors, credentials, streaming."""
+import base64
+import logging
+import http.server
+import threading
+import tracemalloc
+
+import pytest
+
+from resto_celery.exceptions import HostTimeout, HostUnreachable, MissingFile, TLSFailure, UnexpectedStatus
+from resto_celery.transport import HostTransport
+
+
+@pytest.fixture
+def server(make_media_server):
+    return make_media_server()
+
+
+@pytest.fixture
+def transport(server):
+    transport = HostTransport(server.url, name="media-test", timeout=1)
+    yield transport
+    transport.close()
+
+
+@pytest.mark.parametrize(
+    "name, path",
+    [
+        ("a b.txt", "a%20b.txt"),
+        ("literally%20.txt", "literally%2520.txt"),
+        ("hash#.txt", "hash%23.txt"),
+        ("what?.txt", "what%3F.txt"),
+        ("plus+.txt", "plus%2B.txt"),
+        ("dir/sub dir/f.txt", "dir/sub%20dir/f.txt"),
+        ("été.txt", "%C3%A9t%C3%A9.txt"),
+    ],
+)
+def test_url_quotes_everything_but_slashes(name, path):
+    assert HostTransport("http://h/media/").url(name) == "http://h/media/" + path
+
+
+@pytest.mark.parametrize("name", ["../x", "/abs", "a/../../x", "nul\x00"])
+def test_url_refuses_unsafe_names(name):
+    with pytest.raises(ValueError):
+        HostTransport("http://h/media/").url(name)
+
+
+def test_put_new_then_existing_returns_201_then_204(transport, server, tmp_path):
+    source = tmp_path / "src"
+    source.write_bytes(b"v1")
+    with source.open("rb") as f:
+        assert transport.put("x/f.txt", f) == 201
+    source.write_bytes(b"version 2")
+    with source.open("rb") as f:
+        assert transport.put("x/f.txt", f) == 204
+    assert server.read("x/f.txt") == b"version 2"
+
+
+def test_put_of_an_empty_file_sends_content_length_zero(transport, server, tmp_path):
+    source = tmp_path / "empty"
+    source.write_bytes(b"")
+    with source.open("rb") as f:
+        transport.put("empty", f)
+    assert server.read("empty") == b""
+
+
+def test_delete_reports_whether_the_file_was_there(transport, server):
+    server.seed("f.txt", b"x")
+    assert transport.delete("f.txt") is True
+    assert transport.delete("f.txt") is False
+    assert not server.has("f.txt")
+
+
+def test_head_exists_size_and_modified_time(transport, server):
+    server.seed("f.txt", b"12345")
+    assert transport.exists("f.txt")
+    assert transport.size("f.txt") == 5
+    assert transport.modified_time("f.txt").tzinfo is not None
+    assert transport.head("missing") is None
+    assert not transport.exists("missing")
+
+
+def test_size_of_a_missing_file_is_file_not_found(transport):
+    with pytest.raises(FileNotFoundError):
+        transport.size("missing")
+    with pytest.raises(MissingFile):
+        transport.size("missing")
+
+
+def test_download_streams_the_bytes(transport, server, tmp_path):
+    server.seed("big.bin", bytes(range(256)) * 4096)
+    target = tmp_path / "copy"
+    with target.open("wb") as f:
+        assert transport.download("big.bin", f) == 256 * 4096
+    assert target.read_bytes() == bytes(range(256)) * 4096
+
+
+def test_unexpected_4xx_is_a_typed_error_that_is_not_retryable(transport, server):
+    server.read_only = True
+    with pytest.raises(UnexpectedStatus) as raised:
+        transport.delete("f.txt")
+    error = raised.value
+    assert (error.host, error.method, error.name, error.status) == ("media-test", "DELETE", "f.txt", 403)
+    assert not error.retryable
+    assert str(error) == "DELETE f.txt on media-test failed: 403 Forbidden"
+
+
+def test_5xx_is_a_typed_error_that_is_retryable(transport, server):
+    server.fail_next(status=503)
+    with pytest.raises(UnexpectedStatus) as raised:
+        transport.exists("f.txt")
+    assert raised.value.status == 503 and raised.value.retryable
+
+
+def test_connection_refused_is_host_unreachable(transport, server):
+    server.go_down()
+    with pytest.raises(HostUnreachable, match="Connection refused") as raised:
+        transport.exists("f.txt")
+    assert raised.value.retryable and raised.value.status is None
+
+
+def test_slow_answer_is_a_timeout(server):
+    server.set_delay(3)
+    transport = HostTransport(server.url, timeout=0.3)
+    with pytest.raises(HostTimeout, match="timed out waiting for an answer") as raised:
+        transport.exists("f.txt")
+    assert raised.value.retryable
+
+
+def test_keep_alive_reuses_one_connection(transport, caplog):
+    caplog.set_level(logging.DEBUG, logger="urllib3.connectionpool")
+    for index in range(5):
+        transport.exists(f"f{index}")
+    opened = [r for r in caplog.records if r.getMessage().startswith("Starting new HTTP connection")]
+    assert len(opened) == 1
+
+
+class _RecordingHandler(http.server.BaseHTTPRequestHandler):
+    seen = []
+
+    def do_HEAD(self):
+        type(self).seen.append(dict(self.headers))
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def recording_server():
+    _RecordingHandler.seen = []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RecordingHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_basic_auth_and_headers_are_sent_but_never_shown(recording_server):
+    port = recording_server.server_address[1]
+    transport = HostTransport(
+        f"http://127.0.0.1:{port}/media/", name="secure-host", auth=("user", "s3cret"), headers={"X-Token": "t0ken"}
+    )
+    transport.exists("f.txt")
+    [headers] = _RecordingHandler.seen
+    assert headers["Authorization"] == "Basic " + base64.b64encode(b"user:s3cret").decode()
+    assert headers["X-Token"] == "t0ken"
+    recording_server.shutdown()
+    recording_server.server_close()
+    with pytest.raises(HostUnreachable) as raised:
+        transport.exists("f.txt")
+    assert "s3cret" not in str(raised.value) and "t0ken" not in str(raised.value)
+    assert "s3cret" not in repr(transport)
+
+
+def test_tls_failure_is_not_retryable():
+    assert not TLSFailure("h", "PUT", "f", "certificate verify failed").retryable
+
+
+def _peak_memory_of_put(transport, path, name):
+    tracemalloc.start()
+    try:
+        with path.open("rb") as f:
+            transport.put(name, f)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_put_memory_does_not_grow_with_the_file_size(make_media_server, tmp_path):
+    """Streams 16 MB then 320 MB: the peak of Python allocations stays a few chunks."""
+    server = make_media_server()
+    transport = HostTransport(server.url, timeout=30)
+    peaks = {}
+    for size_mb in (16, 320):
+        source = tmp_path / f"{size_mb}.bin"
+        with source.open("wb") as f:
+            f.truncate(size_mb * 1024 * 1024)  # sparse: no disk needed to read it
+        peaks[size_mb] = _peak_memory_of_put(transport, source, f"{size_mb}.bin")
+        assert transport.size(f"{size_mb}.bin") == size_mb * 1024 * 1024
+        server.remove(f"{size_mb}.bin")
+        source.unlink()
+    print(f"peak traced memory during PUT: 16 MB file {peaks[16] / 1024:.0f} KiB, 320 MB file {peaks[320] / 1024:.0f} KiB")
+    assert peaks[320] < 4 * 1024 * 1024
+    assert peaks[320] < peaks[16] + 1024 * 1024
