@@ -43,6 +43,12 @@ demo-serve: $(STAMP)
 clean:
 	rm -rf $(VENV) $(OLDEST_VENV) .pytest_cache build *.egg-info example/var
 
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $@
+
 # Benchmarks: benchmarks/README.md. BENCH_ARGS=--quick for a smoke run.
-bench: $(STAMP)
+bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks.run $(BENCH_ARGS)

@@ -64,7 +64,7 @@ def build_cases(workdir, servers):
     def urls(count):
         return [server.url for server in servers[:count]]
 
-    return [
+    cases = [
         Case("FileSystemStorage (baseline)", "fs", FileSystemStorage(location=where("fs"))),
         Case("AsyncStorage, no hosts (master write only)", "async", AsyncStorage(location=where("async-0"), hosts=[])),
         Case("AsyncStorage, 1 host", "async", AsyncStorage(location=where("async-1"), hosts=urls(1)), servers[:1]),
@@ -72,6 +72,31 @@ def build_cases(workdir, servers):
         Case("HybridStorage, 1 host", "hybrid", HybridStorage(location=where("hybrid-1"), hosts=urls(1)), servers[:1]),
         Case("HybridStorage, 3 hosts", "hybrid", HybridStorage(location=where("hybrid-3"), hosts=urls(3)), servers[:3]),
     ]
+    return cases + django_resto_cases(where, servers)
+
+
+def django_resto_cases(where, servers):
+    """django-resto 1.3's ``HybridStorage`` and ``AsyncStorage`` (threads), when installed.
+
+    It takes hosts as ``host:port`` and the path from ``base_url``; its ``AsyncStorage``
+    starts one thread per host and returns, so its PUTs land after ``save()``.
+    """
+    try:
+        from django_resto import storage as resto13
+    except ImportError:
+        print("  django-resto is not installed (pip install -e '.[bench]'): its rows are left out")
+        return []
+
+    def hosts(count):
+        return [server.address for server in servers[:count]]
+
+    cases = []
+    for backend, cls in (("resto13-hybrid", resto13.HybridStorage), ("resto13-async", resto13.AsyncStorage)):
+        for count in (1, 3):
+            storage = cls(hosts=hosts(count), base_url="/media/", location=where(f"{backend}-{count}"))
+            label = f"django-resto 1.3 {cls.__name__}, {count} host{'s' if count > 1 else ''}"
+            cases.append(Case(label, backend, storage, servers[:count]))
+    return cases
 
 
 def time_saves(storage, data, count):
@@ -95,14 +120,31 @@ def reset(cases, broker_url):
 
     ``os.sync()`` keeps the writes of one round from being written back during the next.
     """
+    servers = {server for case in cases for server in case.servers}
+    wait_for_quiet(servers)
     for case in cases:
         shutil.rmtree(case.location, ignore_errors=True)
         case.location.mkdir(parents=True)
-    for server in {server for case in cases for server in case.servers}:
+    for server in servers:
         server.clear()
         server.clear_requests()
     common.flush_redis(broker_url)
     os.sync()
+
+
+def wait_for_quiet(servers, quiet=0.3, limit=30):
+    """Wait until no server has received a request for ``quiet`` seconds (at most ``limit``).
+
+    django-resto's ``AsyncStorage`` may still be PUTting from its threads after ``save()``.
+    """
+    deadline = time.monotonic() + limit
+    last = None
+    while time.monotonic() < deadline:
+        seen = sum(len(server.requests) for server in servers)
+        if seen == last:
+            return
+        last = seen
+        time.sleep(quiet)
 
 
 def check_replicated(cases, saves, broker_url):
@@ -115,9 +157,15 @@ def check_replicated(cases, saves, broker_url):
     found = common.queue_length(broker_url)
     if found != expected:
         raise AssertionError(f"{found} messages in the queue, expected {expected}")
-    puts = collections.Counter(server for case in cases if case.backend == "hybrid" for server in case.servers)
+    puts = collections.Counter(server for case in cases if case.backend != "async" for server in case.servers)
     for server, count in puts.items():
-        answered = [r for r in server.requests if r.method == "PUT" and r.status in (200, 201, 204)]
+        # django-resto's AsyncStorage PUTs from threads of its own: give them a moment to land.
+        deadline = time.monotonic() + 30
+        while True:
+            answered = [r for r in server.requests if r.method == "PUT" and r.status in (200, 201, 204)]
+            if len(answered) >= count * saves or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         if len(answered) != count * saves:
             raise AssertionError(f"{server} answered {len(answered)} PUTs, expected {count * saves}")
 

@@ -75,6 +75,16 @@ def test_a_broker_outage_at_save_time_keeps_the_master_write_and_logs(make_site,
     assert lines[0].endswith("reconcile will repair it.")
 
 
+def test_a_save_just_after_a_broker_restart_still_queues_a_message_per_host(make_site, redis_server):
+    site = make_site(host_count=3)
+    site.storage.save("before.txt", ContentFile(b"sent on a connection that the restart kills"))
+    redis_server.restart()  # the queue is gone with it, and the pooled connection is stale
+    site.storage.save("after.txt", ContentFile(b"after the restart"))
+    raw = redis.Redis.from_url(site.redis_url).lrange("resto", 0, -1)
+    queued = sorted(tuple(json.loads(item)["headers"]["argsrepr"][1:-1].split(", ")) for item in raw)
+    assert queued == sorted((repr(host.url), "'after.txt'") for host in site.hosts)
+
+
 def _publish(site, operation, name):
     """Publish a task by hand, as a late or duplicated delivery would."""
     for host in site.hosts:
