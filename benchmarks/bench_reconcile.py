@@ -119,12 +119,14 @@ def reconcile_counting(storage):
 
 
 def reconcile_publishing(storage):
-    """``reconcile()`` publishing real messages through one producer, as the task does."""
+    """``reconcile()`` publishing real messages through one producer, in publish batches
+    (one Redis pipeline per 1,000 messages with kombu >= 5.7), as the task does."""
     from celery import current_app
 
     from resto_celery.replication import reconcile
+    from resto_celery.tasks import publish_batch
 
-    with current_app.producer_or_acquire() as producer:
+    with current_app.producer_or_acquire() as producer, publish_batch(producer):
         return reconcile(
             storage, lambda operation, host, path: storage.enqueue(operation, host, path, producer=producer)
         )

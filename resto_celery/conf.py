@@ -36,7 +36,14 @@ COUNTS = ("max_retries", "breaker_threshold")
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
-HOST_ENTRY_KEYS = {"url", "name", "auth", "headers", "ca_bundle"}
+HOST_ENTRY_KEYS = {"url", "name", "auth", "headers", "ca_bundle", "kind", "dircap", "readcap", "public_url"}
+
+#: Kinds of media host: plain HTTP PUT/DELETE (nginx's dav module), WebDAV (collections
+#: made with MKCOL, listed with PROPFIND) and a Tahoe-LAFS grid (its node's web API).
+HOST_KINDS = ("http", "webdav", "tahoe")
+TAHOE_ONLY_KEYS = ("dircap", "readcap", "public_url")
+TAHOE_WRITE_CAPS = ("URI:DIR2:", "URI:DIR2-MDMF:")
+TAHOE_READ_CAPS = ("URI:DIR2-RO:", "URI:DIR2-MDMF-RO:")
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,14 @@ class MediaHost:
     auth: tuple | None = field(default=None, repr=False)
     headers: dict = field(default_factory=dict, repr=False, hash=False)
     ca_bundle: str | None = None
+    #: ``"http"``, ``"webdav"`` or ``"tahoe"`` (then ``base_url`` is the node's web API).
+    kind: str = "http"
+    #: Tahoe: the read-write directory cap, a secret (never in ``repr()``, logs or messages).
+    dircap: str | None = field(default=None, repr=False)
+    #: Tahoe: the read-only cap of the same directory (asked of the node when not given).
+    readcap: str | None = None
+    #: Tahoe: the base URL of the gateway that serves downloads (default: ``base_url``).
+    public_url: str | None = None
 
     @property
     def scheme(self):
@@ -165,7 +180,11 @@ def parse_host(entry, *, media_url="/media/", ca_bundle=None):
     django-resto), a full base URL (``"https://media-2.internal:8443/media/"``; user and
     password in it become basic auth and are removed from the URL), or a dict with ``url``
     (either form) and optionally ``name``, ``auth`` (a ``(user, password)`` pair),
-    ``headers`` (e.g. ``{"Authorization": "Bearer ..."}``) and ``ca_bundle``.
+    ``headers`` (e.g. ``{"Authorization": "Bearer ..."}``), ``ca_bundle`` and ``kind``
+    (``"http"``, the default, ``"webdav"`` or ``"tahoe"``). A Tahoe-LAFS host's ``url`` is
+    its node's web API (``"http://127.0.0.1:3456/"``); it needs ``dircap``, the read-write
+    directory cap the files go under, and may give ``readcap`` (its read-only cap) and
+    ``public_url`` (the gateway that serves downloads, default ``url``).
     """
     if isinstance(entry, dict):
         unknown = sorted(set(entry) - HOST_ENTRY_KEYS)
@@ -176,6 +195,19 @@ def parse_host(entry, *, media_url="/media/", ca_bundle=None):
             )
         if not isinstance(entry.get("url"), str):
             raise ImproperlyConfigured("A media host entry given as a dict needs a 'url' string.")
+        kind = entry.get("kind", "http")
+        if kind not in HOST_KINDS:
+            raise ImproperlyConfigured(
+                f"The 'kind' of media host {entry['url']} must be one of {', '.join(map(repr, HOST_KINDS))}, "
+                f"not {kind!r}."
+            )
+        if kind == "tahoe":
+            return _parse_tahoe_entry(entry, ca_bundle)
+        misplaced = [key for key in TAHOE_ONLY_KEYS if key in entry]
+        if misplaced:
+            raise ImproperlyConfigured(
+                f"Media host {entry['url']}: {', '.join(map(repr, misplaced))} only apply to kind 'tahoe'."
+            )
         host = parse_host(entry["url"], media_url=media_url, ca_bundle=entry.get("ca_bundle", ca_bundle))
         auth = entry.get("auth", host.auth)
         if auth is not None and not (
@@ -196,6 +228,7 @@ def parse_host(entry, *, media_url="/media/", ca_bundle=None):
             auth=tuple(auth) if auth else None,
             headers=dict(headers),
             ca_bundle=host.ca_bundle,
+            kind=kind,
         )
     if not isinstance(entry, str) or not entry.strip():
         raise ImproperlyConfigured(f"A media host entry must be a string or a dict, not {entry!r}.")
@@ -203,6 +236,41 @@ def parse_host(entry, *, media_url="/media/", ca_bundle=None):
     if "://" in entry:
         return _parse_url_entry(entry, ca_bundle)
     return _parse_hostport_entry(entry, media_url, ca_bundle)
+
+
+def _parse_tahoe_entry(entry, ca_bundle):
+    """A Tahoe-LAFS host: the node's web API URL, a write cap (secret), optional read cap."""
+    node = _parse_url_entry(entry["url"], entry.get("ca_bundle", ca_bundle))
+    label = entry.get("name", node.name)
+    dircap = entry.get("dircap")
+    if not isinstance(dircap, str) or not dircap.startswith(TAHOE_WRITE_CAPS):
+        kind = "a read-only cap" if isinstance(dircap, str) and dircap.startswith(TAHOE_READ_CAPS) else "missing or not a cap"
+        # Never echo the value: it may be a secret pasted into the wrong key.
+        raise ImproperlyConfigured(
+            f"Tahoe-LAFS media host {label} needs 'dircap', a read-write directory cap "
+            f"({' or '.join(c + '...' for c in TAHOE_WRITE_CAPS)}); the one given is {kind}."
+        )
+    if any(char in dircap for char in "/?#% "):
+        raise ImproperlyConfigured(f"The 'dircap' of Tahoe-LAFS media host {label} is not a valid cap.")
+    readcap = entry.get("readcap")
+    if readcap is not None and not (isinstance(readcap, str) and readcap.startswith(TAHOE_READ_CAPS)):
+        raise ImproperlyConfigured(
+            f"The 'readcap' of Tahoe-LAFS media host {label} must be a read-only directory cap "
+            f"({' or '.join(c + '...' for c in TAHOE_READ_CAPS)})."
+        )
+    public_url = entry.get("public_url")
+    if public_url is not None:
+        public_url = _parse_url_entry(public_url, None).base_url if isinstance(public_url, str) else None
+        if public_url is None:
+            raise ImproperlyConfigured(f"The 'public_url' of Tahoe-LAFS media host {label} must be a URL string.")
+    if entry.get("headers") or entry.get("auth") or node.auth:
+        raise ImproperlyConfigured(f"Tahoe-LAFS media host {label}: the cap is the credential; no auth or headers.")
+    if not isinstance(label, str) or not label:
+        raise ImproperlyConfigured(f"The 'name' of media host {node.name} must be a non-empty string.")
+    return MediaHost(
+        name=label, base_url=node.base_url, ca_bundle=node.ca_bundle, kind="tahoe",
+        dircap=dircap, readcap=readcap, public_url=public_url,
+    )
 
 
 def _parse_url_entry(entry, ca_bundle):

@@ -28,6 +28,7 @@ class Plan:
     unchanged: int = 0
     errors: list = field(default_factory=list)  # (name, error)
     can_list: bool = False  # plain HTTP hosts cannot list their files: extra files stay unseen
+    extra: list = field(default_factory=list)  # (name, size): on the host, not in the master
 
     @property
     def upload_bytes(self):
@@ -42,6 +43,7 @@ class Outcome:
     uploaded: int = 0
     uploaded_bytes: int = 0
     queued: int = 0
+    deleted: int = 0
     failures: list = field(default_factory=list)  # (name, error)
 
 
@@ -101,19 +103,33 @@ def _sha256_remote(transport, name):
 def make_plan(storage, host, *, verify=False, workers=8, progress=None):
     """Compare every master file with ``host`` (HEAD, and with ``verify`` a SHA-256 of both).
 
+    A host that can list its files (WebDAV, Tahoe-LAFS) is listed once instead of asked
+    file by file, and the files it holds that the master has not go to ``plan.extra``.
     ``progress(name, size)`` is called after each file is checked. Raises :class:`HostDown`
     when the host does not answer at all.
     """
     transport = storage.transport(host)
-    plan = Plan(host)
+    plan = Plan(host, can_list=transport.can_list)
     master = [(name, int(fp.split(":", 1)[0])) for name, fp in replication.walk_master(storage.location)]
     if master:
         _probe(transport, master[0][0])
+    listing = None
+    if transport.can_list:
+        try:
+            listing = dict(transport.walk())
+        except TransportError as error:
+            if error.retryable:
+                raise HostDown(f"{transport.name} does not answer: {error.reason}") from error
+            raise
+        in_master = {name for name, _ in master}
+        plan.extra = sorted(
+            (name, remote.size or 0) for name, remote in listing.items() if name not in in_master and _plain(name)
+        )
 
     def check(item):
         name, size = item
         try:
-            remote = transport.head(name)
+            remote = transport.head(name) if listing is None else listing.get(name)
             if remote is None:
                 return name, size, "missing", None
             if remote.size != size:
@@ -136,22 +152,25 @@ def make_plan(storage, host, *, verify=False, workers=8, progress=None):
     return plan
 
 
-def apply_plan(storage, plan, *, workers=8, via_queue=False, progress=None):
+def apply_plan(storage, plan, *, workers=8, via_queue=False, delete_extra=False, progress=None):
     """Upload what ``plan`` lists: in this process (streamed, in parallel), or as Celery tasks.
 
     With an ``AsyncStorage`` the copies take the same leases as the workers and record their
     ``Replica`` rows; going via the queue first forgets the rows' fingerprints, so the
-    workers do not skip files the host turned out to lack.
+    workers do not skip files the host turned out to lack. With ``delete_extra`` the files
+    only the host holds (``plan.extra``) are deleted the same way, after a last check that
+    the master still has no such file.
     """
     outcome = Outcome(plan.host)
+    extra = [(name, 0, "extra") for name, _ in plan.extra] if delete_extra else []
     if via_queue:
         from .models import Replica
 
         names = [name for name, _, _ in plan.upload]
         for start in range(0, len(names), 1000):
             Replica.objects.filter(host=plan.host, path__in=names[start : start + 1000]).update(fingerprint="")
-        for name, size, _ in plan.upload:
-            storage.enqueue("upload", plan.host, name)
+        for name, size, reason in plan.upload + extra:
+            storage.enqueue("delete" if reason == "extra" else "upload", plan.host, name)
             outcome.queued += 1
             if progress:
                 progress(name, size)
@@ -159,23 +178,37 @@ def apply_plan(storage, plan, *, workers=8, via_queue=False, progress=None):
 
     copy = _copier(storage, plan.host)
 
-    def upload(item):
+    def apply(item):
         name, size, _ = item
         try:
-            copy(name)
-            return name, size, None
+            return name, size, copy(name), None
         except (TransportError, OSError, replication.LeaseBusy) as error:
-            return name, size, error
+            return name, size, None, error
 
-    for name, size, error in _parallel(upload, plan.upload, workers):
-        if error is None:
+    for name, size, action, error in _parallel(apply, plan.upload + extra, workers):
+        if error is not None:
+            outcome.failures.append((name, error))
+        elif action == "delete":
+            outcome.deleted += 1
+        elif action is not None:
             outcome.uploaded += 1
             outcome.uploaded_bytes += size
-        else:
-            outcome.failures.append((name, error))
         if progress:
             progress(name, size)
     return outcome
+
+
+def _plain(name):
+    """Whether a name listed by a host is one the master could hold (no traversal, no temp file)."""
+    from django.core.exceptions import SuspiciousFileOperation
+
+    from .master import is_temporary
+    from .names import clean_name
+
+    try:
+        return clean_name(name) == name and not is_temporary(name.rpartition("/")[2])
+    except SuspiciousFileOperation:
+        return False
 
 
 def _copier(storage, host):

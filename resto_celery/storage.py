@@ -301,12 +301,32 @@ class DistributedStorage(ReplicatedStorageMixin, Storage):
         return self._read_from_hosts(lambda transport: transport.modified_time(name), name)
 
     def url(self, name):
-        return self.base_url + filepath_to_uri(clean_name(name))
+        """``base_url`` + name; with no ``base_url`` option and a Tahoe-LAFS first host, the
+        gateway's link through the directory's read-only cap (never the write cap)."""
+        name = clean_name(name)
+        first = self.options.hosts[0]
+        if self._base_url is None and first.kind == "tahoe":
+            return self.transport(first.name).public_link(name)
+        return self.base_url + filepath_to_uri(name)
 
     def listdir(self, path):
-        raise NotImplementedError(
-            "DistributedStorage cannot list directories: plain HTTP PUT/DELETE hosts have no listing."
-        )
+        """List ``path`` on the first host that can list (WebDAV, Tahoe-LAFS) and answers."""
+        path = clean_name(path).strip("/") if path else ""
+        listing = [host for host in self.hosts if self.transport(host).can_list]
+        if not listing:
+            raise NotImplementedError(
+                "DistributedStorage cannot list directories: plain HTTP PUT/DELETE hosts have no listing "
+                "(WebDAV and Tahoe-LAFS hosts do)."
+            )
+        failures = {}
+        for host in listing:
+            try:
+                return self.transport(host).listdir(path)
+            except FileNotFoundError:
+                return [], []
+            except Exception as error:  # noqa: BLE001 - try the next host
+                failures[host] = error
+        raise ReplicationError("list", path, failures, len(listing))
 
     def _read_from_hosts(self, read, name):
         """Return ``read(transport)`` from the first host that answers it."""

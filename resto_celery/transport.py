@@ -45,7 +45,12 @@ class HostTransport:
     requests: True (system CAs), or the path of a CA bundle.
 
     One instance holds a keep-alive connection pool and may be shared between threads.
+    Plain HTTP cannot list a host's files (``can_list`` is False); subclasses for other
+    kinds of host (:mod:`resto_celery.webdav`, :mod:`resto_celery.tahoe`) can.
     """
+
+    #: Whether :meth:`walk` can list the files the host holds.
+    can_list = False
 
     def __init__(self, base_url, *, name=None, timeout=2, auth=None, headers=None, verify=True, pool_size=16):
         if not base_url.endswith("/"):
@@ -137,6 +142,21 @@ class HostTransport:
             except requests.RequestException as exc:
                 raise self._translate(exc, "GET", name) from exc
         return written
+
+    def walk(self):
+        """Yield ``(name, RemoteFile)`` for every file on the host (hosts that can list)."""
+        raise NotImplementedError(f"{self.name} is a plain HTTP host: it cannot list its files.")
+
+    def directories_to_create(self, name):
+        """The parent directories of ``name`` that must be made, one at a time, before a PUT.
+
+        Empty for hosts that make parents themselves or where concurrent creation is safe;
+        see :class:`resto_celery.tahoe.TahoeTransport`.
+        """
+        return []
+
+    def ensure_directory(self, path):
+        """Make the directory ``path`` exist on the host (for :meth:`directories_to_create`)."""
 
     def close(self):
         """Close the pooled connections."""

@@ -197,3 +197,38 @@ def test_queue_may_name_one_queue_per_host():
     assert conf.resolve({"queue": "resto-{host}"}).queue_for("m1") == "resto-m1"
     options = conf.resolve({"queue": {"m1": "fast"}})
     assert options.queue_for("m1") == "fast" and options.queue_for("m2") == "resto"
+
+
+# Kinds of host: WebDAV and Tahoe-LAFS
+
+WRITE_CAP = "URI:DIR2:abcdefghijklmnopqrstuvwxyz:0123456789abcdefghijklmnopqrstuvwxyz0123456789abcd"
+READ_CAP = "URI:DIR2-RO:zyxwvutsrqponmlkjihgfedcba:0123456789abcdefghijklmnopqrstuvwxyz0123456789abcd"
+
+
+def test_a_host_entry_is_plain_http_unless_its_kind_says_otherwise():
+    assert conf.parse_host("m1:8080").kind == "http"
+    assert conf.parse_host({"url": "http://dav:8080/media/", "kind": "webdav"}).kind == "webdav"
+
+
+def test_a_tahoe_entry_names_the_node_and_keeps_the_write_cap_out_of_its_repr():
+    host = conf.parse_host({"url": "http://127.0.0.1:3456", "kind": "tahoe", "dircap": WRITE_CAP})
+    assert (host.kind, host.name, host.base_url) == ("tahoe", "http://127.0.0.1:3456/", "http://127.0.0.1:3456/")
+    assert host.dircap == WRITE_CAP
+    assert "DIR2:" not in repr(host)
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"url": "http://n:3456/", "kind": "tahoe"}, "needs 'dircap', a read-write directory cap"),
+        ({"url": "http://n:3456/", "kind": "tahoe", "dircap": READ_CAP}, "the one given is a read-only cap"),
+        ({"url": "http://n:3456/", "kind": "tahoe", "dircap": WRITE_CAP, "readcap": WRITE_CAP}, "'readcap'"),
+        ({"url": "http://n:3456/", "kind": "tahoe", "dircap": WRITE_CAP, "auth": ("u", "p")}, "the cap is the credential"),
+        ({"url": "http://n:3456/", "kind": "ftp"}, "must be one of 'http', 'webdav', 'tahoe'"),
+        ({"url": "http://n:8080/media/", "dircap": WRITE_CAP}, "only apply to kind 'tahoe'"),
+    ],
+)
+def test_bad_tahoe_and_kind_entries_are_refused_without_echoing_a_cap(entry, message):
+    with pytest.raises(ImproperlyConfigured, match=message) as raised:
+        conf.parse_host(entry)
+    assert "abcdefghijklmnop" not in str(raised.value) and "zyxwvuts" not in str(raised.value)

@@ -13,8 +13,9 @@ class Command(BaseCommand):
     help = (
         "Compare the master copy with each media host and upload what is missing or different "
         "(a HEAD per file; --verify also compares SHA-256 of the contents). Replaces the rsync that "
-        "django-resto asked for after an outage or when adding a host. Plain HTTP hosts cannot list "
-        "their files, so files that exist only on a host are reported as unseen, not deleted. "
+        "django-resto asked for after an outage or when adding a host. WebDAV and Tahoe-LAFS hosts are "
+        "listed once instead, and files that exist only on them are reported (--delete-extra deletes "
+        "them); plain HTTP hosts cannot list their files, so such files stay unseen. "
         "With --restore-from HOST it works the other way: it rebuilds a lost master copy from HOST. "
         "Exits with status 1 when anything failed."
     )
@@ -30,6 +31,10 @@ class Command(BaseCommand):
         parser.add_argument(
             "--via-queue", action="store_true",
             help="Send Celery tasks for the workers instead of copying in this process (AsyncStorage).",
+        )
+        parser.add_argument(
+            "--delete-extra", action="store_true",
+            help="Also delete the files a listing host (WebDAV, Tahoe-LAFS) holds that the master has not.",
         )
         parser.add_argument("--workers", type=int, default=8, help="Parallel transfers per host (default 8).")
         parser.add_argument(
@@ -78,25 +83,32 @@ class Command(BaseCommand):
             f"  {checked} file(s) checked: {plan.unchanged} identical, {len(plan.upload)} to upload "
             f"({_size(plan.upload_bytes)}), {len(plan.errors)} could not be checked."
         )
+        delete_extra = options["delete_extra"]
         if not plan.can_list:
             self.stdout.write("  This host cannot list its files over plain HTTP: files that exist only on it cannot be seen.")
+        elif plan.extra:
+            what = "to delete" if delete_extra else "left alone (--delete-extra deletes them)"
+            self.stdout.write(f"  {len(plan.extra)} file(s) only on the host, not in the master: {what}.")
         if options["dry_run"]:
             for name, size, reason in plan.upload:
                 self.stdout.write(f"  would upload {name} ({_size(size)}): {reason}")
+            for name, size in plan.extra:
+                self.stdout.write(f"  {'would delete' if delete_extra else 'only on the host:'} {name} ({_size(size)})")
             for name, error in plan.errors:
                 self.stdout.write(f"  could not check {name}: {error}")
             return not plan.errors
         outcome = resync.Outcome(host)
-        if plan.upload:
-            with self._bar(f"uploading to {host}", total=plan.upload_bytes, unit="B") as bar:
+        if plan.upload or (delete_extra and plan.extra):
+            with self._bar(f"updating {host}", total=plan.upload_bytes, unit="B") as bar:
                 outcome = resync.apply_plan(
                     storage, plan, workers=options["workers"], via_queue=options["via_queue"],
-                    progress=lambda name, size: bar.update(size),
+                    delete_extra=delete_extra, progress=lambda name, size: bar.update(size),
                 )
         for name, error in [*plan.errors, *outcome.failures]:
             self.stderr.write(self.style.ERROR(f"  failed: {name}: {error}"))
         done = f"{outcome.queued} task(s) queued" if options["via_queue"] else (
             f"{outcome.uploaded} uploaded ({_size(outcome.uploaded_bytes)})"
+            + (f", {outcome.deleted} deleted" if delete_extra and plan.can_list else "")
         )
         failures = len(plan.errors) + len(outcome.failures)
         style = self.style.ERROR if failures else self.style.SUCCESS
