@@ -36,6 +36,11 @@ def wait_until(predicate, timeout=30, interval=0.05, message="condition"):
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
 
 
+def host_entry(host):
+    """The ``RESTO_MEDIA_HOSTS`` entry of a test media host: its URL, or its own entry."""
+    return getattr(host, "host_entry", None) or host.url
+
+
 class ReplicationSite:
     """Everything AsyncStorage needs, with the same settings in the test and the workers."""
 
@@ -48,7 +53,7 @@ class ReplicationSite:
         if broker_url.startswith("amqp") and "queue" not in options:
             # RabbitMQ is shared by every run on the machine: a queue of our own.
             options["queue"] = RABBITMQ_QUEUE
-        self.options = {**FAST_OPTIONS, "hosts": [h.url for h in hosts], "redis_url": redis_url, **options}
+        self.options = {**FAST_OPTIONS, "hosts": [host_entry(h) for h in hosts], "redis_url": redis_url, **options}
         self.queue = self.options.get("queue", "resto")
         self.storage = AsyncStorage(location=str(self.media_root), **self.options)
         self.workers = []
