@@ -64,9 +64,19 @@ class WebDAVTransport(HostTransport):
                 if collection in self._collections:
                     continue
             response = self._request("MKCOL", collection + "/")
-            self._expect(response, "MKCOL", collection + "/", MKCOL_OK)
+            if response.status_code not in MKCOL_OK and not self._is_collection(collection):
+                # Some servers answer a MKCOL that lost a race with 500 (wsgidav: EEXIST);
+                # only a collection that still does not exist is a failure.
+                self._expect(response, "MKCOL", collection + "/", MKCOL_OK)
             with self._lock:
                 self._collections.add(collection)
+
+    def _is_collection(self, path):
+        response = self._request(
+            "PROPFIND", path + "/", data=PROPFIND_BODY,
+            headers={"Depth": "0", "Content-Type": 'application/xml; charset="utf-8"'},
+        )
+        return response.status_code == 207 and b"collection" in response.content
 
     def _forget(self, path):
         """Stop trusting that ``path``, its ancestors and its descendants exist."""

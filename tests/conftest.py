@@ -5,16 +5,22 @@ import pytest
 
 from resto_celery.testing import MediaServer
 from resto_celery.testing.nginx import NginxMediaServer, find_nginx
+from resto_celery.testing.webdav import LighttpdWebDAVServer, WsgiDAVServer, find_lighttpd
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``nginx`` skip without nginx, except in CI, which must run them all."""
-    if find_nginx() or os.environ.get("CI") == "true":
+    """Tests that need a system package skip without it, except in CI, which must run them all."""
+    if os.environ.get("CI") == "true":
         return
-    skip = pytest.mark.skip(reason="nginx is not installed (apt-get install nginx); CI installs it")
+    missing = {}
+    if not find_nginx():
+        missing["nginx"] = "nginx is not installed (apt-get install nginx); CI installs it"
+    if not find_lighttpd():
+        missing["lighttpd"] = "lighttpd with mod_webdav is not installed (apt-get install lighttpd lighttpd-mod-webdav)"
     for item in items:
-        if "nginx" in item.keywords:
-            item.add_marker(skip)
+        for marker, reason in missing.items():
+            if marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture
@@ -59,6 +65,31 @@ def make_nginx(tmp_path):
     yield make
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def make_dav_server(tmp_path):
+    """Start WebDAV servers of one kind ("wsgidav" in-process, or "lighttpd"); stopped after."""
+    servers = []
+
+    def make(kind="wsgidav"):
+        root = tmp_path / f"dav-root-{len(servers)}"
+        if kind == "lighttpd":
+            server = LighttpdWebDAVServer(root, workdir=tmp_path / f"lighttpd-{len(servers)}")
+        else:
+            server = WsgiDAVServer(root)
+        servers.append(server.start())
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(params=["wsgidav", pytest.param("lighttpd", marks=pytest.mark.lighttpd)])
+def make_webdav_host(request, make_dav_server):
+    """Start WebDAV hosts of each kind in turn: wsgidav (in-process), then lighttpd."""
+    return lambda: make_dav_server(request.param)
 
 
 @pytest.fixture(params=["media_server", pytest.param("nginx", marks=pytest.mark.nginx)])
