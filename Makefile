@@ -9,7 +9,7 @@ OLDEST_STAMP := $(OLDEST_VENV)/.installed-test
 # The oldest versions we support, tested beside the newest ones.
 OLDEST_PINS := 'Django>=4.2,<5.0' 'celery>=5.4,<5.5'
 
-.PHONY: test test-oldest venv clean demo demo-serve bench
+.PHONY: test test-oldest venv clean demo demo-serve bench tahoe
 
 venv: $(STAMP)
 
@@ -40,8 +40,21 @@ demo: $(STAMP)
 demo-serve: $(STAMP)
 	$(PY) example/demo.py --serve
 
+# tahoe-lafs for the Tahoe host tests, in a virtualenv of its own (its pins are not ours);
+# resto_celery.testing.tahoe.find_tahoe() finds .venv-tahoe/bin/tahoe. .ci/run calls this.
+TAHOE_VENV ?= .venv-tahoe
+TAHOE_STAMP := $(TAHOE_VENV)/.installed
+
+tahoe: $(TAHOE_STAMP)
+
+$(TAHOE_STAMP):
+	$(PYTHON) -m venv $(TAHOE_VENV)
+	$(TAHOE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TAHOE_VENV)/bin/python -m pip install --quiet 'tahoe-lafs==1.20.0'
+	touch $@
+
 clean:
-	rm -rf $(VENV) $(OLDEST_VENV) .pytest_cache build *.egg-info example/var
+	rm -rf $(VENV) $(OLDEST_VENV) $(TAHOE_VENV) .pytest_cache build *.egg-info example/var
 
 BENCH_STAMP := $(VENV)/.installed-bench
 

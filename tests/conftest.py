@@ -5,6 +5,7 @@ import pytest
 
 from resto_celery.testing import MediaServer
 from resto_celery.testing.nginx import NginxMediaServer, find_nginx
+from resto_celery.testing.tahoe import TahoeDirectory, TahoeGrid, find_tahoe
 from resto_celery.testing.webdav import LighttpdWebDAVServer, WsgiDAVServer, find_lighttpd
 
 
@@ -15,6 +16,8 @@ def pytest_collection_modifyitems(config, items):
     missing = {}
     if not find_nginx():
         missing["nginx"] = "nginx is not installed (apt-get install nginx); CI installs it"
+    if not find_tahoe():
+        missing["tahoe"] = "tahoe-lafs is not installed (make tahoe); CI installs it"
     if not find_lighttpd():
         missing["lighttpd"] = "lighttpd with mod_webdav is not installed (apt-get install lighttpd lighttpd-mod-webdav)"
     for item in items:
@@ -90,6 +93,28 @@ def make_dav_server(tmp_path):
 def make_webdav_host(request, make_dav_server):
     """Start WebDAV hosts of each kind in turn: wsgidav (in-process), then lighttpd."""
     return lambda: make_dav_server(request.param)
+
+
+@pytest.fixture(scope="session")
+def tahoe_grid(tmp_path_factory):
+    """A local Tahoe-LAFS grid (introducer + one storage/client node) for the session."""
+    grid = TahoeGrid(tmp_path_factory.mktemp("tahoe")).start()
+    yield grid
+    grid.stop()
+
+
+@pytest.fixture
+def make_tahoe_host(tahoe_grid):
+    """A fresh directory on the session's grid, as a media host; the node is up again after."""
+
+    def make(**entry):
+        if not tahoe_grid.connected():
+            tahoe_grid.come_back()
+        return TahoeDirectory(tahoe_grid, **entry)
+
+    yield make
+    if not tahoe_grid.running:
+        tahoe_grid.come_back()
 
 
 @pytest.fixture(params=["media_server", pytest.param("nginx", marks=pytest.mark.nginx)])
