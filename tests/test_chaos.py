@@ -1,7 +1,8 @@
 """The invariant under random faults.
 
 Hundreds of random saves, overwrites and deletes over a few dozen paths, on three media
-hosts (nginx and two MediaServers), while hosts go down, answer 5xx or slowly, a worker is
+hosts (nginx and two MediaServers; then nginx, a lighttpd WebDAV host and a Tahoe-LAFS
+grid), while hosts go down, answer 5xx or slowly, a worker is
 SIGKILLed and the Redis broker restarts. Then: heal everything, reconcile, drain, and every
 host must equal the master byte for byte.
 
@@ -90,19 +91,31 @@ class Chaos:
 
 
 def test_random_faults_never_break_the_invariant(make_site, make_media_server, make_nginx, redis_server, capsys):
+    hosts = [make_nginx(), make_media_server(), make_media_server()]
+    _chaos(make_site(hosts=hosts, **CHAOS_OPTIONS), redis_server, capsys, OPS)
+
+
+@pytest.mark.lighttpd
+@pytest.mark.tahoe
+def test_random_faults_with_a_webdav_and_a_tahoe_host_never_break_the_invariant(
+    make_site, make_nginx, make_dav_server, make_tahoe_host, redis_server, capsys
+):
+    hosts = [make_nginx(), make_dav_server("lighttpd"), make_tahoe_host()]
+    _chaos(make_site(hosts=hosts, **CHAOS_OPTIONS), redis_server, capsys, max(OPS // 2, 20))
+
+
+def _chaos(site, redis_server, capsys, operations):
     seed = int(os.environ.get("RESTO_CHAOS_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
-    hosts = [make_nginx(), make_media_server(), make_media_server()]
-    site = make_site(hosts=hosts, **CHAOS_OPTIONS)
     site.start_worker(concurrency=2, visibility_timeout=4)
     site.start_worker(concurrency=2, visibility_timeout=4)
     chaos = Chaos(rng, site, redis_server)
     ops = Counter()
-    kill_at = {OPS // 3, (2 * OPS) // 3}
-    restart_at = OPS // 2
+    kill_at = {operations // 3, (2 * operations) // 3}
+    restart_at = operations // 2
 
     started = time.monotonic()
-    for index in range(OPS):
+    for index in range(operations):
         if rng.random() < 0.08:
             chaos.strike()
         if index in kill_at:
@@ -135,7 +148,7 @@ def test_random_faults_never_break_the_invariant(make_site, make_media_server, m
     master = site.master_files()
     with capsys.disabled():
         print(
-            f"\nchaos seed={seed}: {sum(ops.values())} ops {dict(ops)} in {ops_seconds:.1f}s, "
+            f"\nchaos seed={seed} hosts={[type(h).__name__ for h in site.hosts]}: {sum(ops.values())} ops {dict(ops)} in {ops_seconds:.1f}s, "
             f"{len(master)} files at the end; faults {dict(chaos.faults)}; "
             f"{logs.count('retry: Retry in')} retries, {logs.count('raised unexpected')} final failures; "
             f"converged {converge_seconds:.1f}s after healing ({rounds} reconcile rounds)"
