@@ -195,3 +195,37 @@ def test_resync_lists_a_tahoe_host_and_deletes_extra_files_when_asked(settings, 
 
     assert "1 file(s) only on the host, not in the master: to delete." in output
     assert host.files() == {"kept.bin": BIG}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_admin_dashboard_shows_webdav_and_tahoe_hosts_by_name_never_the_cap(
+    make_site, make_tahoe_host, make_dav_server, settings
+):
+    from django.contrib.auth.models import User
+    from django.test import Client
+    from django.urls import reverse
+
+    tahoe = make_tahoe_host(name="tahoe-grid")
+    site = make_site(hosts=[tahoe, make_dav_server("wsgidav")])
+    set_storages(settings, {
+        "default": {"BACKEND": "resto_celery.storage.AsyncStorage", "OPTIONS": site.storage.deconstruct()[2]},
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    })
+    site.start_worker()
+    site.storage.save("shown/in/admin.bin", ContentFile(BIG))
+    site.wait_until_drained_and_converged(timeout=120)
+    admin = Client()
+    admin.force_login(User.objects.create_superuser("admin", password="pw"))
+
+    dashboard = admin.get(reverse("admin:resto_celery_replicationdashboard_changelist"))
+    rows = admin.get(reverse("admin:resto_celery_replica_changelist"))
+
+    by_host = {status.host: status for status in dashboard.context["statuses"]}
+    assert by_host["tahoe-grid"].synced == 1 and by_host[site.hosts[1].url].synced == 1
+    for page in (dashboard, rows):
+        assert tahoe.dircap.encode() not in page.content
+    from django_celery_results.models import TaskResult
+
+    stored = [f"{r.task_args} {r.task_kwargs} {r.result} {r.traceback}" for r in TaskResult.objects.all()]
+    assert stored and not any(tahoe.dircap in text for text in stored)
+    assert tahoe.dircap not in site.logs()
