@@ -237,6 +237,8 @@ def render(result):
     parts = [f"## {result['title']}", "", result["description"], ""]
     for table in result["tables"]:
         parts += [f"**{table['title']}**", "", markdown_table(table["headers"], table["rows"]), ""]
+    for title, image in result.get("plots", []):
+        parts += [f"![{title}]({image})", ""]
     if result["goals"]:
         parts += ["**Goals**", ""]
         parts += [f"- {_verdict(goal['met'])}: {goal['goal']} ({goal['detail']})" for goal in result["goals"]]

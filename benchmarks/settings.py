@@ -6,6 +6,7 @@ an SQLite file in the temporary folder; ``RESTO_BENCH_DATABASE`` (``postgres`` o
 (:func:`benchmarks.common.setup_django`). The Celery broker is ``RESTO_BENCH_BROKER_URL``:
 the scripts start a private Redis and set it before Django is set up.
 """
+import json
 import os
 import socket
 import tempfile
@@ -62,6 +63,14 @@ STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
 }
+
+# bench_replication's workers (and the benchmark itself) replicate with this AsyncStorage.
+if os.environ.get("RESTO_BENCH_STORAGE_OPTIONS"):
+    STORAGES["default"] = {
+        "BACKEND": "resto_celery.storage.AsyncStorage",
+        "OPTIONS": json.loads(os.environ["RESTO_BENCH_STORAGE_OPTIONS"]),
+    }
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 
 # As the README recommends for a real site: results in the database, extended.
 CELERY_BROKER_URL = os.environ.get("RESTO_BENCH_BROKER_URL", "memory://")

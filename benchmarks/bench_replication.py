@@ -1,0 +1,485 @@
+"""Replication with real workers and three nginx hosts: throughput, lag, worker memory.
+
+- **Throughput**: ``save()`` N files as fast as the benchmark can, then wait until all
+  three nginx hosts hold every file (right size); files/s and MB/s from the first save to
+  the last file landing. The limit, measured in the same round: a plain ``requests`` loop
+  (a thread pool as wide as the workers' concurrency) PUTting the same files to the same
+  hosts, no Celery. Share = ours / limit. Small files (10 KB) for each worker pool and
+  concurrency of the sweep, large files (10 MB) for the best one.
+- **Convergence lag**: saves of 10 KB at a steady rate below saturation (a quarter of the
+  best measured throughput); for each, the time from ``save()`` returning to the last host
+  having the file (a thread stats the hosts' folders every 2 ms; nginx writes a temporary
+  file and renames it, so a file of the right size is complete). p50/p95/p99, and as a
+  multiple of one direct ``PUT`` of 10 KB (median of 50, same run).
+- **Memory**: the workers' peak RSS (``VmHWM`` of every worker process) replicating one
+  1 GB file to the three hosts, against the same with a 10 MB file: the transfer streams,
+  so it must not grow with the file.
+
+    python -m benchmarks.bench_replication [--quick] [--output FILE]
+"""
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from benchmarks import common
+
+SMALL, LARGE, HUGE = 10 * 1024, 10 * 1024 * 1024, 1024 * 1024 * 1024
+SWEEP = [("prefork", 2), ("prefork", 4), ("threads", 4), ("threads", 8)]
+MEMORY_GOAL = 1.5  # peak RSS with 1 GB <= 1.5x the peak with 10 MB
+CONVERGE_TIMEOUT = 600
+
+
+def storage_options(master, hosts, redis_url):
+    return {
+        "location": str(master), "hosts": [host.url for host in hosts], "redis_url": redis_url,
+        "timeout": 60, "lease_ttl": 180, "breaker_threshold": 0,
+    }
+
+
+class Bench:
+    """The hosts, the master folder, the storage and the workers of one run."""
+
+    def __init__(self, workdir, redis_server):
+        from resto_celery.testing.nginx import NginxMediaServer
+
+        self.workdir = workdir
+        self.redis = redis_server
+        self.master = workdir / "master"
+        self.master.mkdir()
+        self.hosts = []
+        for index in range(3):
+            root = workdir / f"host-{index}"
+            root.mkdir()
+            self.hosts.append(NginxMediaServer(root, workdir=workdir / f"nginx-{index}").start())
+        self.options = storage_options(self.master, self.hosts, redis_server.url)
+        os.environ["RESTO_BENCH_STORAGE_OPTIONS"] = json.dumps(self.options)
+        self.worker = None
+
+    @property
+    def storage(self):
+        from django.core.files.storage import storages
+
+        return storages["default"]
+
+    def start_worker(self, pool, concurrency):
+        from resto_celery.testing.worker import CeleryWorker
+
+        self.stop_worker()
+        env = {key: os.environ[key] for key in os.environ if key.startswith("RESTO_BENCH_")}
+        env.update({"DJANGO_SETTINGS_MODULE": "benchmarks.settings", "PYTHONPATH": str(common.ROOT)})
+        self.worker = CeleryWorker(
+            "benchmarks.celery_app", queues=("resto",), pool=pool, concurrency=concurrency, env=env,
+            logfile=self.workdir / f"worker-{pool}-{concurrency}-{uuid.uuid4().hex[:6]}.log",
+        )
+        self.worker.start()
+        return self.worker
+
+    def stop_worker(self):
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+
+    def reset(self):
+        """Empty the master, the hosts, the queue and the Replica table; flush to disk."""
+        from resto_celery.models import Replica
+
+        for folder in [self.master] + [host.root for host in self.hosts]:
+            for entry in os.scandir(folder):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+        common.flush_redis(self.redis.url)
+        common.empty_table(Replica)
+        os.sync()
+
+    def landed(self, name, size):
+        """How many hosts hold ``name`` with ``size`` bytes."""
+        count = 0
+        for host in self.hosts:
+            try:
+                count += os.stat(host.root / name).st_size == size
+            except FileNotFoundError:
+                pass
+        return count
+
+    def wait_all(self, names, size, timeout=CONVERGE_TIMEOUT):
+        """Wait until every host holds every name (bounded); return the time it happened."""
+        pending = set(names)
+        deadline = time.monotonic() + timeout
+        while pending:
+            pending = {name for name in pending if self.landed(name, size) < len(self.hosts)}
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(pending)} file(s) not on every host after {timeout}s: {sorted(pending)[:3]}")
+            time.sleep(0.005)
+        return time.perf_counter()
+
+    def check_synced(self, count):
+        """Fail unless the workers recorded ``count`` synced rows per host and nothing failed."""
+        from resto_celery.models import Replica
+
+        deadline = time.monotonic() + 60  # a row is written just after its PUT is answered
+        while True:
+            failed = Replica.objects.exclude(state="synced").count()
+            synced = Replica.objects.filter(state="synced").count()
+            if failed or synced >= count * len(self.hosts) or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        if failed or synced != count * len(self.hosts):
+            raise AssertionError(f"{synced} synced rows (expected {count * len(self.hosts)}), {failed} other")
+
+    def worker_peak_rss(self):
+        """The largest VmHWM among the worker's processes (main and pool children), bytes."""
+        pids = _descendants(self.worker._process.pid)
+        peaks = []
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/status") as handle:
+                    for line in handle:
+                        if line.startswith("VmHWM:"):
+                            peaks.append(int(line.split()[1]) * 1024)
+            except OSError:
+                continue
+        return max(peaks)
+
+    def close(self):
+        self.stop_worker()
+        for host in self.hosts:
+            host.stop()
+
+
+def _descendants(pid):
+    """``pid`` and every process below it (from /proc/*/stat's parent pid)."""
+    children = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as handle:
+                    parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        pending.extend(children.get(current, []))
+    return found
+
+
+def save_files(storage, count, size, prefix):
+    from django.core.files.base import ContentFile
+
+    data = os.urandom(size)
+    names = [f"{prefix}/{index:05d}.bin" for index in range(count)]
+    for name in names:
+        if storage.save(name, ContentFile(data)) != name:
+            raise AssertionError(f"{name} was renamed")
+    return names
+
+
+def ours(bench, count, size):
+    """Seconds from the first save to every file on every host, with the running worker."""
+    bench.reset()
+    start = time.perf_counter()
+    names = save_files(bench.storage, count, size, f"t{uuid.uuid4().hex[:6]}")
+    end = bench.wait_all(names, size)
+    bench.check_synced(count)
+    return end - start
+
+
+def limit(bench, count, size, concurrency):
+    """Seconds for a plain requests thread pool to PUT the same files to the same hosts."""
+    import requests
+
+    bench.reset()
+    data = os.urandom(size)
+    names = [f"l{uuid.uuid4().hex[:6]}/{index:05d}.bin" for index in range(count)]
+    for name in names:  # the same master files: the loop reads them from disk, as workers do
+        path = bench.master / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    local = threading.local()
+
+    def put(job):
+        host, name = job
+        session = getattr(local, "session", None) or requests.Session()
+        local.session = session
+        with open(bench.master / name, "rb") as body:
+            response = session.put(host.url + name, data=body, timeout=60)
+        if response.status_code not in (200, 201, 204):
+            raise AssertionError(f"PUT {name} on {host.url}: {response.status_code}")
+
+    jobs = [(host, name) for name in names for host in bench.hosts]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        list(pool.map(put, jobs))
+    elapsed = time.perf_counter() - start
+    if any(bench.landed(name, size) != len(bench.hosts) for name in names):
+        raise AssertionError("the requests loop left files missing")
+    return elapsed
+
+
+def throughput(bench, pool, concurrency, count, size, rounds):
+    """Per round: (ours s, limit s). The worker runs only for our part."""
+    bench.start_worker(pool, concurrency)
+    ours(bench, max(count // 10, 3), size)  # warm-up: connections, imports, first rows
+    results = []
+    for _ in range(rounds):
+        mine = ours(bench, count, size)
+        bench.stop_worker()
+        floor = limit(bench, count, size, concurrency)
+        bench.start_worker(pool, concurrency)
+        results.append((mine, floor))
+        print(f"  {pool}/{concurrency}, {count} x {size} B: ours {mine:.2f} s, limit {floor:.2f} s "
+              f"(share {floor / mine:.2f})", flush=True)
+    return results
+
+
+def lag(bench, count, rate):
+    """Seconds from each save returning to its last host, at ``rate`` saves per second."""
+    from django.core.files.base import ContentFile
+
+    bench.reset()
+    data = os.urandom(SMALL)
+    saved = {}  # name -> time save() returned
+    landed = {}
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set() or len(landed) < len(saved):
+            for name, when in list(saved.items()):
+                if name not in landed and bench.landed(name, SMALL) == len(bench.hosts):
+                    landed[name] = time.perf_counter()
+            if done.is_set() and time.perf_counter() - last[0] > CONVERGE_TIMEOUT:
+                return
+            time.sleep(0.002)
+
+    last = [time.perf_counter()]
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    interval = 1 / rate
+    next_at = time.perf_counter()
+    for index in range(count):
+        name = f"lag/{index:05d}.bin"
+        bench.storage.save(name, ContentFile(data))
+        saved[name] = last[0] = time.perf_counter()
+        next_at += interval
+        time.sleep(max(0.0, next_at - time.perf_counter()))
+    done.set()
+    watcher.join(CONVERGE_TIMEOUT + 5)
+    if len(landed) != count:
+        raise AssertionError(f"only {len(landed)} of {count} files reached every host")
+    bench.check_synced(count)
+    return [landed[name] - saved[name] for name in saved]
+
+
+def direct_put(bench, count=50):
+    """Median seconds of one requests PUT of 10 KB to one nginx host (a warm session)."""
+    import requests
+
+    data = os.urandom(SMALL)
+    session = requests.Session()
+    session.put(bench.hosts[0].url + "warm.bin", data=data, timeout=10)
+    times = []
+    for index in range(count):
+        start = time.perf_counter()
+        response = session.put(bench.hosts[0].url + f"direct/{index}.bin", data=data, timeout=10)
+        times.append(time.perf_counter() - start)
+        response.raise_for_status()
+    return statistics.median(times)
+
+
+def memory(bench, pool, concurrency, size):
+    """Peak RSS of a fresh worker that replicates one file of ``size`` bytes to the 3 hosts."""
+    bench.reset()
+    bench.start_worker(pool, concurrency)
+    name = f"big/{size}.bin"
+    path = bench.master / name
+    path.parent.mkdir(parents=True)
+    chunk = os.urandom(8 * 1024 * 1024)
+    with open(path, "wb") as handle:
+        remaining = size
+        while remaining:
+            remaining -= handle.write(chunk[:remaining])
+    bench.storage.execute("upload", name)  # the file is in place: send the tasks only
+    bench.wait_all([name], size, timeout=CONVERGE_TIMEOUT)
+    peak = bench.worker_peak_rss()
+    bench.stop_worker()
+    bench.reset()
+    return peak
+
+
+def percentile(values, fraction):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def plots(folder, sweep_rows, large, lags, put_seconds):
+    """lag.png and throughput.png in ``folder``; return their names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    ms = sorted(value * 1000 for value in lags)
+    figure, axis = pyplot.subplots(figsize=(7, 4))
+    axis.hist(ms, bins=40, color="#4477aa")
+    for label, fraction, color in (("p50", 0.5, "#228833"), ("p95", 0.95, "#ccbb44"), ("p99", 0.99, "#ee6677")):
+        value = percentile(ms, fraction)
+        axis.axvline(value, color=color, linestyle="--", label=f"{label} {value:.0f} ms")
+    axis.axvline(put_seconds * 1000, color="black", linestyle=":", label=f"one direct PUT {put_seconds * 1000:.1f} ms")
+    axis.set_xlabel("save() returned → last of 3 hosts has the file (ms)")
+    axis.set_ylabel("saves")
+    axis.set_title(f"Convergence lag, {len(ms)} saves of 10 KB at a steady rate")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(folder / "lag.png", dpi=110)
+    pyplot.close(figure)
+
+    figure, axis = pyplot.subplots(figsize=(8, 4))
+    labels = [row["label"] for row in sweep_rows] + [f"10 MB, {large['label']}"]
+    mine = [row["ours_files_s"]["median"] for row in sweep_rows] + [large["ours_files_s"]["median"]]
+    floor = [row["limit_files_s"]["median"] for row in sweep_rows] + [large["limit_files_s"]["median"]]
+    positions = range(len(labels))
+    axis.bar([p - 0.2 for p in positions], mine, width=0.4, label="resto_celery (save → all 3 hosts)", color="#4477aa")
+    axis.bar([p + 0.2 for p in positions], floor, width=0.4, label="limit: requests loop, same concurrency", color="#bbbbbb")
+    axis.set_xticks(list(positions), labels, rotation=15)
+    axis.set_ylabel("files/s (to all 3 hosts)")
+    axis.set_yscale("log")
+    axis.set_title("Replication throughput: 10 KB files per pool/concurrency, and 10 MB files")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(folder / "throughput.png", dpi=110)
+    pyplot.close(figure)
+    return [("Convergence lag", "lag.png"), ("Replication throughput", "throughput.png")]
+
+
+def main(argv=None):
+    parser = common.argument_parser(__doc__.split("\n\n")[0])
+    args = parser.parse_args(argv)
+    quick = args.quick
+    small_count, large_count, rounds = (60, 3, 1) if quick else (400, 20, 3)
+    lag_count = 40 if quick else 300
+    from resto_celery.testing.nginx import find_nginx
+
+    if find_nginx() is None:
+        print("nginx is not installed (apt-get install nginx): nothing measured")
+        return 0
+    huge = 64 * 1024 * 1024 if quick else HUGE
+    with common.private_redis() as redis_server, tempfile.TemporaryDirectory(prefix="resto-bench-repl-") as workdir:
+        bench = Bench(Path(workdir), redis_server)
+        try:
+            common.setup_django()
+            common.celery_app()
+            environment = common.environment()
+            sweep = {}
+            for pool, concurrency in SWEEP:
+                sweep[(pool, concurrency)] = throughput(bench, pool, concurrency, small_count, SMALL, rounds)
+            best = max(sweep, key=lambda key: statistics.median(f / o for o, f in sweep[key]))
+            large = throughput(bench, *best, large_count, LARGE, rounds)
+            bench.start_worker(*best)
+            put_seconds = direct_put(bench)
+            best_files_s = statistics.median(small_count / o for o, _ in sweep[best])
+            rate = max(1.0, best_files_s / 4)
+            lags = lag(bench, lag_count, rate)
+            bench.stop_worker()
+            peak_small = memory(bench, *best, LARGE)
+            free = shutil.disk_usage(workdir).free
+            peak_huge = memory(bench, *best, huge) if free > 5 * huge else None
+        finally:
+            bench.close()
+
+    def summary(rounds_, count, size):
+        return {
+            "ours_files_s": common.summarize([count / o for o, _ in rounds_]),
+            "limit_files_s": common.summarize([count / f for _, f in rounds_]),
+            "share": common.summarize([f / o for o, f in rounds_]),
+            "ours_mb_s": common.summarize([count * size / o / 1e6 for o, _ in rounds_]),
+            "limit_mb_s": common.summarize([count * size / f / 1e6 for _, f in rounds_]),
+            "rounds": rounds_,
+        }
+
+    sweep_rows = [{"label": f"{pool}, concurrency {c}", **summary(r, small_count, SMALL)} for (pool, c), r in sweep.items()]
+    large_row = {"label": f"{best[0]}, concurrency {best[1]}", **summary(large, large_count, LARGE)}
+    lag_ms = {name: percentile(lags, fraction) * 1000 for name, fraction in (("p50", .5), ("p95", .95), ("p99", .99), ("max", 1))}
+    folder = (args.output.parent if args.output else common.ROOT / "benchmarks" / "results")
+    folder.mkdir(parents=True, exist_ok=True)
+    plot_files = plots(folder, sweep_rows, large_row, lags, put_seconds)
+
+    def rng(entry, fmt="{:,.0f}"):
+        return f"{fmt.format(entry['min'])} – {fmt.format(entry['max'])}"
+
+    rows = []
+    for row, size in [(r, "10 KB") for r in sweep_rows] + [(large_row, "10 MB")]:
+        rows.append([
+            size, row["label"], f"{row['ours_files_s']['median']:,.1f}", f"{row['limit_files_s']['median']:,.1f}",
+            f"{row['ours_mb_s']['median']:,.1f}", f"{row['limit_mb_s']['median']:,.1f}",
+            f"{row['share']['median']:.0%}", rng(row["share"], "{:.0%}"),
+        ])
+    memory_goal = None if peak_huge is None else peak_huge <= MEMORY_GOAL * peak_small
+    result = {
+        "benchmark": "bench_replication",
+        "title": "Replication: throughput, convergence lag, worker memory",
+        "description": (
+            f"AsyncStorage with 3 real nginx hosts on 127.0.0.1 and one real Celery worker (private Redis broker, "
+            f"PostgreSQL rows). Throughput: {small_count} files of 10 KB per round for each pool/concurrency, "
+            f"{large_count} files of 10 MB for the best; from the first save() to every file on every host. "
+            f"The limit: a requests thread pool of the same width PUTting the same files, no Celery, in the same "
+            f"round. {rounds} round(s): medians and ranges. Lag: {lag_count} saves of 10 KB at {rate:.0f}/s "
+            f"(a quarter of the best throughput)."
+        ),
+        "quick": quick,
+        "parameters": {"small": small_count, "large": large_count, "rounds": rounds, "lag_saves": lag_count,
+                       "lag_rate": rate, "huge_bytes": huge},
+        "environment": environment,
+        "recommended": {"pool": best[0], "concurrency": best[1]},
+        "results": {"sweep": sweep_rows, "large": large_row, "lag_ms": lag_ms, "direct_put_ms": put_seconds * 1000,
+                    "lags_ms": [value * 1000 for value in lags], "peak_rss": {"10 MB": peak_small, "huge": peak_huge}},
+        "tables": [{
+            "title": "Throughput to all 3 hosts (medians)",
+            "headers": ["files", "worker", "ours files/s", "limit files/s", "ours MB/s", "limit MB/s", "share of limit", "share (min – max)"],
+            "rows": rows,
+        }, {
+            "title": "Convergence lag (save() returned → last host has the file)",
+            "headers": ["p50 ms", "p95 ms", "p99 ms", "max ms", "one direct PUT ms", "p50 / PUT", "p99 / PUT"],
+            "rows": [[f"{lag_ms['p50']:.1f}", f"{lag_ms['p95']:.1f}", f"{lag_ms['p99']:.1f}", f"{lag_ms['max']:.1f}",
+                      f"{put_seconds * 1000:.2f}", f"{lag_ms['p50'] / (put_seconds * 1000):.1f}x",
+                      f"{lag_ms['p99'] / (put_seconds * 1000):.1f}x"]],
+        }, {
+            "title": "Worker peak RSS (VmHWM, all worker processes)",
+            "headers": ["file", "peak RSS", "ratio to 10 MB"],
+            "rows": [["10 MB (baseline)", common.mebibytes(peak_small), "1.00x"],
+                     [f"{huge // 2**20:,} MiB", common.mebibytes(peak_huge),
+                      common.ratio(peak_huge / peak_small) if peak_huge else "n/a"]],
+        }],
+        "plots": plot_files,
+        "goals": [{
+            "goal": f"worker memory does not grow with the file (peak RSS with {huge // 2**20:,} MiB <= {MEMORY_GOAL}x the 10 MB peak)",
+            "met": memory_goal,
+            "detail": "not enough free disk" if peak_huge is None else
+                      f"{common.mebibytes(peak_huge)} vs {common.mebibytes(peak_small)}",
+        }],
+        "notes": [
+            f"Best share of the limit with 10 KB files: {best[0]} pool, concurrency {best[1]} (the recommended "
+            f"default on this 2-core machine).",
+            "Each file goes to 3 hosts: files/s counts files on all three (3 PUTs each).",
+            common.measured_note(environment),
+        ],
+    }
+    common.report(result, args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
