@@ -198,6 +198,8 @@ class TahoeTransport(HostTransport):
             detail = _tahoe_error(response)
             if detail:
                 error.reason = f"{error.reason}: {detail}"
+            if detail in UNAVAILABLE:
+                error = TahoeUnavailable(error.host, error.method, error.name, error.reason, error.status)
             raise _redacted(error) from None
 
     def _translate(self, exc, method, name):
@@ -210,14 +212,23 @@ def _redacted(error):
     return error
 
 
+#: Errors of a node that cannot reach enough storage servers (yet): worth trying again.
+UNAVAILABLE = ("NoServersError", "NotEnoughServersError", "UploadUnhappinessError", "UnrecoverableFileError",
+               "NotEnoughSharesError", "NoSharesError")
+ERROR_NAME = re.compile(r"\b([A-Z][A-Za-z]*(?:Error|Exception))\b")
+
+
+class TahoeUnavailable(UnexpectedStatus):
+    """The node answered, but cannot reach enough storage servers (``NoServersError`` 500,
+    ``UnrecoverableFileError`` 410...): retryable, they may connect again."""
+
+    retryable = True
+
+
 def _tahoe_error(response):
-    """The Tahoe error's first line (e.g. ``NoServersError``), redacted and short."""
-    text = redact(response.text or "").strip()
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("<"):
-            return line[:200]
-    return ""
+    """The name of the Tahoe error in an error page (``NoServersError``...), or ''."""
+    found = ERROR_NAME.search(redact(response.text or ""))
+    return found.group(1) if found else ""
 
 
 def _json(response, transport, name):

@@ -229,3 +229,45 @@ def test_the_admin_dashboard_shows_webdav_and_tahoe_hosts_by_name_never_the_cap(
     stored = [f"{r.task_args} {r.task_kwargs} {r.result} {r.traceback}" for r in TaskResult.objects.all()]
     assert stored and not any(tahoe.dircap in text for text in stored)
     assert tahoe.dircap not in site.logs()
+
+
+def test_a_node_that_reaches_no_storage_server_fails_retryably_naming_the_tahoe_error(tahoe_grid, tmp_path):
+    """A client node whose introducer is nowhere: it never connects to a storage server."""
+    import subprocess
+    import time
+
+    import requests
+
+    from resto_celery.tahoe import TahoeUnavailable
+    from resto_celery.testing.tahoe import _free_port
+
+    port = _free_port()
+    node = tmp_path / "lonely"
+    subprocess.run(
+        [tahoe_grid.tahoe, "create-client", "--introducer=pb://aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa@tcp:127.0.0.1:9/x",
+         "--shares-needed=1", "--shares-happy=1", "--shares-total=1",
+         f"--webport=tcp:{port}:interface=127.0.0.1", str(node)],
+        check=True, capture_output=True, timeout=120,
+    )
+    process = subprocess.Popen([tahoe_grid.tahoe, "run", "--allow-stdin-close", str(node)],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                mkdir = requests.post(url + "uri", params={"t": "mkdir"}, timeout=5)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, "the lonely node's web API never answered"
+                time.sleep(0.2)
+        assert mkdir.status_code == 500 and "NotEnoughServersError" in mkdir.text
+        dircap = tahoe_grid.make_directory()  # on the grid: the lonely node cannot reach its shares
+        with pytest.raises(TahoeUnavailable) as raised:
+            _put(TahoeTransport(url, dircap=dircap), "nowhere.bin", BIG)
+        assert raised.value.retryable and raised.value.status == 410
+        assert raised.value.reason == "410 Gone: UnrecoverableFileError"
+        assert dircap not in str(raised.value)
+    finally:
+        process.terminate()
+        process.wait(10)
