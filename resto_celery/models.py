@@ -9,20 +9,25 @@ from django.utils import timezone
 
 class ReplicaQuerySet(models.QuerySet):
     def record_success(self, host, path, fingerprint, task_id=""):
-        """The host now holds the master's bytes with ``fingerprint``."""
+        """The host now holds the master's bytes with ``fingerprint``.
+
+        One ``INSERT ... ON CONFLICT DO UPDATE`` (it runs for every file on every host:
+        ``update_or_create``'s transaction of three queries was 40% of a worker's time).
+        """
         now = timezone.now()
-        self.update_or_create(
-            host=host,
-            path=path,
-            defaults={
-                "state": Replica.State.SYNCED,
-                "fingerprint": fingerprint,
-                "attempts": 0,
-                "last_success_at": now,
-                "pending_since": None,
-                "retry_at": None,
-                "task_id": task_id,
-            },
+        values = {
+            "state": Replica.State.SYNCED,
+            "fingerprint": fingerprint,
+            "attempts": 0,
+            "last_success_at": now,
+            "pending_since": None,
+            "retry_at": None,
+            "task_id": task_id,
+            "updated_at": now,
+        }
+        self.bulk_create(
+            [Replica(host=host, path=path, **values)],
+            update_conflicts=True, unique_fields=["host", "path"], update_fields=list(values),
         )
 
     def record_gone(self, host, path):
