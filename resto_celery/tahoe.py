@@ -153,24 +153,6 @@ class TahoeTransport(HostTransport):
             self._directories.update(f"{path}/{d}" if path else d for d in directories)
         return sorted(directories), files
 
-    def listdir(self, path=""):
-        """``(directories, file names)`` in ``path``, as Django's ``Storage.listdir``."""
-        directories, files = self.list_directory(path)
-        return directories, sorted(files)
-
-    def walk(self):
-        """Yield ``(name, RemoteFile)`` for every file under the directory cap."""
-        pending = [""]
-        while pending:
-            path = pending.pop()
-            try:
-                directories, files = self.list_directory(path)
-            except MissingFile:
-                continue
-            for name, remote in sorted(files.items()):
-                yield (f"{path}/{name}" if path else name), remote
-            pending.extend(f"{path}/{d}" if path else d for d in reversed(directories))
-
     # Links
 
     def readcap(self):

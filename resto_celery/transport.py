@@ -143,9 +143,31 @@ class HostTransport:
                 raise self._translate(exc, "GET", name) from exc
         return written
 
-    def walk(self):
-        """Yield ``(name, RemoteFile)`` for every file on the host (hosts that can list)."""
+    def list_directory(self, path=""):
+        """``(directories, files)`` directly in ``path``: names, and names to :class:`RemoteFile`.
+
+        Hosts that can list (``can_list``) implement it; a missing directory raises
+        :class:`~resto_celery.exceptions.MissingFile`.
+        """
         raise NotImplementedError(f"{self.name} is a plain HTTP host: it cannot list its files.")
+
+    def listdir(self, path=""):
+        """``(directories, file names)`` in ``path``, as Django's ``Storage.listdir``."""
+        directories, files = self.list_directory(path)
+        return directories, sorted(files)
+
+    def walk(self):
+        """Yield ``(name, RemoteFile)`` for every file on the host, depth first (hosts that can list)."""
+        pending = [""]
+        while pending:
+            path = pending.pop()
+            try:
+                directories, files = self.list_directory(path)
+            except MissingFile:
+                continue  # removed while we walked
+            for name, remote in sorted(files.items()):
+                yield (f"{path}/{name}" if path else name), remote
+            pending.extend(f"{path}/{d}" if path else d for d in reversed(directories))
 
     def directories_to_create(self, name):
         """The parent directories of ``name`` that must be made, one at a time, before a PUT.

@@ -13,7 +13,7 @@ import xml.etree.ElementTree as ElementTree
 from datetime import timezone
 from urllib.parse import unquote, urlsplit
 
-from .exceptions import MissingFile, UnexpectedStatus
+from .exceptions import UnexpectedStatus
 from .transport import HostTransport, RemoteFile
 
 DAV = "{DAV:}"
@@ -121,24 +121,6 @@ class WebDAVTransport(HostTransport):
         with self._lock:
             self._collections.update(f"{path}/{c}" if path else c for c in collections)
         return sorted(collections), files
-
-    def listdir(self, path=""):
-        """``(collections, file names)`` in ``path``, as Django's ``Storage.listdir``."""
-        collections, files = self.list_directory(path)
-        return collections, sorted(files)
-
-    def walk(self):
-        """Yield ``(name, RemoteFile)`` for every file under the base URL, depth first."""
-        pending = [""]
-        while pending:
-            path = pending.pop()
-            try:
-                collections, files = self.list_directory(path)
-            except MissingFile:
-                continue  # removed while we walked
-            for name, remote in sorted(files.items()):
-                yield (f"{path}/{name}" if path else name), remote
-            pending.extend(f"{path}/{c}" if path else c for c in reversed(collections))
 
 
 def _remote_file(item):

@@ -239,9 +239,9 @@ def test_a_node_that_reaches_no_storage_server_fails_retryably_naming_the_tahoe_
     import requests
 
     from resto_celery.tahoe import TahoeUnavailable
-    from resto_celery.testing.tahoe import _free_port
+    from resto_celery.testing._support import free_port
 
-    port = _free_port()
+    port = free_port()
     node = tmp_path / "lonely"
     subprocess.run(
         [tahoe_grid.tahoe, "create-client", "--introducer=pb://aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa@tcp:127.0.0.1:9/x",

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ._support import folder_files, free_port
+
 __all__ = ["MEDIA_CONF", "NginxMediaServer", "NginxNotFound", "find_nginx"]
 
 #: The location body shared by the tests and the deployment configurations.
@@ -40,12 +42,6 @@ def find_nginx() -> str | None:
         if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
     return None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _quote(path) -> str:
@@ -76,7 +72,7 @@ class NginxMediaServer:
             )
         self.root = Path(root).resolve()
         self.prefix = prefix
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.tls = tuple(Path(p).resolve() for p in tls) if tls else None
         self._owns_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="resto-nginx-")).resolve()
@@ -261,17 +257,5 @@ http {{
     # Content ---------------------------------------------------------------------------
 
     def files(self) -> dict[str, bytes]:
-        """Every file under root, by '/'-separated path relative to root.
-
-        A file that nginx deletes between listing and reading is left out: the
-        snapshot is what was there, never an error while replication is running.
-        """
-        found = {}
-        for folder, _dirs, names in os.walk(self.root):
-            for name in names:
-                path = Path(folder, name)
-                try:
-                    found[path.relative_to(self.root).as_posix()] = path.read_bytes()
-                except FileNotFoundError:
-                    continue
-        return found
+        """Every file under root, by '/'-separated path relative to root (see :func:`folder_files`)."""
+        return folder_files(self.root)

@@ -17,13 +17,14 @@ needed), so readiness is judged by the node's own report of a connected server.
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 from urllib.parse import quote
 
 import requests
+
+from ._support import die_with_parent, free_port
 
 __all__ = ["TahoeDirectory", "TahoeGrid", "TahoeNotFound", "find_tahoe"]
 
@@ -56,21 +57,6 @@ def find_tahoe():
     return None
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _die_with_parent():
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 class TahoeGrid:
     """An introducer and one storage+client node under ``workdir``, started by :meth:`start`."""
 
@@ -81,7 +67,7 @@ class TahoeGrid:
         self.workdir = Path(workdir).resolve()
         self.introducer_dir = self.workdir / "introducer"
         self.node_dir = self.workdir / "node"
-        self.web_port = _free_port()
+        self.web_port = free_port()
         self._introducer = None
         self._node = None
 
@@ -100,7 +86,7 @@ class TahoeGrid:
         """Create the nodes (first time), run them, return once a storage server is connected."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         if not self.introducer_dir.exists():
-            port = _free_port()
+            port = free_port()
             self._run_tahoe(
                 "create-introducer", f"--port=tcp:{port}:interface=127.0.0.1",
                 f"--location=tcp:127.0.0.1:{port}", str(self.introducer_dir),
@@ -110,7 +96,7 @@ class TahoeGrid:
         furl_file = self.introducer_dir / "private" / "introducer.furl"
         self._wait(furl_file.exists, f"the introducer to write {furl_file}", self.introducer_dir)
         if not self.node_dir.exists():
-            port = _free_port()
+            port = free_port()
             self._run_tahoe(
                 "create-node", f"--introducer={furl_file.read_text().strip()}", "--nickname=resto-test",
                 "--shares-needed=1", "--shares-happy=1", "--shares-total=1",
@@ -220,7 +206,7 @@ class TahoeGrid:
             return subprocess.Popen(
                 [self.tahoe, "run", "--allow-stdin-close", str(node_dir)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         finally:
             log.close()

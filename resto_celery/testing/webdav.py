@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from ._support import folder_files, free_port
+
 __all__ = ["LighttpdNotFound", "LighttpdWebDAVServer", "WsgiDAVServer", "find_lighttpd"]
 
 START_TIMEOUT = 10.0
@@ -39,12 +41,6 @@ def find_lighttpd():
             if Path("/usr/lib/lighttpd/mod_webdav.so").exists() or os.environ.get("LIGHTTPD"):
                 return candidate
     return None
-
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _accepts(port):
@@ -74,16 +70,8 @@ class _DAVServer:
         return {"url": self.url, "kind": "webdav"}
 
     def files(self):
-        """Every file under root, by '/'-separated path; files deleted meanwhile are left out."""
-        found = {}
-        for folder, _dirs, names in os.walk(self.root):
-            for name in names:
-                path = Path(folder, name)
-                try:
-                    found[path.relative_to(self.root).as_posix()] = path.read_bytes()
-                except FileNotFoundError:
-                    continue
-        return found
+        """Every file under root, by '/'-separated path (see :func:`folder_files`)."""
+        return folder_files(self.root)
 
     def come_back(self):
         """Serve again, on the same port, the same files."""
@@ -110,7 +98,7 @@ class LighttpdWebDAVServer(_DAVServer):
                 "lighttpd with mod_webdav is not installed: apt-get install lighttpd lighttpd-mod-webdav"
             )
         self.root = Path(root).resolve()
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self._owns_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="resto-lighttpd-")).resolve()
         self._process = None
@@ -198,7 +186,7 @@ class WsgiDAVServer(_DAVServer):
 
     def __init__(self, root, *, port=0):
         self.root = Path(root).resolve()
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self._server = None
         self._thread = None
 

@@ -7,16 +7,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def _die_with_parent():
-    """In the child: ask Linux to SIGKILL it when the process that started it dies, so a
-    killed test run leaves no worker behind consuming a shared broker's queue."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+from ._support import die_with_parent
 
 
 class CeleryWorker:
@@ -59,7 +50,7 @@ class CeleryWorker:
         log = open(self.logfile, "ab")
         self._process = subprocess.Popen(
             self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **self.env}, start_new_session=True, preexec_fn=_die_with_parent,
+            env={**os.environ, **self.env}, start_new_session=True, preexec_fn=die_with_parent,
         )
         log.close()
         deadline = time.monotonic() + timeout

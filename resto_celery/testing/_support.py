@@ -1,0 +1,40 @@
+"""What the test servers share: free ports, children that die with us, a folder's files."""
+import os
+import signal
+import socket
+from pathlib import Path
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def die_with_parent():
+    """In a child process (``preexec_fn``): ask Linux to SIGKILL it when the process that
+    started it dies, so a killed test run leaves no server or worker behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def folder_files(root):
+    """Every file under ``root``, by '/'-separated relative path: ``{path: bytes}``.
+
+    A file deleted between listing and reading is left out: the snapshot is what was
+    there, never an error while a server is deleting files.
+    """
+    found = {}
+    for folder, _dirs, names in os.walk(root):
+        for name in names:
+            path = Path(folder, name)
+            try:
+                found[path.relative_to(root).as_posix()] = path.read_bytes()
+            except FileNotFoundError:
+                continue
+    return found
