@@ -6,8 +6,10 @@ STAMP := $(VENV)/.installed-test
 
 OLDEST_VENV ?= .venv-oldest
 OLDEST_STAMP := $(OLDEST_VENV)/.installed-test
-# The oldest versions we support, tested beside the newest ones.
-OLDEST_PINS := 'Django>=4.2,<5.0' 'celery>=5.4,<5.5'
+# The oldest versions we support, tested beside the newest ones: the floor of every runtime
+# dependency in pyproject.toml (keep them in step).
+OLDEST_PINS := 'Django==4.2' 'celery==5.4.0' 'kombu==5.7.0' 'redis==6.1.0' 'requests==2.31.0' \
+	'django-celery-results==2.5.0' 'tqdm==4.60.0'
 
 .PHONY: test test-oldest venv clean demo demo-serve bench tahoe
 
@@ -22,13 +24,13 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-$(OLDEST_STAMP): pyproject.toml
+$(OLDEST_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(OLDEST_VENV)/bin/python -m pip install --quiet -e '.[test]' $(OLDEST_PINS)
 	touch $@
 
-# The suite on Django 4.2 LTS and Celery 5.4.
+# The suite on the oldest releases we declare (Django 4.2.0, Celery 5.4.0...).
 test-oldest: $(OLDEST_STAMP)
 	$(OLDEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
@@ -54,7 +56,7 @@ $(TAHOE_STAMP):
 	touch $@
 
 clean:
-	rm -rf $(VENV) $(OLDEST_VENV) $(TAHOE_VENV) .pytest_cache build *.egg-info example/var
+	rm -rf $(VENV) $(OLDEST_VENV) $(TAHOE_VENV) .pytest_cache .cache build *.egg-info example/var
 
 BENCH_STAMP := $(VENV)/.installed-bench
 

@@ -14,7 +14,10 @@ from pathlib import Path
 
 from benchmarks import common
 
-BENCHMARKS = ["bench_save", "bench_replication", "bench_reconcile", "bench_reconcile_hosts", "bench_dashboard", "bench_resync"]
+BENCHMARKS = [
+    "bench_save", "bench_replication", "bench_reconcile", "bench_reconcile_hosts", "bench_dashboard", "bench_resync",
+    "bench_url",
+]
 RESULTS = Path(__file__).resolve().parent / "results"
 TIMEOUT = 3 * 3600  # seconds: a hung benchmark must not hang `make bench` forever
 

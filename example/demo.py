@@ -117,6 +117,13 @@ def run_scenario(hosts):
             documents[title] = Document.objects.create(title=title, file=ContentFile(content, name=f"{title.lower()}.bin"))
         step(f"upload {title.lower()}.bin", create, lambda title=title, content=content: everywhere(documents[title].file.name, content)())
 
+    print("\nA fresh upload's URL (master_url): the master copy until every host has the file:")
+    fresh = Document.objects.create(title="Fresh", file=ContentFile(b"fresh bytes", name="fresh.bin"))
+    print(f"  right after save():        {fresh.file.url}")
+    wait_for(everywhere(fresh.file.name, b"fresh bytes"))
+    wait_for(lambda: not fresh.file.url.startswith("/master-media/"))
+    print(f"  once every host has it:    {fresh.file.url}\n")
+
     notes = documents["Notes"]
 
     def overwrite():
@@ -157,8 +164,11 @@ def run_scenario(hosts):
     for index, host in enumerate(hosts, 1):
         files = host.files()
         print(f"  media host {index}: " + ", ".join(f"{name} ({len(data)} B)" for name, data in sorted(files.items())))
-    master = sorted(str(path.relative_to(Path(os.environ["RESTO_DEMO_VAR"]) / "master")) for path in (Path(os.environ["RESTO_DEMO_VAR"]) / "master").rglob("*") if path.is_file())
-    print(f"  master copy:  {', '.join(master)}")
+    from resto_celery.replication import walk_master
+
+    # The files of the site: not in-progress writes, nor the master's marker (.resto-master).
+    master = sorted(name for name, _ in walk_master(str(Path(os.environ["RESTO_DEMO_VAR"]) / "master")))
+    print(f"  master copy:  {', '.join(master)} (and its marker, .resto-master)")
     same = all(sorted(host.files()) == master for host in hosts)
     print(f"\nEvery host equals the master: {'yes' if same else 'NO'}")
     lags = sorted(lag for _, _, lag in timings)

@@ -13,6 +13,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html
 from django.utils.text import Truncator
 from django.views.decorators.http import require_POST
+from django_celery_results.models import TaskResult
 
 from . import operations, status
 from .models import Replica, ReplicationDashboard
@@ -44,12 +45,12 @@ class ReplicaAdmin(admin.ModelAdmin):
     actions = ["retry_selected"]
     readonly_fields = [
         "host", "path", "state", "fingerprint", "attempts", "last_error", "last_error_at",
-        "last_success_at", "pending_since", "retry_at", "task_id", "updated_at",
+        "last_success_at", "pending_since", "retry_at", "task_id", "failed_task_id", "updated_at",
     ]
     fieldsets = [
         (None, {"fields": ["path", "host", "state", "attempts", "retry_at"]}),
         ("Last error", {"fields": ["last_error", "last_error_at", "pending_since"]}),
-        ("Last success", {"fields": ["last_success_at", "fingerprint", "task_id", "updated_at"]}),
+        ("Last success", {"fields": ["last_success_at", "fingerprint", "task_id", "failed_task_id", "updated_at"]}),
     ]
 
     def has_add_permission(self, request):
@@ -79,20 +80,13 @@ class ReplicaAdmin(admin.ModelAdmin):
 
     @staticmethod
     def _task_results(object_id):
-        """The Celery results of the tasks that worked on this (host, path), newest first."""
-        try:
-            from django_celery_results.models import TaskResult
-        except ImportError:  # pragma: no cover - optional
-            return None
+        """The Celery results of the tasks this row names (the last one, the last failed one),
+        found by id: retries keep their task's id, and a successful task needs no result."""
         replica = Replica.objects.filter(pk=object_id).first()
         if replica is None:
             return None
-        return list(
-            TaskResult.objects.filter(
-                task_name__in=["resto_celery.upload", "resto_celery.delete"],
-                task_args__contains=repr(replica.path),
-            ).filter(task_args__contains=repr(replica.host)).order_by("-date_done")[:20]
-        )
+        ids = {replica.task_id, replica.failed_task_id} - {""}
+        return list(TaskResult.objects.filter(task_id__in=ids).order_by("-date_done"))
 
 
 @admin.register(ReplicationDashboard)
@@ -120,6 +114,7 @@ class ReplicationDashboardAdmin(admin.ModelAdmin):
             path("", wrap(self.changelist_view), name="resto_celery_replicationdashboard_changelist"),
             path("retry-failed/", wrap(require_POST(self.retry_failed_view)), name="resto_celery_retry_failed"),
             path("resync/", wrap(require_POST(self.resync_view)), name="resto_celery_resync"),
+            path("allow-deletes/", wrap(require_POST(self.allow_deletes_view)), name="resto_celery_allow_deletes"),
         ]
 
     def changelist_view(self, request, extra_context=None):
@@ -131,6 +126,7 @@ class ReplicationDashboardAdmin(admin.ModelAdmin):
             "title": "Replication dashboard",
             "opts": self.model._meta,
             "statuses": statuses,
+            "masters": status.master_statuses(),
             "totals": status.totals(statuses),
             "can_change": can_change(request),
             "replica_changelist": reverse("admin:resto_celery_replica_changelist"),
@@ -149,6 +145,14 @@ class ReplicationDashboardAdmin(admin.ModelAdmin):
         count = operations.mark_for_resync(host, user=request.user)
         messages.success(
             request, f"Marked {count} file(s) on {host} for a full resync; a reconcile has been queued."
+        )
+        return self._back()
+
+    def allow_deletes_view(self, request):
+        host = self._host_for_action(request)
+        operations.allow_deletes(host, user=request.user)
+        messages.success(
+            request, f"Queued a reconcile pass that may delete beyond the brake on {host}; the banner goes once it ran."
         )
         return self._back()
 

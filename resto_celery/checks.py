@@ -1,12 +1,16 @@
-"""System checks: bad settings are reported by ``manage.py check`` before anything runs."""
+"""System checks: bad settings are reported by ``manage.py check`` before anything runs.
+
+Messages quote :mod:`resto_celery.conf`'s errors, which never show a credential.
+"""
 import os
 
 from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
+from django.db import DatabaseError
 from django.utils.module_loading import import_string
 
-from . import conf
+from . import conf, status
 
 
 @checks.register(checks.Tags.compatibility)
@@ -16,7 +20,8 @@ def check_settings(app_configs=None, **kwargs):
 
     errors = []
     try:
-        _check_options(conf.resolve(), "RESTO_* settings", errors)
+        # Leases are checked per storage, for the backends that take them (AsyncStorage).
+        _check_options(conf.resolve(leases=False), "RESTO_* settings", errors)
     except ImproperlyConfigured as exc:
         errors.append(checks.Error(str(exc), id="resto_celery.E001"))
     replicated = {}  # host name -> (alias, master location) of Celery-replicated storages
@@ -48,6 +53,10 @@ def check_settings(app_configs=None, **kwargs):
 
 
 def _check_celery_storage(storage, alias, where, replicated, errors):
+    try:
+        conf.check_leases(storage.options.lease_ttl, storage.options.timeout)
+    except ImproperlyConfigured as exc:
+        errors.append(checks.Error(f"{where}: {exc}", id="resto_celery.E002"))
     for host in storage.hosts:
         other = replicated.setdefault(host, (alias, storage.location))
         if other[1] != storage.location:
@@ -88,3 +97,26 @@ def _check_options(options, where, errors):
                     id="resto_celery.E003",
                 )
             )
+
+
+@checks.register(checks.Tags.compatibility)
+def check_master_copies(app_configs=None, **kwargs):
+    """Each master copy this process would replicate from carries the site's marker.
+
+    Celery runs the system checks when a worker starts, so a worker on a machine whose
+    volume is not mounted says so before it takes any task (and logs it at ERROR, see
+    ``resto_celery.tasks.check_masters_at_start``). Quiet until the database is migrated.
+    """
+    try:
+        masters = status.master_statuses()
+    except (DatabaseError, ImproperlyConfigured, LookupError):
+        return []  # not migrated yet, or settings errors that check_settings reports
+    return [
+        checks.Error(
+            f"Replication is refused from the master copy {master.location}: {master.problem}.",
+            hint="Mount the volume that holds the master copy, or if this folder is the master, "
+            "run 'manage.py resto_master --adopt'.",
+            id="resto_celery.E010",
+        )
+        for master in masters if master.problem
+    ]

@@ -5,11 +5,15 @@ Every option has a global setting (``RESTO_MEDIA_HOSTS``...) and a lower-case na
 storage is constructed, never at import time, so ``override_settings`` works in tests.
 """
 import numbers
+import re
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+from django.utils.functional import Promise
+
+from .tahoe import WRITE_CAP, redact as redact_write_caps
 
 #: option name -> (global setting, default). The documentation of each is in the README.
 SETTINGS = {
@@ -28,6 +32,10 @@ SETTINGS = {
     "breaker_threshold": ("RESTO_BREAKER_THRESHOLD", 5),
     "breaker_cooldown": ("RESTO_BREAKER_COOLDOWN", 30),
     "failed_retry_after": ("RESTO_FAILED_RETRY_AFTER", 300),
+    # The deletion brake: one reconcile or resync pass deletes at most this share of a host's files.
+    "max_delete_share": ("RESTO_MAX_DELETE_SHARE", 0.1),
+    # Read-your-writes: url() of a file not yet on every host points here (the master copy).
+    "master_url": ("RESTO_MASTER_URL", None),
 }
 
 #: Options that are a number of seconds (> 0), and options that are a count (>= 0).
@@ -92,6 +100,8 @@ class Options:
     breaker_threshold: int
     breaker_cooldown: float
     failed_retry_after: float
+    max_delete_share: float
+    master_url: object
 
     def host(self, name):
         """Return the :class:`MediaHost` called ``name``, or raise ``KeyError``."""
@@ -115,10 +125,13 @@ def split_options(options, names=SETTINGS):
     return ours, rest
 
 
-def resolve(options=None, *, media_url=None):
+def resolve(options=None, *, media_url=None, leases=True):
     """Resolve per-storage ``options`` over the global settings into :class:`Options`.
 
-    Raises :class:`~django.core.exceptions.ImproperlyConfigured` naming the option at fault.
+    ``leases`` says whether the storage takes leases (AsyncStorage): only then must
+    ``lease_ttl`` outlive ``timeout`` (see :func:`check_leases`).
+    Raises :class:`~django.core.exceptions.ImproperlyConfigured` naming the option at fault;
+    no message ever shows a credential (see :func:`describe_entry`).
     """
     options = dict(options or {})
     unknown = sorted(set(options) - set(SETTINGS))
@@ -139,14 +152,19 @@ def resolve(options=None, *, media_url=None):
         value = values[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ImproperlyConfigured(f"{_label(key)} must be a whole number >= 0, not {value!r}.")
-    if values["lease_ttl"] <= values["timeout"]:
-        raise ImproperlyConfigured(
-            f"{_label('lease_ttl')} ({values['lease_ttl']}s) must be longer than {_label('timeout')} "
-            f"({values['timeout']}s): a lease must outlive any request made under it."
-        )
+    if leases:
+        check_leases(values["lease_ttl"], values["timeout"])
+    master_url = values["master_url"]
+    if master_url is not None and not (
+        isinstance(master_url, Promise) or (isinstance(master_url, str) and master_url.endswith("/"))
+    ):
+        raise ImproperlyConfigured(f"{_label('master_url')} must be a URL ending with '/', or None.")
+    share = values["max_delete_share"]
+    if isinstance(share, bool) or not isinstance(share, numbers.Real) or not 0 <= share <= 1:
+        raise ImproperlyConfigured(f"{_label('max_delete_share')} must be a share between 0 and 1, not {share!r}.")
     redis_url = values["redis_url"]
     if redis_url is not None and not (isinstance(redis_url, str) and redis_url.startswith(REDIS_SCHEMES)):
-        raise ImproperlyConfigured(f"{_label('redis_url')} must be a redis:// URL, not {redis_url!r}.")
+        raise ImproperlyConfigured(f"{_label('redis_url')} must be a redis:// URL, not {describe_entry(redis_url)}.")
     queue = values["queue"]
     if not (isinstance(queue, str) and queue) and not (
         isinstance(queue, dict) and all(isinstance(k, str) and isinstance(v, str) and v for k, v in queue.items())
@@ -160,7 +178,7 @@ def resolve(options=None, *, media_url=None):
         raise ImproperlyConfigured(f"{_label('ca_bundle')} must be a path to a PEM file or None.")
     hosts = values["hosts"]
     if isinstance(hosts, (str, bytes, dict)) or not hasattr(hosts, "__iter__"):
-        raise ImproperlyConfigured(f"{_label('hosts')} must be a list of host entries, not {hosts!r}.")
+        raise ImproperlyConfigured(f"{_label('hosts')} must be a list of host entries, not {describe_entry(hosts)}.")
     media_url = settings.MEDIA_URL if media_url is None else media_url
     parsed = tuple(parse_host(entry, media_url=media_url, ca_bundle=ca_bundle) for entry in hosts)
     names = [host.name for host in parsed]
@@ -171,6 +189,18 @@ def resolve(options=None, *, media_url=None):
     for key in SECONDS:
         values[key] = float(values[key])
     return Options(**values)
+
+
+def check_leases(lease_ttl, timeout):
+    """Raise :class:`ImproperlyConfigured` unless a lease outlives any request made under it.
+
+    Only storages that take leases (AsyncStorage) need it: ``resolve(..., leases=True)``.
+    """
+    if lease_ttl <= timeout:
+        raise ImproperlyConfigured(
+            f"{_label('lease_ttl')} ({lease_ttl}s) must be longer than {_label('timeout')} "
+            f"({timeout}s): a lease must outlive any request made under it."
+        )
 
 
 def parse_host(entry, *, media_url="/media/", ca_bundle=None):
@@ -185,63 +215,129 @@ def parse_host(entry, *, media_url="/media/", ca_bundle=None):
     its node's web API (``"http://127.0.0.1:3456/"``); it needs ``dircap``, the read-write
     directory cap the files go under, and may give ``readcap`` (its read-only cap) and
     ``public_url`` (the gateway that serves downloads, default ``url``).
+
+    A bad entry raises :class:`ImproperlyConfigured` naming it by :func:`describe_entry`,
+    so the message never shows a password, header, cap or any other value that may be one.
     """
     if isinstance(entry, dict):
-        unknown = sorted(set(entry) - HOST_ENTRY_KEYS)
-        if unknown:
-            raise ImproperlyConfigured(
-                f"Media host entry has unknown key(s) {', '.join(map(repr, unknown))}; "
-                f"known keys are {', '.join(sorted(HOST_ENTRY_KEYS))}."
-            )
-        if not isinstance(entry.get("url"), str):
-            raise ImproperlyConfigured("A media host entry given as a dict needs a 'url' string.")
-        kind = entry.get("kind", "http")
-        if kind not in HOST_KINDS:
-            raise ImproperlyConfigured(
-                f"The 'kind' of media host {entry['url']} must be one of {', '.join(map(repr, HOST_KINDS))}, "
-                f"not {kind!r}."
-            )
-        if kind == "tahoe":
-            return _parse_tahoe_entry(entry, ca_bundle)
-        misplaced = [key for key in TAHOE_ONLY_KEYS if key in entry]
-        if misplaced:
-            raise ImproperlyConfigured(
-                f"Media host {entry['url']}: {', '.join(map(repr, misplaced))} only apply to kind 'tahoe'."
-            )
-        host = parse_host(entry["url"], media_url=media_url, ca_bundle=entry.get("ca_bundle", ca_bundle))
-        auth = entry.get("auth", host.auth)
-        if auth is not None and not (
-            isinstance(auth, (tuple, list)) and len(auth) == 2 and all(isinstance(p, str) for p in auth)
-        ):
-            raise ImproperlyConfigured(f"The 'auth' of media host {host.name} must be a (user, password) pair.")
-        headers = entry.get("headers", {})
-        if not isinstance(headers, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
-        ):
-            raise ImproperlyConfigured(f"The 'headers' of media host {host.name} must map strings to strings.")
-        name = entry.get("name", host.name)
-        if not isinstance(name, str) or not name:
-            raise ImproperlyConfigured(f"The 'name' of media host {host.name} must be a non-empty string.")
-        return MediaHost(
-            name=name,
-            base_url=host.base_url,
-            auth=tuple(auth) if auth else None,
-            headers=dict(headers),
-            ca_bundle=host.ca_bundle,
-            kind=kind,
-        )
+        return _parse_dict_entry(entry, media_url, ca_bundle)
     if not isinstance(entry, str) or not entry.strip():
-        raise ImproperlyConfigured(f"A media host entry must be a string or a dict, not {entry!r}.")
+        hint = ""
+        if isinstance(entry, (tuple, list)):
+            hint = " To give credentials, write a dict: {'url': ..., 'auth': (user, password)}."
+        raise ImproperlyConfigured(f"A media host entry must be a string or a dict, not {describe_entry(entry)}.{hint}")
     entry = entry.strip()
     if "://" in entry:
         return _parse_url_entry(entry, ca_bundle)
     return _parse_hostport_entry(entry, media_url, ca_bundle)
 
 
+#: The values of a dict host entry that :func:`describe_entry` shows (URLs redacted); it
+#: shows the others by their key only.
+SHOWN_ENTRY_KEYS = ("url", "name", "kind", "public_url", "ca_bundle")
+
+
+def describe_entry(entry):
+    """A label for a host entry (or any setting value) that is safe in messages and logs.
+
+    A string is shown as a URL by :func:`describe_url` (user info, query and fragment
+    replaced by ``***``, Tahoe-LAFS write caps hidden). A dict is shown by its keys, with
+    the values of ``url``, ``name``, ``kind``, ``public_url`` and ``ca_bundle`` only
+    (``{'url': 'https://***@media-1/media/', 'auth': ...}``). A list or tuple is shown by
+    its type and length, a number, bool or None as itself, anything else by its type.
+    """
+    if isinstance(entry, str):
+        return repr(describe_url(entry.strip()))
+    if isinstance(entry, dict):
+        items = []
+        for key, value in entry.items():
+            shown = describe_entry(value) if key in SHOWN_ENTRY_KEYS and isinstance(value, str) else "..."
+            items.append(f"{describe_entry(key)}: {shown}")
+        return "{" + ", ".join(items) + "}"
+    if entry is None or isinstance(entry, (bool, numbers.Number)):
+        return repr(entry)
+    if isinstance(entry, (list, tuple, set, frozenset)):
+        return f"a {type(entry).__name__} of {len(entry)} item(s)"
+    return f"a {type(entry).__name__} object"
+
+
+def describe_url(text):
+    """``text`` (a URL or ``host[:port]``) with anything that may be a secret replaced.
+
+    Everything up to the last ``@`` after the scheme (the user info, whatever characters the
+    password holds) becomes ``***``, and so does a query string or fragment; Tahoe-LAFS
+    write caps are hidden. ``"https://user:pw@media-1/media/"`` gives ``"https://***@media-1/media/"``.
+    """
+    scheme, sep, rest = text.partition("://")
+    if sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme):
+        head = scheme + sep
+    else:
+        head, rest = "", text
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    for mark in "?#":
+        if mark in rest:
+            rest = rest.partition(mark)[0] + mark + "***"
+    return redact_write_caps(head + rest)
+
+
+def _parse_dict_entry(entry, media_url, ca_bundle):
+    unknown = [key for key in entry if key not in HOST_ENTRY_KEYS]
+    if unknown:
+        raise ImproperlyConfigured(
+            f"Media host entry {describe_entry(entry)} has unknown key(s) {', '.join(map(describe_entry, unknown))}; "
+            f"known keys are {', '.join(sorted(HOST_ENTRY_KEYS))}."
+        )
+    url = entry.get("url")
+    if not isinstance(url, str):
+        raise ImproperlyConfigured(f"Media host entry {describe_entry(entry)} needs a 'url' string.")
+    where = describe_url(url.strip())
+    kind = entry.get("kind", "http")
+    if kind not in HOST_KINDS:
+        raise ImproperlyConfigured(
+            f"The 'kind' of media host {where} must be one of {', '.join(map(repr, HOST_KINDS))}, "
+            f"not {describe_entry(kind)}."
+        )
+    ca_bundle = entry.get("ca_bundle", ca_bundle)
+    if ca_bundle is not None and not isinstance(ca_bundle, str):
+        raise ImproperlyConfigured(f"The 'ca_bundle' of media host {where} must be a path to a PEM file or None.")
+    if kind == "tahoe":
+        return _parse_tahoe_entry(entry, ca_bundle)
+    misplaced = [key for key in TAHOE_ONLY_KEYS if key in entry]
+    if misplaced:
+        raise ImproperlyConfigured(
+            f"Media host {where}: {', '.join(map(repr, misplaced))} only apply to kind 'tahoe'."
+        )
+    host = parse_host(url, media_url=media_url, ca_bundle=ca_bundle)
+    auth = entry.get("auth", host.auth)
+    if auth is not None and not (
+        isinstance(auth, (tuple, list)) and len(auth) == 2 and all(isinstance(p, str) for p in auth)
+    ):
+        raise ImproperlyConfigured(f"The 'auth' of media host {host.name} must be a (user, password) pair.")
+    headers = entry.get("headers", {})
+    if not isinstance(headers, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        raise ImproperlyConfigured(f"The 'headers' of media host {host.name} must map strings to strings.")
+    name = entry.get("name", host.name)
+    if not isinstance(name, str) or not name:
+        raise ImproperlyConfigured(f"The 'name' of media host {host.name} must be a non-empty string.")
+    return MediaHost(
+        name=name,
+        base_url=host.base_url,
+        auth=tuple(auth) if auth else None,
+        headers=dict(headers),
+        ca_bundle=host.ca_bundle,
+        kind=kind,
+    )
+
+
 def _parse_tahoe_entry(entry, ca_bundle):
     """A Tahoe-LAFS host: the node's web API URL, a write cap (secret), optional read cap."""
-    node = _parse_url_entry(entry["url"], entry.get("ca_bundle", ca_bundle))
+    node = _parse_url_entry(entry["url"].strip(), ca_bundle)
     label = entry.get("name", node.name)
+    if not isinstance(label, str) or not label:
+        raise ImproperlyConfigured(f"The 'name' of media host {node.name} must be a non-empty string.")
     dircap = entry.get("dircap")
     if not isinstance(dircap, str) or not dircap.startswith(TAHOE_WRITE_CAPS):
         kind = "a read-only cap" if isinstance(dircap, str) and dircap.startswith(TAHOE_READ_CAPS) else "missing or not a cap"
@@ -260,13 +356,14 @@ def _parse_tahoe_entry(entry, ca_bundle):
         )
     public_url = entry.get("public_url")
     if public_url is not None:
-        public_url = _parse_url_entry(public_url, None).base_url if isinstance(public_url, str) else None
-        if public_url is None:
+        if not isinstance(public_url, str):
             raise ImproperlyConfigured(f"The 'public_url' of Tahoe-LAFS media host {label} must be a URL string.")
+        try:
+            public_url = _parse_url_entry(public_url.strip(), None).base_url
+        except ImproperlyConfigured as error:
+            raise ImproperlyConfigured(f"The 'public_url' of Tahoe-LAFS media host {label}: {error}") from None
     if entry.get("headers") or entry.get("auth") or node.auth:
         raise ImproperlyConfigured(f"Tahoe-LAFS media host {label}: the cap is the credential; no auth or headers.")
-    if not isinstance(label, str) or not label:
-        raise ImproperlyConfigured(f"The 'name' of media host {node.name} must be a non-empty string.")
     return MediaHost(
         name=label, base_url=node.base_url, ca_bundle=node.ca_bundle, kind="tahoe",
         dircap=dircap, readcap=readcap, public_url=public_url,
@@ -274,14 +371,25 @@ def _parse_tahoe_entry(entry, ca_bundle):
 
 
 def _parse_url_entry(entry, ca_bundle):
-    parts = urlsplit(entry)
+    shown = describe_entry(entry)
+    parts = _split(entry, shown)
     if parts.scheme not in ("http", "https"):
-        raise ImproperlyConfigured(f"Media host URL must use http or https, not {parts.scheme!r}.")
-    _check_port(parts, entry)
+        raise ImproperlyConfigured(f"Media host URL {shown} must use http or https, not {parts.scheme!r}.")
+    if "@" in entry.partition("://")[2] and "@" not in parts.netloc:
+        raise ImproperlyConfigured(
+            f"Media host URL {shown} has a user name or password that is not percent-encoded: "
+            f"write '/', '?' and '#' in it as %2F, %3F and %23."
+        )
+    if WRITE_CAP.search(entry):
+        raise ImproperlyConfigured(
+            f"Media host URL {shown} holds a Tahoe-LAFS write cap: give the node's web API as 'url' "
+            f"and the cap as 'dircap' in a dict entry with kind 'tahoe'."
+        )
+    _check_port(parts, shown)
     if not parts.hostname:
-        raise ImproperlyConfigured("Media host URL has no host name.")
+        raise ImproperlyConfigured(f"Media host URL {shown} has no host name.")
     if parts.query or parts.fragment:
-        raise ImproperlyConfigured("Media host URL must not have a query string or a fragment.")
+        raise ImproperlyConfigured(f"Media host URL {shown} must not have a query string or a fragment.")
     netloc = parts.netloc.rpartition("@")[2]
     path = parts.path if parts.path.endswith("/") else parts.path + "/"
     base_url = urlunsplit((parts.scheme, netloc, path, "", ""))
@@ -291,23 +399,33 @@ def _parse_url_entry(entry, ca_bundle):
 
 def _parse_hostport_entry(entry, media_url, ca_bundle):
     if any(char in entry for char in "/?#@ "):
+        shown = describe_url(entry)
         raise ImproperlyConfigured(
-            f"Media host entry {entry!r} must be 'host[:port]' or a full URL such as "
-            f"'https://{entry.split('/')[0]}/media/'."
+            f"Media host entry {shown!r} must be 'host[:port]' or a full URL such as "
+            f"'https://{re.split('[/?#]', shown)[0]}/media/'."
         )
+    shown = describe_entry(entry)
     media = urlsplit(media_url or "/")
     scheme = media.scheme or "http"
     path = media.path if media.path.endswith("/") else media.path + "/"
     base_url = urlunsplit((scheme, entry, path, "", ""))
-    _check_port(urlsplit(base_url), entry)
+    _check_port(_split(base_url, shown), shown)
     return MediaHost(name=entry, base_url=base_url, ca_bundle=ca_bundle)
 
 
-def _check_port(parts, entry):
+def _split(url, shown):
+    # urlsplit's own errors may quote the host part, credentials included: never show them.
+    try:
+        return urlsplit(url)
+    except ValueError:
+        raise ImproperlyConfigured(f"Media host entry {shown} is not a valid URL.") from None
+
+
+def _check_port(parts, shown):
     try:
         parts.port
     except ValueError:
-        raise ImproperlyConfigured(f"Media host entry {entry!r} has an invalid port.") from None
+        raise ImproperlyConfigured(f"Media host entry {shown} has an invalid port.") from None
 
 
 def _label(key):

@@ -6,7 +6,9 @@ import hashlib
 import os
 import random
 import threading
+import time
 import uuid
+from contextlib import contextmanager
 
 import redis
 
@@ -14,10 +16,25 @@ _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
 """
+_ACQUIRE = """
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, redis.call('pttl', KEYS[2])} end
+return {0, redis.call('pttl', KEYS[1])}
+"""
+_RELEASE_AND_CLOSE = """
+local failed = redis.call('del', KEYS[2], KEYS[3])
+if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1]) end
+return failed
+"""
 _RENEW = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
 return 0
 """
+
+#: A host whose last failure is older than this is not "coming back" when it next succeeds.
+RECOVERY_WINDOW_MS = 15 * 60 * 1000
+
+#: How long an announced change is remembered, so that it is announced once (seconds).
+ANNOUNCED_FOR = 24 * 3600
 
 _clients = {}
 _clients_lock = threading.Lock()
@@ -55,13 +72,26 @@ class Coordinator:
     def breaker(self, host):
         return CircuitBreaker(self.client, host, threshold=self.breaker_threshold, cooldown=self.breaker_cooldown)
 
+    def first_to_tell(self, *change):
+        """Whether this caller is the first to announce ``change`` (a tuple of strings) in a day."""
+        return bool(self.client.set("resto:told:" + _key(*change), 1, nx=True, ex=ANNOUNCED_FOR))
+
+    def pass_lock(self, name, ttl):
+        """A non-blocking redis-py ``Lock`` so that one pass of ``name`` runs at a time.
+
+        ``acquire()`` answers at once; the holder keeps it with ``reacquire()`` (a new TTL)
+        while it works, and a holder that dies lets it expire after ``ttl`` seconds.
+        """
+        return self.client.lock("resto:pass:" + _key(name), timeout=ttl, blocking=False)
+
 
 class Lease:
     """An exclusive, expiring claim on one ``(host, path)``.
 
     Acquired with ``SET NX PX``; released only by its holder (compare-and-delete). While
-    held inside :meth:`kept_alive`, a thread renews it every third of its TTL, so a long
-    transfer keeps it; a killed worker stops renewing and the lease expires.
+    held inside :meth:`kept_alive`, the process's renewer thread renews it every third of
+    its TTL, so a long transfer keeps it; a killed worker stops renewing and the lease
+    expires.
     """
 
     def __init__(self, client, host, path, ttl):
@@ -69,12 +99,22 @@ class Lease:
         self.key = "resto:lease:" + _key(host, path)
         self.ttl_ms = int(ttl * 1000)
         self.token = uuid.uuid4().hex
-        self._stop = threading.Event()
-        self._renewer = None
+        self.renewed_at = 0.0
 
     def acquire(self):
         """Take the lease if free; return whether it is now ours."""
         return bool(self.client.set(self.key, self.token, nx=True, px=self.ttl_ms))
+
+    def acquire_unless_open(self, breaker):
+        """Take the lease and read ``breaker`` in one round trip.
+
+        Returns ``(acquired, wait)``: with the lease, ``wait`` is how long the breaker stays
+        open (0 when closed); without it, how long the current holder's lease lasts.
+        """
+        acquired, ttl = self.client.eval(_ACQUIRE, 2, self.key, breaker.open_key, self.token, self.ttl_ms)
+        if acquired and not breaker.threshold:
+            ttl = 0
+        return bool(acquired), max(ttl, 0) / 1000
 
     def remaining(self):
         """Seconds until the current holder's lease expires (0 if free)."""
@@ -86,10 +126,18 @@ class Lease:
         value = self.client.get(self.key)
         return value is not None and value.decode() == self.token
 
-    def release(self):
-        """Give the lease back, if it is still ours."""
-        self._stop_renewing()
-        self.client.eval(_RELEASE, 1, self.key, self.token)
+    def release(self, breaker=None):
+        """Give the lease back, if it is still ours; with ``breaker``, also close it (a success).
+
+        Returns True when the breaker had counted failures: the host has just come back.
+        """
+        _renewer.forget(self)
+        if breaker is None:
+            self.client.eval(_RELEASE, 1, self.key, self.token)
+            return False
+        return bool(self.client.eval(
+            _RELEASE_AND_CLOSE, 3, self.key, breaker.failures_key, breaker.open_key, self.token
+        ))
 
     def abandon(self):
         """Stop renewing but keep the lease until it expires.
@@ -97,40 +145,78 @@ class Lease:
         For an outcome in doubt (a timeout: the host may still apply the request), the
         lease fences off the path on that host until whatever was sent has landed.
         """
-        self._stop_renewing()
+        _renewer.forget(self)
 
+    @contextmanager
     def kept_alive(self):
-        """Context manager renewing the lease in the background while the block runs."""
-        return _Renewing(self)
-
-    def _renew_forever(self):
-        interval = self.ttl_ms / 3000
-        while not self._stop.wait(interval):
-            try:
-                if not self.client.eval(_RENEW, 1, self.key, self.token, self.ttl_ms):
-                    return  # lost (expired): nothing more to do
-            except redis.RedisError:
-                continue  # Redis blipped; try again, the TTL still covers us for a while
-
-    def _stop_renewing(self):
-        self._stop.set()
-        if self._renewer is not None:
-            self._renewer.join(timeout=5)
-            self._renewer = None
+        """Context manager: the process's renewer thread renews the lease while the block runs."""
+        _renewer.keep(self)
+        try:
+            yield self
+        finally:
+            _renewer.forget(self)
 
 
-class _Renewing:
-    def __init__(self, lease):
-        self.lease = lease
+class _Renewer:
+    """One thread per process renews every lease held in :meth:`Lease.kept_alive`.
 
-    def __enter__(self):
-        self.lease._stop.clear()
-        self.lease._renewer = threading.Thread(target=self.lease._renew_forever, daemon=True, name="resto-lease")
-        self.lease._renewer.start()
-        return self.lease
+    A thread per transfer cost a thread start per task; this one wakes a few times a
+    second and renews, in one pipeline per Redis, the leases due (a third of their TTL).
+    """
 
-    def __exit__(self, *exc_info):
-        self.lease._stop_renewing()
+    TICK = 0.25
+
+    def __init__(self):
+        self.leases = set()
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.thread = None
+
+    def keep(self, lease):
+        lease.renewed_at = time.monotonic()
+        with self.lock:
+            self.leases.add(lease)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, daemon=True, name="resto-lease-renewer")
+                self.thread.start()
+
+    def forget(self, lease):
+        with self.lock:
+            self.leases.discard(lease)
+
+    def reset(self):
+        """After a fork: the child has no thread and holds none of its parent's leases."""
+        self.leases, self.lock, self.thread = set(), threading.Lock(), None
+
+    def _run(self):
+        while True:
+            self.wake.wait(self.TICK)
+            now = time.monotonic()
+            with self.lock:
+                due = [lease for lease in self.leases if now - lease.renewed_at >= lease.ttl_ms / 3000]
+            by_client = {}
+            for lease in due:
+                by_client.setdefault(lease.client, []).append(lease)
+            for client, leases in by_client.items():
+                self._renew(client, leases, now)
+
+    def _renew(self, client, leases, now):
+        pipe = client.pipeline(transaction=False)
+        for lease in leases:
+            pipe.eval(_RENEW, 1, lease.key, lease.token, lease.ttl_ms)
+        try:
+            results = pipe.execute()
+        except redis.RedisError:
+            return  # Redis blipped; try again next tick, the TTL still covers us for a while
+        for lease, renewed in zip(leases, results):
+            if renewed:
+                lease.renewed_at = now
+            else:
+                self.forget(lease)  # lost (expired): nothing more to do
+
+
+_renewer = _Renewer()
+os.register_at_fork(after_in_child=_renewer.reset)
 
 
 class CircuitBreaker:
@@ -157,22 +243,23 @@ class CircuitBreaker:
         return max(self.client.pttl(self.open_key), 0) / 1000
 
     def record_failure(self):
-        """Count a retryable failure; return True if the breaker is now open."""
-        if not self.threshold:
-            return False
+        """Count a retryable failure; return True if the breaker is now open.
+
+        Failures are counted even with the breaker disabled (threshold 0): the count is how
+        :meth:`record_success` knows that the host has just come back.
+        """
         pipe = self.client.pipeline()
         pipe.incr(self.failures_key)
-        pipe.pexpire(self.failures_key, self.cooldown_ms * 2)
+        pipe.pexpire(self.failures_key, max(self.cooldown_ms * 2, RECOVERY_WINDOW_MS))
         failures, _ = pipe.execute()
-        if failures >= self.threshold:
+        if self.threshold and failures >= self.threshold:
             self.client.set(self.open_key, failures, px=self.cooldown_ms)
             return True
         return False
 
     def record_success(self):
-        """Close the breaker and reset the count."""
-        if self.threshold:
-            self.client.delete(self.failures_key, self.open_key)
+        """Close the breaker and reset the count; return True if the host had been failing."""
+        return bool(self.client.delete(self.failures_key, self.open_key))
 
 
 def jittered(seconds):

@@ -105,3 +105,41 @@ class ReplicationError(OSError):
 
 def _reason(exc):
     return exc.reason if isinstance(exc, TransportError) else f"{type(exc).__name__}: {exc}"
+
+
+class MasterError(OSError):
+    """The master copy could not tell what a path should be: nothing is sent for it.
+
+    ``location`` is the master's folder, ``path`` the storage name (``""`` for the whole
+    master) and ``reason`` a short sentence for the log and the ``Replica`` row.
+    """
+
+    retryable = True
+
+    def __init__(self, location, path, reason):
+        self.location = location
+        self.path = path
+        self.reason = reason
+        super().__init__(str(self))
+
+    def __str__(self):
+        where = f"{self.path} in the master copy {self.location}" if self.path else f"the master copy {self.location}"
+        return f"{where}: {self.reason}"
+
+    def __reduce__(self):
+        return (type(self), (self.location, self.path, self.reason))
+
+
+class MasterUnavailable(MasterError):
+    """The folder is not the site's master copy: its marker is missing, not the site's, or unreadable.
+
+    An unmounted volume, a container started without it or a wrong ``MEDIA_ROOT`` all look
+    like an empty master; deciding from it would delete every file on every host.
+    """
+
+
+class MasterReadError(MasterError):
+    """One master file exists but could not be read (permissions, I/O error, stale NFS handle).
+
+    Only "no such file, in a master that is there" means delete; this is a failure to retry.
+    """

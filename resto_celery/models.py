@@ -31,8 +31,14 @@ class ReplicaQuerySet(models.QuerySet):
         )
 
     def record_gone(self, host, path):
-        """The host no longer holds ``path`` (nor does the master): forget the row."""
-        self.filter(host=host, path=path).delete()
+        """The host no longer holds ``path`` (nor does the master): forget the row.
+
+        Returns the fingerprint the row had ("" if there was none).
+        """
+        rows = self.filter(host=host, path=path)
+        gone = rows.values_list("fingerprint", flat=True).first() or ""
+        rows.delete()
+        return gone
 
     def record_failure(self, host, path, error, *, final, retry_at, task_id=""):
         """An attempt failed: ``pending`` while retries remain, ``failed`` when ``final``.
@@ -49,6 +55,7 @@ class ReplicaQuerySet(models.QuerySet):
         row.pending_since = row.pending_since or now
         row.retry_at = retry_at
         row.task_id = task_id or row.task_id
+        row.failed_task_id = task_id or row.failed_task_id
         row.save()
         return row
 
@@ -76,6 +83,9 @@ class Replica(models.Model):
     )
     retry_at = models.DateTimeField(null=True, blank=True, help_text="When the next attempt is due.")
     task_id = models.CharField(max_length=255, blank=True, help_text="The last Celery task that worked on it.")
+    failed_task_id = models.CharField(
+        max_length=255, blank=True, help_text="The last Celery task that failed on it (its result has the traceback)."
+    )
     updated_at = models.DateTimeField(auto_now=True)
 
     objects = ReplicaQuerySet.as_manager()
@@ -95,6 +105,52 @@ class Replica(models.Model):
 
     def __str__(self):
         return f"{self.path} on {self.host} ({self.state})"
+
+
+class MasterCopy(models.Model):
+    """The identity the site expects in its master copy's marker file (see :mod:`resto_celery.marker`).
+
+    One row per master folder; written when the marker is made (the first save, or
+    ``manage.py resto_master``), read by workers before they decide anything from the master.
+    """
+
+    location = models.CharField(max_length=1024, unique=True, help_text="The master folder (MEDIA_ROOT).")
+    identity = models.CharField(max_length=64, help_text="The identity written in the folder's marker file.")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        verbose_name = "master copy"
+
+    def __str__(self):
+        return f"{self.location} ({self.identity})"
+
+
+class Hold(models.Model):
+    """Replication refused on purpose, until an operator acts or the cause goes away.
+
+    ``master``: a machine's worker saw no valid master copy (``subject`` is the machine) and
+    sent nothing. ``deletes``: a reconcile or resync pass would have deleted more than the
+    brake allows on a host (``subject`` is the host) and deleted nothing. Shown by the
+    dashboard and ``resto_status``; a later successful check or pass removes the row.
+    """
+
+    class Kind(models.TextChoices):
+        MASTER = "master", "master copy refused"
+        DELETES = "deletes", "deletions held"
+
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    location = models.CharField(max_length=1024, help_text="The master folder concerned.")
+    subject = models.CharField(max_length=255, help_text="The machine (master) or the media host (deletes).")
+    reason = models.TextField()
+    count = models.PositiveIntegerField(default=0, help_text="Refusals seen, or deletions held back.")
+    first_at = models.DateTimeField(default=timezone.now)
+    last_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["kind", "location", "subject"], name="resto_hold_unique")]
+
+    def __str__(self):
+        return f"{self.get_kind_display()}: {self.subject}"
 
 
 class ReplicationDashboard(Replica):

@@ -42,3 +42,13 @@ def mark_for_resync(host, *, user=None):
     reconcile.apply_async(queue=storage.options.queue_for(host))
     logger.info("%s marked %s for a full resync (%d rows).", user or "An operator", host, marked)
     return marked
+
+
+def allow_deletes(host, *, user=None):
+    """The operator's go-ahead for deletions the brake held on ``host``: queue a reconcile pass
+    that may delete beyond the brake there (and nowhere else)."""
+    from .tasks import reconcile
+
+    storage = registry.storage_for_host(host)
+    reconcile.apply_async(kwargs={"allow_deletes": [host]}, queue=storage.options.queue_for(host))
+    logger.warning("%s allowed the held deletions on %s; a reconcile pass is queued.", user or "An operator", host)

@@ -1,8 +1,20 @@
 """Bring one ``(host, path)`` in line with the master copy. Plain functions, no Celery."""
+import logging
 import os
 import threading
 
+from django.db import DatabaseError
+from django.utils import timezone
+from redis.exceptions import RedisError
+
+from . import marker, signals
+from .exceptions import HostShortCircuited, MasterError, MasterReadError, TransportError
+from .freshness import DELETED, Unconfirmed
+from .master import is_temporary
+from .models import Replica
 from .transport import HostTransport
+
+logger = logging.getLogger(__name__)
 
 _transports = {}
 _transports_lock = threading.Lock()
@@ -39,17 +51,37 @@ def _make_transport(host, timeout):
     return HostTransport(host.base_url, auth=host.auth, headers=host.headers, **common)
 
 
-def push(master_path, transport, name):
+def open_master(master_path, location, name):
+    """Open the master file of ``name`` for reading; None when the master has no such file.
+
+    Only "no such file" (or a parent that is not a folder, or a folder where the file was)
+    means absent. Any other error (permissions, I/O, a stale NFS handle) raises
+    :class:`~resto_celery.exceptions.MasterReadError`: a failure to retry, never a delete.
+    """
+    try:
+        return open(master_path, "rb")
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    except OSError as error:
+        where = location or os.path.dirname(master_path)
+        raise MasterReadError(where, name, f"cannot be read ({error.strerror or error})") from error
+
+
+def push(master_path, transport, name, location=None):
     """Make the host's copy of ``name`` match the master file at ``master_path``.
 
     State-based: the master's *current* state decides what is sent, whatever change
     caused the call. A present file is PUT, streamed from disk; an absent one is DELETEd
     (already gone counts as success). Returns ``"upload"`` or ``"delete"``, what was done.
-    Raises a :class:`~resto_celery.exceptions.TransportError` when the host fails.
+    Raises a :class:`~resto_celery.exceptions.TransportError` when the host fails, and
+    :class:`~resto_celery.exceptions.MasterReadError` when the master file cannot be read.
+    With ``location`` (the master folder), an absent file is deleted only from a verified
+    master (:func:`resto_celery.marker.verify`).
     """
-    try:
-        source = open(master_path, "rb")
-    except FileNotFoundError:
+    source = open_master(master_path, location, name)
+    if source is None:
+        if location:
+            marker.verify(location, name)
         transport.delete(name)
         return "delete"
     with source:
@@ -77,37 +109,47 @@ class LeaseBusy(Exception):
         return (type(self), (self.host, self.path, self.wait))
 
 
-def sync(host, name, master_path, transport, coordinator, *, on_failure=None, task_id="", force=False):
+def sync(host, name, master_path, transport, coordinator, *, location=None, on_failure=None, on_arrival=None,
+         on_recovery=None, task_id="", force=False):
     """Bring ``name`` on ``host`` in line with the master copy. The Celery tasks' body.
 
-    Takes the lease on ``(host, name)`` (or raises :class:`LeaseBusy`), then reads the
-    master's *current* state: present, it PUTs those bytes, unless the ``Replica`` row
-    shows the host already has this fingerprint; absent, it DELETEs. Rows are written
-    while the lease is held. A failure calls ``on_failure(error)`` (still under the lease)
-    and is raised; when its outcome is in doubt (a timeout: the host may still apply what
-    was sent), the lease is left to expire rather than released, which fences off the
-    path until then. Returns ``"upload"``, ``"delete"`` or ``"skip"``. ``force`` sends the
-    file even when the row's fingerprint matches (resync: the host may have lost it).
+    First, when ``location`` (the master folder) is given, checks that it is the site's
+    master (:func:`resto_celery.marker.verify`); if not, raises
+    :class:`~resto_celery.exceptions.MasterUnavailable` and sends nothing. Then takes the
+    lease on ``(host, name)`` (or raises :class:`LeaseBusy`) and reads the master's
+    *current* state: present, it PUTs those bytes, unless the ``Replica`` row shows the host
+    already has this fingerprint; absent (and the master still verified), it DELETEs. Rows
+    are written while the lease is held. A failure calls ``on_failure(error)`` (still under
+    the lease) and is raised; when its outcome is in doubt (a timeout: the host may still
+    apply what was sent), the lease is left to expire rather than released, which fences
+    off the path until then. Returns ``"upload"``, ``"delete"`` or ``"skip"``. ``force``
+    sends the file even when the row's fingerprint matches (resync: the host may have lost it).
+    After a transfer (not a skip), ``on_arrival(action, fingerprint)`` is called (see
+    :func:`announce`); after the first success on a host that was failing,
+    ``on_recovery(host)`` (the tasks re-send its failed changes at once).
     """
-    from .exceptions import HostShortCircuited, TransportError
-    from .models import Replica
-
-    lease = coordinator.lease(host, name)
-    if not lease.acquire():
-        raise LeaseBusy(host, name, lease.remaining())
-    breaker = coordinator.breaker(host)
-    keep_lease = False
     try:
-        wait = breaker.open_for()
+        if location:
+            marker.verify(location, name)
+    except MasterError as error:
+        if on_failure is not None:
+            on_failure(error)
+        raise
+    breaker = coordinator.breaker(host)
+    lease = coordinator.lease(host, name)
+    acquired, wait = lease.acquire_unless_open(breaker)  # one round trip for both
+    if not acquired:
+        raise LeaseBusy(host, name, wait)
+    done = keep_lease = False
+    try:
         if wait:
             raise HostShortCircuited(
                 host, "PUT/DELETE", name,
                 f"circuit breaker open after repeated failures; next try in {wait:.1f}s", wait=wait,
             )
         with lease.kept_alive():
-            action = _apply(host, name, master_path, transport, Replica, task_id, lease, force, coordinator)
-        breaker.record_success()
-        return action
+            action, version = _apply(host, name, master_path, transport, task_id, lease, force, coordinator, location)
+        done = True
     except TransportError as error:
         if error.retryable and not isinstance(error, HostShortCircuited):
             breaker.record_failure()
@@ -115,11 +157,31 @@ def sync(host, name, master_path, transport, coordinator, *, on_failure=None, ta
         if on_failure is not None:
             on_failure(error)
         raise
+    except MasterError as error:
+        if on_failure is not None:
+            on_failure(error)
+        raise
     finally:
         if keep_lease:
             lease.abandon()
-        else:
+        elif not done:
             lease.release()
+    if lease.release(breaker):  # a success closes the breaker; it had failures: the host is back
+        host_recovered(host)
+        if on_recovery is not None:
+            on_recovery(host)
+    if action != "skip" and on_arrival is not None:
+        on_arrival(action, version)
+    return action
+
+
+def host_recovered(host):
+    """A host that was failing answered again: make its failed rows due at the next reconcile.
+
+    Their final failures were the host's absence; no timer (``failed_retry_after``) should
+    stand between its return and the transfers.
+    """
+    Replica.objects.filter(host=host, state=Replica.State.FAILED).update(retry_at=timezone.now())
 
 
 def _make_directories(host, name, transport, coordinator):
@@ -138,30 +200,34 @@ def _make_directories(host, name, transport, coordinator):
             lease.release()
 
 
-def _apply(host, name, master_path, transport, Replica, task_id, lease, force=False, coordinator=None):
-    try:
-        source = open(master_path, "rb")
-    except FileNotFoundError:
+def _apply(host, name, master_path, transport, task_id, lease, force=False, coordinator=None, location=None):
+    """Send the master's state of ``name``; return ``(action, fingerprint)``: the version the
+    host now holds (for a delete, the one it held, "" if unknown)."""
+    source = open_master(master_path, location, name)
+    if source is None:
+        if location:
+            marker.verify(location, name)  # absent from a master that is (still) there
         transport.delete(name)
-        if _still_exclusive(lease, host, name, Replica, task_id):
-            Replica.objects.record_gone(host, name)
-        return "delete"
+        gone = ""
+        if _still_exclusive(lease, host, name, task_id):
+            gone = Replica.objects.record_gone(host, name)
+        return "delete", gone
     with source:
         current = fingerprint(os.fstat(source.fileno()))
         known = Replica.objects.filter(host=host, path=name, state=Replica.State.SYNCED).values_list(
             "fingerprint", flat=True
         )
         if current in known and not force:
-            return "skip"
+            return "skip", current
         if coordinator is not None:
             _make_directories(host, name, transport, coordinator)
         transport.put(name, source, int(current.split(":", 1)[0]))
-    if _still_exclusive(lease, host, name, Replica, task_id):
+    if _still_exclusive(lease, host, name, task_id):
         Replica.objects.record_success(host, name, current, task_id=task_id)
-    return "upload"
+    return "upload", current
 
 
-def _still_exclusive(lease, host, name, Replica, task_id):
+def _still_exclusive(lease, host, name, task_id):
     """Whether nobody else could have worked on ``(host, name)`` during our transfer.
 
     If the lease was lost (Redis restarted, or the process stalled past the TTL), another
@@ -180,11 +246,11 @@ def _still_exclusive(lease, host, name, Replica, task_id):
 def walk_master(root):
     """Yield ``(name, fingerprint)`` for every file under ``root``, streaming (``os.scandir``).
 
-    Names are relative with ``/``; in-progress master writes are skipped. Memory holds one
-    directory listing per level of depth, never the whole tree.
+    Names are relative with ``/``; in-progress master writes and the marker are skipped.
+    Memory holds one directory listing per level of depth, never the whole tree. An entry
+    or a folder that cannot be read is logged at ERROR and skipped: it is sent nowhere,
+    and nothing is deleted for it either (deletes look at each path, see reconcile).
     """
-    from .master import is_temporary
-
     stack = [("", root)]
     while stack:
         prefix, directory = stack.pop()
@@ -192,92 +258,64 @@ def walk_master(root):
             entries = os.scandir(directory)
         except FileNotFoundError:
             continue
+        except OSError as error:
+            logger.error("Failed to list %s in the master copy: %s", prefix or "its top folder", error)
+            continue
         with entries:
             for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append((prefix + entry.name + "/", entry.path))
-                elif entry.is_file() and not is_temporary(entry.name):
-                    yield prefix + entry.name, fingerprint(entry.stat())
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append((prefix + entry.name + "/", entry.path))
+                    elif entry.is_file() and not is_temporary(entry.name):
+                        if prefix or not marker.is_marker(entry.name):
+                            yield prefix + entry.name, fingerprint(entry.stat())
+                except FileNotFoundError:
+                    continue  # removed while we walked
+                except OSError as error:
+                    logger.error("Failed to check %s%s in the master copy: %s", prefix, entry.name, error)
 
 
-def _batched(iterable, size):
-    batch = []
-    for item in iterable:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def announce(storage, host, name, action, version, coordinator):
+    """Tell the site that a change just arrived on ``host``: signals, and fresh URLs.
 
-
-def reconcile(storage, enqueue, *, batch_size=1000, stale_after=600, now=None):
-    """Compare the master tree with the ``Replica`` rows of every host; enqueue the repairs.
-
-    - a master file a host has no row for, or a row with another fingerprint: ``upload``;
-    - a ``failed`` row whose ``retry_at`` has come: ``upload`` (or ``delete``, below);
-    - a ``pending`` row not touched for ``stale_after`` seconds (its task was lost): again;
-    - a row whose master file is gone: ``delete``.
-
-    ``enqueue(operation, host, name)`` sends one task. The tree is streamed and compared
-    in batches of ``batch_size`` paths (one query each), and rows are read in primary-key
-    order in batches, so memory stays flat whatever the size of the tree.
-    Returns counts: ``files``, ``rows``, ``upload``, ``delete``.
+    ``version`` is the fingerprint the host now holds (a delete: the one it held). When
+    the change is now on every host (every row holds this fingerprint, for an upload; no
+    host has a row left, for a delete), the path's read-your-writes mark is confirmed
+    (:mod:`resto_celery.freshness`, storages with ``master_url``) and
+    ``replicated_everywhere`` is sent. Each signal goes out once per change: a Redis
+    ``SET NX`` per (host or "all", name, action, version) lets only the first sender
+    through, whatever redelivery or duplicate follows. Costs nothing when nobody listens
+    and ``master_url`` is off.
     """
-    from datetime import timedelta
-
-    from django.utils import timezone
-
-    from .models import Replica
-
-    now = now or timezone.now()
-    hosts = storage.hosts
-    counts = {"files": 0, "rows": 0, "upload": 0, "delete": 0}
-    # Whether a row's own state asks for another attempt, decided by the database: reading
-    # two timestamps per row into Python was most of the time of a reconcile in steady state.
-    rows = Replica.objects.filter(host__in=hosts).annotate(due=_due(now, now - timedelta(seconds=stale_after)))
-
-    for batch in _batched(walk_master(storage.location), batch_size):
-        counts["files"] += len(batch)
-        known = {
-            (host, path): (fp, state, due)
-            for host, path, fp, state, due in rows.filter(path__in=[name for name, _ in batch]).values_list(
-                "host", "path", "fingerprint", "state", "due"
-            )
-        }
-        for name, current in batch:
-            for host in hosts:
-                row = known.get((host, name))
-                if row is None or (row[1] == Replica.State.SYNCED and row[0] != current) or row[2]:
-                    enqueue("upload", host, name)
-                    counts["upload"] += 1
-
-    last_pk = 0
-    while True:
-        page = list(rows.filter(pk__gt=last_pk).order_by("pk").values_list("pk", "host", "path", "state", "due")[:batch_size])
-        if not page:
-            break
-        last_pk = page[-1][0]
-        counts["rows"] += len(page)
-        present = {}
-        for _, host, path, state, due in page:
-            if state != Replica.State.SYNCED and not due:
-                continue
-            if path not in present:
-                present[path] = os.path.lexists(storage.path(path))
-            if not present[path]:
-                enqueue("delete", host, path)
-                counts["delete"] += 1
-    return counts
+    fresh = storage.options.master_url is not None
+    if not (fresh or signals.replicated_to_host.has_listeners() or signals.replicated_everywhere.has_listeners()):
+        return
+    try:
+        _announce(storage, host, name, action, version, coordinator, fresh)
+    except (RedisError, DatabaseError) as error:  # the transfer stands; only the news is lost
+        logger.error("Could not announce the %s of %s on %s: %s", action, name, host, error)
 
 
-def _due(now, stale):
-    """A boolean expression: the row failed and its ``retry_at`` has come, or it has been
-    pending since before ``stale`` (its task was lost)."""
-    from django.db.models import BooleanField, Case, Q, Value, When
+def _announce(storage, host, name, action, version, coordinator, fresh):
+    tell_all = signals.replicated_everywhere.has_listeners()
+    if signals.replicated_to_host.has_listeners() and coordinator.first_to_tell(host, name, action, version):
+        _send(signals.replicated_to_host, storage, host=host, name=name, action=action)
+    if not (fresh or tell_all):
+        return
+    rows = Replica.objects.filter(path=name, host__in=storage.hosts)
+    if action == "upload":
+        everywhere = rows.filter(state=Replica.State.SYNCED, fingerprint=version).count() == len(storage.hosts)
+    else:
+        everywhere = not rows.exists()
+    if not everywhere:
+        return
+    if fresh:
+        Unconfirmed(coordinator.client, storage.location).confirm(name, version if action == "upload" else DELETED)
+    if tell_all and coordinator.first_to_tell("", name, action, version):
+        _send(signals.replicated_everywhere, storage, name=name, action=action)
 
-    from .models import Replica
 
-    failed_due = Q(state=Replica.State.FAILED) & (Q(retry_at__isnull=True) | Q(retry_at__lte=now))
-    pending_lost = Q(state=Replica.State.PENDING, updated_at__lte=stale)
-    return Case(When(failed_due | pending_lost, then=Value(True)), default=Value(False), output_field=BooleanField())
+def _send(signal, storage, **arguments):
+    for receiver, result in signal.send_robust(sender=storage, **arguments):
+        if isinstance(result, Exception):
+            logger.error("A receiver of %s failed for %s: %r", signal, arguments.get("name"), result)

@@ -5,12 +5,17 @@ Plain functions over the storage's transports: no Celery unless asked to go via 
 import hashlib
 import os
 import queue
-import tempfile
 import threading
 from dataclasses import dataclass, field
 
-from . import replication
-from .exceptions import TransportError
+from django.core.exceptions import SuspiciousFileOperation
+from django.db import connections
+
+from . import marker, replication
+from .exceptions import MasterError, TransportError
+from .master import is_temporary
+from .names import clean_name
+from .reconcile import BRAKE_FLOOR
 
 CHUNK = 1024 * 1024
 
@@ -29,6 +34,7 @@ class Plan:
     errors: list = field(default_factory=list)  # (name, error)
     can_list: bool = False  # plain HTTP hosts cannot list their files: extra files stay unseen
     extra: list = field(default_factory=list)  # (name, size): on the host, not in the master
+    listed: int = 0  # files the host listed (hosts that can list)
 
     @property
     def upload_bytes(self):
@@ -44,41 +50,58 @@ class Outcome:
     uploaded_bytes: int = 0
     queued: int = 0
     deleted: int = 0
+    held: int = 0  # extra files not deleted: more than the deletion brake allows
     failures: list = field(default_factory=list)  # (name, error)
+
+
+def delete_limit(plan, share):
+    """How many extra files one pass may delete on ``plan.host`` (see the deletion brake)."""
+    return max(BRAKE_FLOOR, int(share * plan.listed))
 
 
 def _parallel(function, items, workers):
     """Yield ``function(item)`` for every item, as ``workers`` threads finish them.
 
-    ``function`` must not raise (it returns its error). Each thread closes its own database
-    connections when it is done: Django opens one per thread, and nothing else would close it.
+    ``function`` returns its expected errors; anything else it raises is raised here, in
+    the caller's thread, once the threads stop (never a hang waiting for a dead thread).
+    Each thread closes its own database connections when it is done: Django opens one per
+    thread, and nothing else would close it.
     """
-    from django.db import connections
-
     todo = queue.SimpleQueue()
     for item in items:
         todo.put(item)
     total = todo.qsize()
     done = queue.SimpleQueue()
+    crashed = threading.Event()
 
     def work():
         try:
-            while True:
+            while not crashed.is_set():
                 try:
                     item = todo.get_nowait()
                 except queue.Empty:
                     return
-                done.put(function(item))
+                try:
+                    done.put((True, function(item)))
+                except BaseException as error:  # noqa: BLE001 - handed to the caller
+                    crashed.set()
+                    done.put((False, error))
         finally:
             connections.close_all()
 
     threads = [threading.Thread(target=work, daemon=True, name="resto-resync") for _ in range(min(workers, total))]
     for thread in threads:
         thread.start()
-    for _ in range(total):
-        yield done.get()
-    for thread in threads:
-        thread.join()
+    try:
+        for _ in range(total):
+            ok, value = done.get()
+            if not ok:
+                raise value
+            yield value
+    finally:
+        crashed.set()
+        for thread in threads:
+            thread.join()
 
 
 def _sha256_file(path):
@@ -106,8 +129,11 @@ def make_plan(storage, host, *, verify=False, workers=8, progress=None):
     A host that can list its files (WebDAV, Tahoe-LAFS) is listed once instead of asked
     file by file, and the files it holds that the master has not go to ``plan.extra``.
     ``progress(name, size)`` is called after each file is checked. Raises :class:`HostDown`
-    when the host does not answer at all.
+    when the host does not answer at all, and
+    :class:`~resto_celery.exceptions.MasterUnavailable` when the master folder is not the
+    site's (no marker, or another master's): an empty folder must not be taken for a master.
     """
+    marker.verify(storage.location, create=True)
     transport = storage.transport(host)
     plan = Plan(host, can_list=transport.can_list)
     master = [(name, int(fp.split(":", 1)[0])) for name, fp in replication.walk_master(storage.location)]
@@ -121,6 +147,7 @@ def make_plan(storage, host, *, verify=False, workers=8, progress=None):
             if error.retryable:
                 raise HostDown(f"{transport.name} does not answer: {error.reason}") from error
             raise
+        plan.listed = len(listing)
         in_master = {name for name, _ in master}
         plan.extra = sorted(
             (name, remote.size or 0) for name, remote in listing.items() if name not in in_master and _plain(name)
@@ -152,17 +179,24 @@ def make_plan(storage, host, *, verify=False, workers=8, progress=None):
     return plan
 
 
-def apply_plan(storage, plan, *, workers=8, via_queue=False, delete_extra=False, progress=None):
+def apply_plan(storage, plan, *, workers=8, via_queue=False, delete_extra=False, allow_mass_delete=False,
+               max_delete_share=0.1, progress=None):
     """Upload what ``plan`` lists: in this process (streamed, in parallel), or as Celery tasks.
 
     With an ``AsyncStorage`` the copies take the same leases as the workers and record their
     ``Replica`` rows; going via the queue first forgets the rows' fingerprints, so the
     workers do not skip files the host turned out to lack. With ``delete_extra`` the files
     only the host holds (``plan.extra``) are deleted the same way, after a last check that
-    the master still has no such file.
+    the master still has no such file. More extra files than :func:`delete_limit` allows
+    are deleted only with ``allow_mass_delete`` (else none is, and ``outcome.held`` says
+    how many were held back). Raises :class:`~resto_celery.exceptions.MasterUnavailable`
+    when the master is not the site's.
     """
+    marker.verify(storage.location)
     outcome = Outcome(plan.host)
     extra = [(name, 0, "extra") for name, _ in plan.extra] if delete_extra else []
+    if len(extra) > delete_limit(plan, max_delete_share) and not allow_mass_delete:
+        outcome.held, extra = len(extra), []
     if via_queue:
         from .models import Replica
 
@@ -182,7 +216,7 @@ def apply_plan(storage, plan, *, workers=8, via_queue=False, delete_extra=False,
         name, size, _ = item
         try:
             return name, size, copy(name), None
-        except (TransportError, OSError, replication.LeaseBusy) as error:
+        except (TransportError, MasterError, OSError, replication.LeaseBusy) as error:
             return name, size, None, error
 
     for name, size, action, error in _parallel(apply, plan.upload + extra, workers):
@@ -199,26 +233,25 @@ def apply_plan(storage, plan, *, workers=8, via_queue=False, delete_extra=False,
 
 
 def _plain(name):
-    """Whether a name listed by a host is one the master could hold (no traversal, no temp file)."""
-    from django.core.exceptions import SuspiciousFileOperation
-
-    from .master import is_temporary
-    from .names import clean_name
-
+    """Whether a name listed by a host is one the master could hold (no traversal, no temp file, no marker)."""
     try:
-        return clean_name(name) == name and not is_temporary(name.rpartition("/")[2])
+        return clean_name(name) == name and not is_temporary(name.rpartition("/")[2]) and not marker.is_marker(name)
     except SuspiciousFileOperation:
         return False
 
 
 def _copier(storage, host):
     transport = storage.transport(host)
+    location = storage.location
     if getattr(storage, "replicated_by_celery", False):
         from .tasks import coordinator_for
 
         coordinator = coordinator_for(storage.options)
-        return lambda name: replication.sync(host, name, storage.path(name), transport, coordinator, force=True)
-    return lambda name: replication.push(storage.path(name), transport, name)
+        return lambda name: replication.sync(
+            host, name, storage.path(name), transport, coordinator, location=location, force=True
+        )
+
+    return lambda name: replication.push(storage.path(name), transport, name, location)
 
 
 def _probe(transport, name):
@@ -235,7 +268,12 @@ def restore(storage, host, names, *, force=False, workers=8, progress=None):
 
     A master file newer than the host's copy is kept unless ``force``. Each file is written
     atomically (temporary file, then rename). Returns ``(restored, skipped, failures)``.
+    The master folder must carry the site's marker (a restore into the wrong folder is
+    refused with :class:`~resto_celery.exceptions.MasterUnavailable`; to rebuild a master
+    that lost its marker too, ``manage.py resto_master --adopt`` it first; a site that never
+    had one gets its marker here).
     """
+    marker.verify(storage.location, create=True)
     transport = storage.transport(host)
     names = list(names)
     if names:
@@ -250,16 +288,8 @@ def restore(storage, host, names, *, force=False, workers=8, progress=None):
             if os.path.exists(target) and not force and remote.modified is not None:
                 if os.stat(target).st_mtime >= remote.modified.timestamp():
                     return name, "the master copy is newer (use --force to overwrite it)", None
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            handle, temp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".resto-", suffix=".part")
-            try:
-                with os.fdopen(handle, "wb") as sink:
-                    transport.download(name, sink)
-                os.chmod(temp, storage._file_mode())
-                os.replace(temp, target)
-            finally:
-                if os.path.exists(temp):
-                    os.unlink(temp)
+            with storage.replacing(name) as sink:
+                transport.download(name, sink)
             return name, None, None
         except (TransportError, OSError) as error:
             return name, None, error

@@ -10,8 +10,9 @@ from datetime import datetime
 from django.db.models import Count
 from django.utils import timezone
 
-from . import registry
-from .models import Replica
+from . import marker, registry
+from .exceptions import MasterUnavailable
+from .models import Hold, MasterCopy, Replica
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class HostStatus:
     last_error_at: datetime | None = None
     last_error_path: str = ""
     breaker_open_for: float | None = None  # seconds; None when Redis could not be asked
+    held_deletes: int = 0  # deletions the brake holds back, waiting for an operator
     notes: list = field(default_factory=list)
 
     @property
@@ -46,7 +48,7 @@ class HostStatus:
 
     @property
     def healthy(self):
-        return not self.failed and not self.breaker_open_for
+        return not self.failed and not self.breaker_open_for and not self.held_deletes
 
     def as_dict(self):
         data = asdict(self)
@@ -74,6 +76,9 @@ def host_statuses(with_breakers=True):
     for row in Replica.objects.values("host", "state").annotate(count=Count("*")).order_by():
         status = statuses.setdefault(row["host"], HostStatus(row["host"], configured=False))
         setattr(status, row["state"], row["count"])
+    held = {}
+    for host, count in Hold.objects.filter(kind=Hold.Kind.DELETES).values_list("subject", "count"):
+        held[host] = held.get(host, 0) + count
     for host, status in statuses.items():
         rows = Replica.objects.filter(host=host)
         status.last_success = (
@@ -91,11 +96,62 @@ def host_statuses(with_breakers=True):
         if error:
             status.last_error = error["last_error"].replace(f" on {host}", "")  # the host is known here
             status.last_error_at, status.last_error_path = error["last_error_at"], error["path"]
+        status.held_deletes = held.get(host, 0)
         if not status.configured:
             status.notes.append("not in the settings any more: old rows only")
         elif with_breakers:
             status.breaker_open_for = _breaker_open_for(storages[host], host)
     return sorted(statuses.values(), key=lambda status: (not status.configured, status.host))
+
+
+@dataclass
+class MasterStatus:
+    """Whether a master copy proves it is the site's, as this process sees it, and who refused it."""
+
+    location: str
+    identity: str | None = None
+    problem: str = ""  # why this process refuses it ("" when it is the master)
+    note: str = ""
+    refusals: list = field(default_factory=list)  # Hold rows: machines whose workers refused it
+
+    @property
+    def healthy(self):
+        return not self.problem and not self.refusals
+
+    def as_dict(self):
+        return {
+            "location": self.location, "identity": self.identity, "problem": self.problem, "note": self.note,
+            "healthy": self.healthy,
+            "refusals": [
+                {"machine": hold.subject, "reason": hold.reason, "count": hold.count,
+                 "first_at": hold.first_at.isoformat(), "last_at": hold.last_at.isoformat()}
+                for hold in self.refusals
+            ],
+        }
+
+
+def master_statuses():
+    """A :class:`MasterStatus` per master folder of the Celery-replicated storages (two queries)."""
+    locations = sorted({storage.location for storage in registry.replicated_storages()})
+    recorded = dict(MasterCopy.objects.filter(location__in=locations).values_list("location", "identity"))
+    refusals = {}
+    for hold in Hold.objects.filter(kind=Hold.Kind.MASTER, location__in=locations).order_by("-last_at"):
+        refusals.setdefault(hold.location, []).append(hold)
+    statuses = []
+    for location in locations:
+        status = MasterStatus(location, refusals=refusals.get(location, []))
+        wanted = recorded.get(location)
+        try:
+            status.identity = marker.read(location)
+        except MasterUnavailable as refusal:
+            status.problem = refusal.reason
+        else:
+            if status.identity is None and wanted is None:
+                status.note = "no marker yet: the first save makes it (or manage.py resto_master --init)"
+            else:
+                status.problem = marker.judge(status.identity, wanted)
+        statuses.append(status)
+    return statuses
 
 
 def totals(statuses):
@@ -108,6 +164,7 @@ def totals(statuses):
         "failed": sum(status.failed for status in statuses),
         "oldest_pending": min(pending) if pending else None,
         "failing_hosts": sum(1 for status in statuses if not status.healthy),
+        "held_deletes": sum(status.held_deletes for status in statuses),
     }
 
 

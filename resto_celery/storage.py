@@ -2,23 +2,26 @@
 
 Methods with a docstring are the stable API: subclasses may call or override them.
 """
-import inspect
 import logging
+import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
+from urllib.parse import urlsplit
 
-from django.core.exceptions import ImproperlyConfigured
+from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
 from django.core.files import File
-from django.core.files.storage import FileSystemStorage, Storage
+from django.core.files.storage import Storage
 from django.utils.deconstruct import deconstructible
 from django.utils.encoding import filepath_to_uri
-from django.utils.functional import cached_property
+from django.utils.functional import Promise, cached_property
+from redis.exceptions import RedisError
 
-from . import conf, registry, replication
+from . import conf, marker, registry, replication
 from .exceptions import ReplicationError
+from .freshness import DELETED, Unconfirmed
 from .master import MasterStorage
-from .names import clean_name
+from .names import clean_name, relative_name
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +32,8 @@ class ReplicatedStorageMixin:
     """What every backend shares: options, per-host transports, parallel execution."""
 
     def _configure(self, options, media_url):
-        self.options = conf.resolve(options, media_url=media_url)
+        # Only the Celery backend takes leases, so only it needs lease_ttl > timeout.
+        self.options = conf.resolve(options, media_url=media_url, leases=getattr(self, "replicated_by_celery", False))
 
     @property
     def hosts(self):
@@ -77,39 +81,71 @@ class ReplicatedStorageMixin:
         return None
 
 
-def _split_storage_options(options, parent):
-    ours, rest = conf.split_options(options)
-    accepted = set(inspect.signature(parent.__init__).parameters) - {"self", "args", "kwargs"}
-    unknown = sorted(set(rest) - accepted)
+#: The arguments of Django's ``FileSystemStorage``, which ``HybridStorage`` takes too.
+FILE_SYSTEM_OPTIONS = ("location", "base_url", "file_permissions_mode", "directory_permissions_mode", "allow_overwrite")
+
+
+def _check_options(options, own):
+    unknown = sorted(set(options) - set(conf.SETTINGS))
     if unknown:
         raise ImproperlyConfigured(
             f"Unknown option(s) {', '.join(map(repr, unknown))} for a resto_celery storage; "
-            f"known options are {', '.join(sorted(set(conf.SETTINGS) | accepted))}."
+            f"known options are {', '.join(sorted(set(conf.SETTINGS) | set(own)))}."
         )
-    return ours, rest
+
+
+def _checked_base_url(url):
+    """``url``, unless it has a query or a fragment (names are appended to it), as django-resto."""
+    if url is not None and (urlsplit(str(url)).query or urlsplit(str(url)).fragment):
+        raise ValueError(f"base_url may not contain a query or fragment: {url!r}.")
+    return url
+
+
+def _media_url_now(storage, base_url):
+    """The storage's base URL for its ``host[:port]`` entries, read now unless it is lazy.
+
+    A lazy ``base_url`` (``reverse_lazy()``) is read on first use, as Django does; such
+    entries then take their scheme and path from ``MEDIA_URL``.
+    """
+    return None if isinstance(base_url, Promise) else storage.base_url
 
 
 @deconstructible(path="resto_celery.storage.HybridStorage")
 class HybridStorage(ReplicatedStorageMixin, MasterStorage):
     """Master copy in ``MEDIA_ROOT``, then the same change on every host, within the request.
 
-    Options: those of ``FileSystemStorage`` (``location``, ``base_url``...) and the
-    resto options (``hosts``, ``timeout``, ``fatal_exceptions``, ``show_traceback``,
-    ``ca_bundle``), each defaulting to its ``RESTO_*`` setting.
+    Options: those of ``FileSystemStorage``, in its order (``location``, ``base_url``,
+    ``file_permissions_mode``, ``directory_permissions_mode``, ``allow_overwrite``), and
+    the resto options (``hosts``, ``timeout``, ``fatal_exceptions``, ``show_traceback``,
+    ``ca_bundle``), each defaulting to its ``RESTO_*`` setting. A file written through
+    ``open(name, "wb")`` (or any writing mode) is replicated when it is closed.
     """
 
-    def __init__(self, **options):
-        ours, rest = _split_storage_options(options, FileSystemStorage)
-        super().__init__(**rest)
-        self._configure(ours, media_url=self.base_url)
+    def __init__(
+        self, location=None, base_url=None, file_permissions_mode=None, directory_permissions_mode=None,
+        allow_overwrite=False, **options,
+    ):
+        _check_options(options, FILE_SYSTEM_OPTIONS)
+        super().__init__(location, base_url, file_permissions_mode, directory_permissions_mode, allow_overwrite)
+        self._configure(options, media_url=_media_url_now(self, base_url))
+
+    @cached_property
+    def base_url(self):
+        return _checked_base_url(super().base_url)
 
     def _save(self, name, content):
         name = super()._save(name, content)
         self.execute("upload", name)
         return name
 
+    def written(self, name):
+        """Replicate ``name`` after a file opened for writing was closed, as after a save."""
+        self.execute("upload", name)
+
     def delete(self, name):
-        name = clean_name(name)
+        if not name:
+            raise ValueError("The name must be given to delete().")
+        name = clean_name(relative_name(name, self.location))
         super().delete(name)
         self.execute("delete", name)
 
@@ -148,8 +184,8 @@ class AsyncStorage(HybridStorage):
 
     replicated_by_celery = True
 
-    def __init__(self, **options):
-        super().__init__(**options)
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
         registry.register(self)
 
     def execute(self, operation, name):
@@ -161,6 +197,9 @@ class AsyncStorage(HybridStorage):
         hosts = self.hosts
         if not hosts:
             return
+        marker.ensure(self.location)  # workers replicate only from a folder that proves it is the master
+        if self.options.master_url is not None:
+            self._mark_unconfirmed(operation, name)
         from celery import current_app
 
         from .tasks import publish_batch
@@ -200,6 +239,39 @@ class AsyncStorage(HybridStorage):
         """Send the task for ``operation`` on ``host``; override to send work elsewhere."""
         self.enqueue(operation, host, name, producer=producer)
 
+    def url(self, name):
+        """The hosts' URL of ``name`` (``base_url``); with the ``master_url`` option, the master
+        copy's URL while the newest change of ``name`` is not on every host yet.
+
+        Decided from state every app process shares, read in bulk at most once a second per
+        process (:mod:`resto_celery.freshness`); no request to Redis or a host per call.
+        """
+        master_url = self.options.master_url
+        if master_url is not None and name:
+            try:
+                key = clean_name(relative_name(name, self.location))
+            except (SuspiciousFileOperation, ValueError):
+                key = None
+            if key is not None and self._unconfirmed.pending(key):
+                return str(master_url) + filepath_to_uri(key)
+        return super().url(name)
+
+    @cached_property
+    def _unconfirmed(self):
+        from .tasks import coordinator_for
+
+        return Unconfirmed(coordinator_for(self.options).client, self.location)
+
+    def _mark_unconfirmed(self, operation, name):
+        try:
+            version = replication.fingerprint(os.stat(self.path(name))) if operation == "upload" else DELETED
+        except FileNotFoundError:
+            version = DELETED
+        try:
+            self._unconfirmed.mark(name, version)
+        except RedisError as error:  # url() may then point at a host that lags: say so
+            logger.error("Could not mark %s as on its way to the media hosts: %s", name, error)
+
     def enqueue(self, operation, host, name, producer=None):
         """Publish ``resto_celery.<operation>`` with ``(host, name)`` to the host's queue."""
         from . import tasks
@@ -224,12 +296,16 @@ class DistributedStorage(ReplicatedStorageMixin, Storage):
     and ``exists()`` costs an HTTP request. Keep ``fatal_exceptions`` on, or a failed
     upload can lose a file silently.
 
+    A host that fails a read is logged at ERROR in django-resto's words (``Failed to
+    download|check if|get the size of <name> ... <host>``); an upload that replaces a
+    file is logged at WARNING (``PUT on existing file <name> on <host>.``).
+
     Options: ``base_url`` (for ``url()``, default ``MEDIA_URL``) and the resto options.
     """
 
     def __init__(self, base_url=None, **options):
         self._base_url = base_url
-        self._configure(options, media_url=self.base_url)
+        self._configure(options, media_url=_media_url_now(self, base_url))
         if not self.options.hosts:
             raise ImproperlyConfigured("DistributedStorage needs at least one media host (RESTO_MEDIA_HOSTS).")
 
@@ -238,7 +314,7 @@ class DistributedStorage(ReplicatedStorageMixin, Storage):
         from django.conf import settings
 
         url = self._base_url if self._base_url is not None else settings.MEDIA_URL
-        return url if url.endswith("/") else url + "/"
+        return _checked_base_url(url if url.endswith("/") else url + "/")
 
     def _save(self, name, content):
         name = clean_name(name)
@@ -247,6 +323,8 @@ class DistributedStorage(ReplicatedStorageMixin, Storage):
         return name
 
     def delete(self, name):
+        if not name:
+            raise ValueError("The name must be given to delete().")
         self.execute("delete", clean_name(name))
 
     def execute_one(self, operation, host, name, source=None):
@@ -256,7 +334,9 @@ class DistributedStorage(ReplicatedStorageMixin, Storage):
             transport.delete(name)
             return
         with open(source, "rb") as stream:
-            transport.put(name, stream)
+            status = transport.put(name, stream)
+        if status != 201:  # 200 or 204: the host had a file of that name
+            logger.warning("PUT on existing file %s on %s.", name, host)
 
     def _open(self, name, mode="rb"):
         if any(flag in mode for flag in "wax+"):
@@ -270,7 +350,7 @@ class DistributedStorage(ReplicatedStorageMixin, Storage):
             transport.download(name, spool)
 
         try:
-            self._read_from_hosts(download, name)
+            self._read_from_hosts(download, name, "Failed to download %s from %s: %s")
         except BaseException:
             spool.close()
             raise
@@ -286,19 +366,22 @@ class DistributedStorage(ReplicatedStorageMixin, Storage):
                     return True
             except Exception as error:  # noqa: BLE001
                 failures[host] = error
+                self._log_read_failure("Failed to check if %s exists on %s: %s", name, host, error)
         if len(failures) == len(self.hosts):
             raise ReplicationError("check", name, failures, len(self.hosts))
-        for host, error in failures.items():
-            logger.warning("Could not check %s on %s: %s", name, host, error)
         return False
 
     def size(self, name):
         name = clean_name(name)
-        return self._read_from_hosts(lambda transport: transport.size(name), name)
+        return self._read_from_hosts(
+            lambda transport: transport.size(name), name, "Failed to get the size of %s from %s: %s"
+        )
 
     def get_modified_time(self, name):
         name = clean_name(name)
-        return self._read_from_hosts(lambda transport: transport.modified_time(name), name)
+        return self._read_from_hosts(
+            lambda transport: transport.modified_time(name), name, "Failed to get the modified time of %s from %s: %s"
+        )
 
     def url(self, name):
         """``base_url`` + name; with no ``base_url`` option and a Tahoe-LAFS first host, the
@@ -328,17 +411,27 @@ class DistributedStorage(ReplicatedStorageMixin, Storage):
                 failures[host] = error
         raise ReplicationError("list", path, failures, len(listing))
 
-    def _read_from_hosts(self, read, name):
-        """Return ``read(transport)`` from the first host that answers it."""
+    def _read_from_hosts(self, read, name, failure_message):
+        """Return ``read(transport)`` from the first host that answers it.
+
+        A host without the file is no failure; any other error is logged at ERROR with
+        ``failure_message % (name, host, reason)`` and the next host is asked.
+        """
         failures = {}
         for host in self.hosts:
             try:
                 return read(self.transport(host))
             except Exception as error:  # noqa: BLE001 - try the next host
                 failures[host] = error
+                if not isinstance(error, FileNotFoundError):
+                    self._log_read_failure(failure_message, name, host, error)
         if all(isinstance(error, FileNotFoundError) for error in failures.values()):
             raise FileNotFoundError(f"{name} is on none of the media hosts.")
         raise ReplicationError("read", name, failures, len(self.hosts))
+
+    def _log_read_failure(self, message, name, host, error):
+        reason = getattr(error, "reason", None) or f"{type(error).__name__}: {error}"
+        logger.error(message, name, host, reason, exc_info=error if self.options.show_traceback else None)
 
 
 @contextmanager

@@ -5,10 +5,10 @@ from the web request: the master's current state decides what is sent, so both r
 same code and any of them, late, retried or redelivered, sends the newest state. The name
 says which change caused the task (the admin shows it).
 
-``resto_celery.reconcile`` is for Celery beat::
+``resto_celery.reconcile`` is for Celery beat; let a pass expire when the next is due::
 
     CELERY_BEAT_SCHEDULE = {
-        "resto-reconcile": {"task": "resto_celery.reconcile", "schedule": 300.0},
+        "resto-reconcile": {"task": "resto_celery.reconcile", "schedule": 300.0, "options": {"expires": 300.0}},
     }
 """
 import logging
@@ -16,11 +16,16 @@ from contextlib import nullcontext
 from datetime import timedelta
 
 from celery import current_app, shared_task
+from celery.signals import worker_ready
+from django.db import DatabaseError, connections
 from django.utils import timezone
+from redis.exceptions import LockError, RedisError
 
-from . import registry, replication
+from . import marker, registry, replication
 from .coordination import Coordinator, backoff, jittered
-from .exceptions import TransportError
+from .exceptions import MasterReadError, MasterUnavailable, TransportError
+from .models import Replica
+from .reconcile import reconcile as reconcile_storage
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +33,19 @@ logger = logging.getLogger(__name__)
 #: (reconcile picks the path up again later).
 MAX_LEASE_WAITS = 200
 
-TASK_OPTIONS = {"bind": True, "acks_late": True, "reject_on_worker_lost": True, "max_retries": None}
+#: A host that answers again gets at most this many failed changes re-sent at once.
+BACKLOG_RELEASE_LIMIT = 10_000
+
+#: A reconcile pass holds its lock this long past its last batch (seconds); a pass whose
+#: worker died frees the lock after that.
+RECONCILE_LOCK_TTL = 120
+
+#: A successful transfer is recorded in its ``Replica`` row: the result backend keeps only
+#: failures (``store_errors_even_if_ignored``), which the admin shows by task id.
+TASK_OPTIONS = {
+    "bind": True, "acks_late": True, "reject_on_worker_lost": True, "max_retries": None,
+    "ignore_result": True, "store_errors_even_if_ignored": True, "track_started": False,
+}
 
 
 @shared_task(name="resto_celery.upload", **TASK_OPTIONS)
@@ -44,20 +61,42 @@ def delete(self, host, path, failures=0):
 
 
 @shared_task(name="resto_celery.reconcile", acks_late=True)
-def reconcile():
-    """Enqueue whatever the master tree and the ``Replica`` rows say is missing or stale."""
+def reconcile(allow_deletes=()):
+    """Enqueue whatever the master tree and the ``Replica`` rows say is missing or stale.
+
+    One pass per master at a time: a pass that finds another one running (a beat period
+    shorter than a pass) skips. ``allow_deletes`` (host names, or ``"*"``) lifts the
+    deletion brake for this pass: the operator's go-ahead.
+    """
     totals = {}
     for storage in registry.replicated_storages():
-        with current_app.producer_or_acquire() as producer, publish_batch(producer):
-            counts = replication.reconcile(
-                storage,
-                lambda operation, host, path: storage.enqueue(operation, host, path, producer=producer),
-                stale_after=storage.options.failed_retry_after,
-            )
-        logger.info("Reconciled %s: %s", storage.location, counts)
+        lock = coordinator_for(storage.options).pass_lock(f"reconcile:{storage.location}", RECONCILE_LOCK_TTL)
+        if not lock.acquire():
+            logger.info("Reconcile of %s skipped: another pass is still running.", storage.location)
+            counts = {"skipped": 1}
+        else:
+            try:
+                with current_app.producer_or_acquire() as producer, publish_batch(producer):
+                    counts = reconcile_storage(
+                        storage,
+                        lambda operation, host, path: storage.enqueue(operation, host, path, producer=producer),
+                        max_delete_share=storage.options.max_delete_share,
+                        allow_deletes=tuple(allow_deletes),
+                        heartbeat=lock.reacquire,
+                    )
+            finally:
+                _release(lock)
+            logger.info("Reconciled %s: %s", storage.location, counts)
         for key, value in counts.items():
-            totals[key] = totals.get(key, 0) + value
+            totals[key] = value if isinstance(value, str) else totals.get(key, 0) + value
     return totals
+
+
+def _release(lock):
+    try:
+        lock.release()
+    except (LockError, RedisError) as error:  # expired, or Redis restarted: nothing to give back
+        logger.warning("Reconcile lock already gone: %s", error)
 
 
 def publish_batch(producer):
@@ -94,26 +133,33 @@ def _redis_broker_url():
 
 
 class _FailurePolicy:
-    """Records a failed attempt and decides: retry after ``delay``, or ``final``."""
+    """Records a failed attempt and decides: retry after ``delay``, or ``final``.
+
+    A master that is not the site's (:class:`MasterUnavailable`) is not the host's failure,
+    and retrying the task cannot help: the row is marked failed, due at once, and the next
+    reconcile that sees the master again sends the change; the task itself does not come back.
+    """
 
     def __init__(self, host, path, failures, options, task_id):
         self.host, self.path, self.failures = host, path, failures
         self.options, self.task_id = options, task_id
-        self.final, self.delay = True, 0
+        self.final, self.retry, self.delay = True, False, 0
 
     def __call__(self, error):
-        from .models import Replica
-
         options = self.options
-        self.final = not error.retryable or self.failures >= options.max_retries
-        if self.final:
-            self.delay = options.failed_retry_after
+        if isinstance(error, MasterUnavailable):
+            self.final, self.retry, self.delay = True, False, 0
         else:
-            # An open breaker says when the host may be tried again: no point before.
-            self.delay = max(
-                backoff(self.failures + 1, options.retry_backoff, options.retry_backoff_max),
-                jittered(getattr(error, "wait", 0)),
-            )
+            self.final = not error.retryable or self.failures >= options.max_retries
+            self.retry = not self.final
+            if self.final:
+                self.delay = options.failed_retry_after
+            else:
+                # An open breaker says when the host may be tried again: no point before.
+                self.delay = max(
+                    backoff(self.failures + 1, options.retry_backoff, options.retry_backoff_max),
+                    jittered(getattr(error, "wait", 0)),
+                )
         Replica.objects.record_failure(
             self.host, self.path, error, final=self.final,
             retry_at=timezone.now() + timedelta(seconds=self.delay), task_id=self.task_id,
@@ -124,10 +170,13 @@ def _replicate(task, operation, host, path, failures):
     storage = registry.storage_for_host(host)
     options = storage.options
     policy = _FailurePolicy(host, path, failures, options, task.request.id or "")
+    coordinator = coordinator_for(options)
     try:
         action = replication.sync(
-            host, path, storage.path(path), storage.transport(host), coordinator_for(options),
-            on_failure=policy, task_id=policy.task_id,
+            host, path, storage.path(path), storage.transport(host), coordinator,
+            location=storage.location, on_failure=policy, task_id=policy.task_id,
+            on_arrival=lambda done, version: replication.announce(storage, host, path, done, version, coordinator),
+            on_recovery=lambda back: release_backlog(storage, back),
         )
     except replication.LeaseBusy as busy:
         waits = task.request.retries - failures
@@ -136,10 +185,48 @@ def _replicate(task, operation, host, path, failures):
         # Short waits first (most transfers are quick), never past the holder's expiry.
         countdown = min(max(busy.wait, 0.1), 0.25 * 2 ** min(waits, 6))
         raise task.retry(countdown=jittered(countdown), kwargs={"failures": failures})
-    except TransportError as error:
-        if not policy.final:
+    except MasterUnavailable as error:
+        logger.error("Failed to %s %s on %s: %s; reconcile sends it once the master is back.",
+                     operation, path, host, error)
+        raise
+    except (TransportError, MasterReadError) as error:
+        if policy.retry:
             logger.warning("Will retry to %s %s on %s in %.1fs: %s", operation, path, host, policy.delay, error.reason)
             raise task.retry(countdown=policy.delay, kwargs={"failures": failures + 1}, exc=error)
         logger.error("Failed to %s %s on %s: %s", operation, path, host, error.reason)
         raise
     return {"action": action, "host": host, "path": path}
+
+
+def release_backlog(storage, host, limit=BACKLOG_RELEASE_LIMIT):
+    """``host`` answers again: send its failed changes now, not at their ``retry_at``.
+
+    At most ``limit`` messages; the rest are due at the next reconcile (their rows were
+    made due by :func:`resto_celery.replication.host_recovered`). Returns how many were sent.
+    """
+    paths = Replica.objects.filter(host=host, state=Replica.State.FAILED).values_list("path", flat=True)[:limit]
+    sent = 0
+    with current_app.producer_or_acquire() as producer, publish_batch(producer):
+        for path in paths.iterator():
+            storage.enqueue("upload", host, path, producer=producer)
+            sent += 1
+    if sent:
+        logger.info("%s answers again: re-sent %d failed change(s).", host, sent)
+    return sent
+
+
+@worker_ready.connect
+def check_masters_at_start(**kwargs):
+    """Say at worker start, at ERROR, when a master copy here is not the site's (unmounted?)."""
+    try:
+        for storage in registry.replicated_storages():
+            try:
+                marker.verify(storage.location)
+            except MasterUnavailable as refusal:
+                logger.error(
+                    "This worker will replicate nothing from %s: %s.", storage.location, refusal.reason
+                )
+    except (DatabaseError, RedisError, LookupError) as error:
+        logger.warning("Could not check the master copies at start: %s", error)
+    finally:
+        connections.close_all()  # a prefork child must not inherit this connection

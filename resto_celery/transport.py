@@ -21,7 +21,10 @@ from .exceptions import HostTimeout, HostUnreachable, MissingFile, TLSFailure, U
 logger = logging.getLogger(__name__)
 
 PUT_OK = frozenset({200, 201, 204})
-DELETE_OK = frozenset({200, 202, 204, 404})
+#: As in django-resto: 200 and 204 delete, 404 is already gone (logged: the host was out
+#: of sync). Any other status, "202 Accepted" included (the deletion would only be queued,
+#: not done), is a failure, as for a PUT.
+DELETE_OK = frozenset({200, 204, 404})
 CHUNK_SIZE = 64 * 1024
 
 
@@ -43,6 +46,10 @@ class HostTransport:
     ``headers`` are sent with every request (e.g. a bearer token); neither appears in
     error messages or logs, which name the host by ``name``. ``verify`` is passed to
     requests: True (system CAs), or the path of a CA bundle.
+
+    Failures are raised, never logged here: callers log them in django-resto's words
+    (``Failed to upload|delete|... <name> on <host>``). The one line this logs is
+    django-resto's WARNING ``DELETE on missing file <name> on <host>.``
 
     One instance holds a keep-alive connection pool and may be shared between threads.
     Plain HTTP cannot list a host's files (``can_list`` is False); subclasses for other
@@ -92,10 +99,18 @@ class HostTransport:
         return self._expect(response, "PUT", name, PUT_OK)
 
     def delete(self, name):
-        """Delete ``name``. Returns True if it was deleted, False if it was already gone."""
+        """Delete ``name``. Returns True if it was deleted, False if it was already gone.
+
+        A host that answers 404 did not have the file: that is logged at WARNING, in
+        django-resto's words (``DELETE on missing file <name> on <host>.``). A status other
+        than 200, 204 or 404 raises a ``TransportError``.
+        """
         response = self._request("DELETE", name)
         self._expect(response, "DELETE", name, DELETE_OK)
-        return response.status_code != 404
+        if response.status_code == 404:
+            logger.warning("DELETE on missing file %s on %s.", name, self.name)
+            return False
+        return True
 
     def head(self, name):
         """Return a :class:`RemoteFile` for ``name``, or None if the host has no such file."""
@@ -140,7 +155,7 @@ class HostTransport:
                     fileobj.write(chunk)
                     written += len(chunk)
             except requests.RequestException as exc:
-                raise self._translate(exc, "GET", name) from exc
+                raise self._translate(exc, "GET", name) from None  # see _request
         return written
 
     def list_directory(self, path=""):
@@ -194,7 +209,10 @@ class HostTransport:
         try:
             return self.session.request(method, self.url(name), timeout=self.timeout, allow_redirects=False, **kwargs)
         except requests.RequestException as exc:
-            raise self._translate(exc, method, name) from exc
+            # Not "from exc": requests' errors quote the whole URL, which for a Tahoe-LAFS host
+            # holds the write cap, and tracebacks end up in result backends and error trackers.
+            # The translated error keeps the root cause in its reason.
+            raise self._translate(exc, method, name) from None
 
     def _expect(self, response, method, name, accepted):
         status = response.status_code

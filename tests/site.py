@@ -57,6 +57,7 @@ class ReplicationSite:
         self.queue = self.options.get("queue", "resto")
         self.storage = AsyncStorage(location=str(self.media_root), **self.options)
         self.workers = []
+        self.signal_log = self.tmp_path / "signals.jsonl"
 
     def worker_env(self, visibility_timeout=5):
         return {
@@ -70,9 +71,10 @@ class ReplicationSite:
             "RESTO_TEST_STORAGE": "resto_celery.storage.AsyncStorage",
             "RESTO_TEST_STORAGE_OPTIONS": json.dumps({"location": str(self.media_root), **self.options}),
             "RESTO_TEST_VISIBILITY": str(visibility_timeout),
+            "RESTO_TEST_SIGNAL_LOG": str(self.signal_log),
         }
 
-    def start_worker(self, concurrency=2, pool="prefork", visibility_timeout=5):
+    def start_worker(self, concurrency=2, pool="prefork", visibility_timeout=5, wrapper=()):
         worker = CeleryWorker(
             "tests.celery_app",
             queues=(self.queue,),
@@ -80,6 +82,7 @@ class ReplicationSite:
             pool=pool,
             env=self.worker_env(visibility_timeout),
             logfile=self.tmp_path / f"worker-{len(self.workers)}.log",
+            wrapper=wrapper,
         )
         self.workers.append(worker)
         return worker.start()
@@ -128,6 +131,12 @@ class ReplicationSite:
             lambda: self.drained() and self.converged(), timeout=timeout,
             message="the queue to drain and every host to equal the master",
         )
+
+    def signals(self):
+        """The signals the workers sent, in order: ``[kind, host, name, action]`` each."""
+        if not self.signal_log.exists():
+            return []
+        return [json.loads(line) for line in self.signal_log.read_text().splitlines()]
 
     def logs(self):
         return "\n".join(worker.log() for worker in self.workers)

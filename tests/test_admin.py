@@ -13,6 +13,7 @@ from django_celery_results.models import TaskResult
 
 from resto_celery.models import Replica
 from tests.conftest import set_storages
+from tests.site import wait_until
 
 DASHBOARD = "admin:resto_celery_replicationdashboard_changelist"
 CHANGELIST = "admin:resto_celery_replica_changelist"
@@ -111,8 +112,9 @@ def test_dashboard_query_count_does_not_grow_with_rows(async_settings, async_hos
     _rows(async_hosts[0].url, "synced", 3000)
     _rows(async_hosts[1].url, "failed", 3000, last_error="x", last_error_at=timezone.now())
     many = _dashboard_queries(viewer)
-    # session, user, 2 permission lookups; one grouped count; three index lookups per host
-    assert few == many == 4 + 1 + 3 * len(async_hosts)
+    # session, user, 2 permission lookups; one grouped count; held deletions; the master's
+    # recorded identity and its refusals; three index lookups per host
+    assert few == many == 4 + 1 + 1 + 2 + 3 * len(async_hosts)
 
 
 @pytest.mark.django_db
@@ -209,7 +211,9 @@ def test_a_viewer_cannot_run_the_retry_action(async_settings, async_hosts, viewe
 @pytest.mark.django_db
 def test_the_detail_page_shows_the_task_history(async_settings, async_hosts, viewer):
     host = async_hosts[0].url
-    replica = Replica.objects.create(host=host, path="a b.txt", state="failed", attempts=3, last_error="boom")
+    replica = Replica.objects.create(
+        host=host, path="a b.txt", state="failed", attempts=3, last_error="boom", task_id="t-1", failed_task_id="t-1"
+    )
     TaskResult.objects.create(
         task_id="t-1", task_name="resto_celery.upload", task_args=json.dumps(repr((host, "a b.txt"))),
         status="FAILURE", traceback="Traceback: HostUnreachable boom",
@@ -219,6 +223,21 @@ def test_the_detail_page_shows_the_task_history(async_settings, async_hosts, vie
     assert response.status_code == 200
     assert [r.task_id for r in response.context["task_results"]] == ["t-1"]
     assert b"HostUnreachable boom" in response.content
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_task_history_finds_a_failure_of_a_file_with_quotes_and_accents_in_its_name(make_site, viewer):
+    site = make_site(host_count=1, max_retries=0)
+    site.hosts[0].read_only = True
+    site.start_worker()
+    name = 'photos/café "x".jpg'
+    site.storage.save(name, ContentFile(b"payload"))
+    wait_until(lambda: TaskResult.objects.filter(status="FAILURE").exists(), message="a failed task result")
+    replica = Replica.objects.get(path=name)
+    response = viewer.get(reverse("admin:resto_celery_replica_change", args=[replica.pk]))
+    [result] = response.context["task_results"]
+    assert result.status == "FAILURE" and result.task_id == replica.failed_task_id
+    assert "403" in response.content.decode()
 
 
 @pytest.mark.django_db(transaction=True)
@@ -232,8 +251,6 @@ def test_retry_from_the_dashboard_repairs_the_host_with_a_worker_running(make_si
     broken.read_only = True
     site.start_worker()
     site.storage.save("a.txt", ContentFile(b"payload"))
-    from tests.site import wait_until
-
     wait_until(lambda: Replica.objects.filter(host=broken.url, state="failed").exists(), message="a failed row")
     broken.read_only = False
     operator.post(reverse("admin:resto_celery_retry_failed"), {"host": broken.url})

@@ -15,11 +15,13 @@ from tests.site import wait_until
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def test_save_returns_before_replication_and_writes_no_database_row(make_site, django_assert_num_queries):
+def test_save_returns_before_replication_and_touches_no_database(make_site, django_assert_num_queries):
     site = make_site()
-    with django_assert_num_queries(0):
+    with django_assert_num_queries(0):  # the first save of a new site also makes the master's marker
         assert site.storage.save("a.txt", ContentFile(b"hello")) == "a.txt"
+        assert site.storage.save("b.txt", ContentFile(b"hello")) == "b.txt"
     assert (site.media_root / "a.txt").read_bytes() == b"hello"
+    assert (site.media_root / ".resto-master").is_file()
     assert all(host.files() == {} for host in site.hosts)  # no worker yet
 
 
@@ -50,14 +52,13 @@ def test_a_worker_replicates_saves_and_deletes_to_every_host(make_site, broker_u
     wait_until(lambda: not Replica.objects.filter(path="a.txt").exists(), message="a.txt rows to go")
 
 
-def test_task_results_are_recorded_with_extended_fields(make_site):
+def test_a_successful_transfer_writes_its_replica_row_and_no_task_result(make_site):
     site = make_site(host_count=1)
     site.start_worker()
     site.storage.save("a.txt", ContentFile(b"hello"))
-    wait_until(lambda: TaskResult.objects.filter(status="SUCCESS").exists(), message="a task result")
-    result = TaskResult.objects.get()
-    assert result.task_name == "resto_celery.upload"
-    assert json.loads(result.result) == {"action": "upload", "host": site.hosts[0].url, "path": "a.txt"}
+    wait_until(lambda: Replica.objects.filter(state="synced").exists(), message="the synced row")
+    site.wait_until_drained_and_converged()
+    assert not TaskResult.objects.exists()  # the result backend records failures only
 
 
 def test_a_broker_outage_at_save_time_keeps_the_master_write_and_logs(make_site, redis_server, caplog):
@@ -172,6 +173,23 @@ def test_a_host_down_past_the_retry_budget_fails_visibly_then_reconcile_repairs_
     wait_until(lambda: Replica.objects.get(host=broken.url).state == "synced", message="the row to be synced")
 
 
+def test_a_host_that_comes_back_is_caught_up_by_the_next_reconcile_not_after_failed_retry_after(make_site):
+    site = make_site(host_count=2, max_retries=1, failed_retry_after=300)
+    broken = site.hosts[1]
+    broken.go_down()
+    site.start_worker()
+    for name in ("a.txt", "b.txt", "c.txt"):
+        site.storage.save(name, ContentFile(name.encode()))
+    wait_until(lambda: Replica.objects.filter(host=broken.url, state="failed").count() == 3, message="failed rows")
+    broken.come_back()
+    from resto_celery.tasks import reconcile
+
+    # It probes the host with one failed change; the host answers, so the others are re-sent at once.
+    reconcile.apply_async(queue=site.queue)
+    site.wait_until_drained_and_converged(timeout=20)
+    assert "answers again: re-sent" in site.logs()
+
+
 def test_a_worker_killed_mid_transfer_is_replaced_and_the_host_converges(make_site, broker_url):
     site = make_site(broker_url=broker_url, host_count=1, lease_ttl=4, timeout=2)
     host = site.hosts[0]
@@ -230,3 +248,23 @@ def test_queue_option_routes_each_hosts_tasks_to_its_own_queue(make_site):
         [raw] = client.lrange(f"resto-{host.url}", 0, -1)
         assert json.loads(raw)["headers"]["argsrepr"] == repr((host.url, "a.txt"))
     assert client.llen("resto") == 0
+
+
+def test_a_reconcile_pass_is_skipped_while_another_one_runs(make_site):
+    from resto_celery import registry
+    from resto_celery.tasks import coordinator_for, reconcile
+
+    site = make_site(host_count=2)
+    registry.clear()
+    registry.register(site.storage)  # this test's storage only, not earlier tests' ones
+    site.storage.save("a.txt", ContentFile(b"x"))  # 2 messages, and the master's marker
+    queued = redis.Redis.from_url(site.redis_url).llen
+    running = coordinator_for(site.storage.options).pass_lock(f"reconcile:{site.storage.location}", 60)
+    assert running.acquire()
+    try:
+        assert reconcile.run().get("skipped", 0) >= 1
+        assert queued("resto") == 2  # nothing enqueued again
+    finally:
+        running.release()
+    reconcile.run()
+    assert queued("resto") == 4  # a pass of its own: a.txt has no rows yet, so it goes to both hosts

@@ -193,6 +193,30 @@ def test_bad_async_options_are_refused(option, value, message):
         conf.resolve({option: value})
 
 
+def test_a_timeout_longer_than_the_lease_ttl_is_allowed_for_storages_without_leases():
+    options = conf.resolve({"timeout": 60}, leases=False)
+    assert (options.timeout, options.lease_ttl) == (60, 60)
+
+
+def test_a_storage_with_leases_needs_a_lease_ttl_longer_than_its_timeout():
+    with pytest.raises(ImproperlyConfigured, match="RESTO_LEASE_TTL .* must be longer than RESTO_TIMEOUT"):
+        conf.resolve({"timeout": 60})
+
+
+def test_check_accepts_a_global_timeout_longer_than_the_lease_ttl():
+    assert _check_ids(RESTO_TIMEOUT=60) == []
+
+
+@pytest.mark.parametrize("where", ["RESTO_TIMEOUT", "OPTIONS"])
+def test_check_reports_an_async_storage_whose_lease_ttl_does_not_outlive_its_timeout(where):
+    options = {"hosts": ["m1:80"], **({"timeout": 60} if where == "OPTIONS" else {})}
+    storages = {"default": {"BACKEND": "resto_celery.storage.AsyncStorage", "OPTIONS": options}}
+    with override_settings(STORAGES=storages, RESTO_TIMEOUT=60 if where == "RESTO_TIMEOUT" else 2,
+                           RESTO_REDIS_URL="redis://127.0.0.1:1/0"):
+        messages = check_settings()
+    assert [(m.id, "must be longer than" in m.msg) for m in messages] == [("resto_celery.E002", True)]
+
+
 def test_queue_may_name_one_queue_per_host():
     assert conf.resolve({"queue": "resto-{host}"}).queue_for("m1") == "resto-m1"
     options = conf.resolve({"queue": {"m1": "fast"}})
@@ -203,6 +227,22 @@ def test_queue_may_name_one_queue_per_host():
 
 WRITE_CAP = "URI:DIR2:abcdefghijklmnopqrstuvwxyz:0123456789abcdefghijklmnopqrstuvwxyz0123456789abcd"
 READ_CAP = "URI:DIR2-RO:zyxwvutsrqponmlkjihgfedcba:0123456789abcdefghijklmnopqrstuvwxyz0123456789abcd"
+
+
+def test_a_ca_bundle_in_a_host_entry_must_be_a_path():
+    with pytest.raises(ImproperlyConfigured, match="'ca_bundle' of media host https://m1/media/ must be a path"):
+        conf.parse_host({"url": "https://m1/media/", "ca_bundle": True})
+
+
+def test_a_url_holding_a_tahoe_write_cap_is_refused():
+    with pytest.raises(ImproperlyConfigured, match="holds a Tahoe-LAFS write cap") as raised:
+        conf.parse_host({"url": f"http://n:3456/uri/{WRITE_CAP}/", "kind": "tahoe", "dircap": WRITE_CAP})
+    assert "abcdefghijklmnop" not in str(raised.value)
+
+
+def test_a_url_whose_password_is_not_percent_encoded_is_refused():
+    with pytest.raises(ImproperlyConfigured, match="not percent-encoded: write '/', '\\?' and '#' in it as %2F"):
+        conf.parse_host("https://user:pa/ss@media-1/media/")
 
 
 def test_a_host_entry_is_plain_http_unless_its_kind_says_otherwise():
@@ -232,3 +272,9 @@ def test_bad_tahoe_and_kind_entries_are_refused_without_echoing_a_cap(entry, mes
     with pytest.raises(ImproperlyConfigured, match=message) as raised:
         conf.parse_host(entry)
     assert "abcdefghijklmnop" not in str(raised.value) and "zyxwvuts" not in str(raised.value)
+
+
+@pytest.mark.parametrize("backend", ["HybridStorage", "DistributedStorage"])
+def test_a_storage_without_leases_accepts_a_timeout_longer_than_the_lease_ttl(backend):
+    storages = {"default": {"BACKEND": f"resto_celery.storage.{backend}", "OPTIONS": {"hosts": ["m1:80"]}}}
+    assert _check_ids(STORAGES=storages, RESTO_TIMEOUT=60) == []

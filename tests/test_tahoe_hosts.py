@@ -16,6 +16,7 @@ from resto_celery.storage import DistributedStorage, HybridStorage
 from resto_celery.tahoe import TahoeTransport
 from resto_celery.tasks import coordinator_for
 from tests.conftest import set_storages
+from tests.site import wait_until
 from tests.test_resync_command import _master, _resync
 
 pytestmark = pytest.mark.tahoe
@@ -226,6 +227,10 @@ def test_the_admin_dashboard_shows_webdav_and_tahoe_hosts_by_name_never_the_cap(
         assert tahoe.dircap.encode() not in page.content
     from django_celery_results.models import TaskResult
 
+    tahoe.go_down()  # a failed task: the result backend keeps failures, with their traceback
+    site.storage.save("failed/while/down.bin", ContentFile(BIG))
+    wait_until(lambda: TaskResult.objects.filter(status="FAILURE").exists(), timeout=60, message="a failed task")
+    tahoe.come_back()
     stored = [f"{r.task_args} {r.task_kwargs} {r.result} {r.traceback}" for r in TaskResult.objects.all()]
     assert stored and not any(tahoe.dircap in text for text in stored)
     assert tahoe.dircap not in site.logs()

@@ -71,6 +71,33 @@ def test_delete_reports_whether_the_file_was_there(transport, server):
     assert not server.has("f.txt")
 
 
+def test_delete_answered_200_counts_as_deleted(transport, server):
+    server.fail_next(status=200, methods={"DELETE"})
+    assert transport.delete("f.txt") is True
+
+
+def test_delete_answered_202_is_a_failure_as_for_a_put(transport, server):
+    """202 Accepted would only queue the deletion: django-resto refuses it, and so do we."""
+    server.seed("f.txt", b"x")
+    server.fail_next(status=202, methods={"DELETE"})
+    with pytest.raises(UnexpectedStatus) as raised:
+        transport.delete("f.txt")
+    error = raised.value
+    assert (error.method, error.status, error.retryable) == ("DELETE", 202, False)
+    assert str(error) == "DELETE f.txt on media-test failed: 202 Accepted"
+
+
+def test_only_a_delete_of_a_missing_file_logs_a_warning_in_django_resto_words(server, caplog):
+    transport = HostTransport(server.url, name="media-1", auth=("user", "s3cret"), headers={"X-Token": "t0ken"})
+    server.seed("f.txt", b"x")
+    caplog.set_level(logging.DEBUG, logger="resto_celery.transport")
+    transport.delete("f.txt")
+    transport.delete("f.txt")
+    transport.close()
+    logged = [(r.name, r.levelname, r.getMessage()) for r in caplog.records if r.name.startswith("resto_celery")]
+    assert logged == [("resto_celery.transport", "WARNING", "DELETE on missing file f.txt on media-1.")]
+
+
 def test_head_exists_size_and_modified_time(transport, server):
     server.seed("f.txt", b"12345")
     assert transport.exists("f.txt")

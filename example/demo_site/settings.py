@@ -82,15 +82,21 @@ STORAGES = {
             "retry_backoff_max": 2,
             "breaker_cooldown": 2,
             "failed_retry_after": 5,
+            # Read-your-writes: until every host has a change, url() points at the master copy.
+            "master_url": "/master-media/",
         },
     },
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
 }
+
+# The master copy is served by resto_celery's view (demo_site/urls.py); runserver streams it.
+# Behind nginx: "x-accel-redirect" and an internal location for MEDIA_ROOT.
+RESTO_MASTER_SENDFILE = "django"
 
 CELERY_BROKER_URL = os.environ.get("RESTO_DEMO_REDIS_URL", "redis://127.0.0.1:6379/0")
 CELERY_RESULT_BACKEND = "django-db"
 CELERY_RESULT_EXTENDED = True
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 60, "unacked_restore_interval": 1, "unacked_restore_throttle": 5}
 CELERY_BEAT_SCHEDULE = {
-    "resto-reconcile": {"task": "resto_celery.reconcile", "schedule": 10.0, "options": {"queue": "resto"}},
+    "resto-reconcile": {"task": "resto_celery.reconcile", "schedule": 10.0, "options": {"queue": "resto", "expires": 10.0}},
 }

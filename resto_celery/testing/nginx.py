@@ -59,9 +59,23 @@ class NginxMediaServer:
     a ``(certfile, keyfile)`` pair to serve HTTPS. ``workdir`` is nginx's prefix folder
     (configuration, logs, temporary files, pid); by default a new temporary folder, which
     :meth:`stop` removes. ``nginx`` is the binary, by default :func:`find_nginx`.
+
+    ``user`` gives the arguments of nginx's ``user`` directive: the account its workers run
+    as when the master runs as root (e.g. ``"nobody nogroup"``, as the official image's
+    ``user nginx;``). By default they run as root when the tests do, so that they can
+    write into any ``root``. With a ``user``, the worker must be able to reach ``root``
+    and ``workdir`` (every parent folder searchable) and to write into ``root``: nginx
+    gives it the temporary folders it creates, and a default ``workdir`` is made
+    searchable.
+
+    ``server_config`` is the text of the ``server`` block(s) to run instead of the one
+    built from ``prefix``, ``port``, ``tls`` and ``root`` (e.g. a deployment's
+    ``conf.d`` file with its port and paths adapted); it should listen on
+    :attr:`address` for :meth:`start` to see nginx come up.
     """
 
-    def __init__(self, root, *, prefix="/media/", port=0, tls=None, nginx=None, workdir=None):
+    def __init__(self, root, *, prefix="/media/", port=0, tls=None, nginx=None, workdir=None,
+                 user=None, server_config=None):
         if not (prefix.startswith("/") and prefix.endswith("/")):
             raise ValueError(f"prefix must start and end with '/', not {prefix!r}")
         self.nginx = nginx or find_nginx()
@@ -76,6 +90,10 @@ class NginxMediaServer:
         self.tls = tuple(Path(p).resolve() for p in tls) if tls else None
         self._owns_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="resto-nginx-")).resolve()
+        if user and self._owns_workdir:
+            self.workdir.chmod(0o755)  # mkdtemp makes it 0700: the workers need its temp folders
+        self.user = user
+        self.server_config = server_config
         self._process = None
 
     # Addresses -------------------------------------------------------------------------
@@ -105,6 +123,11 @@ class NginxMediaServer:
         return self.workdir / "nginx.pid"
 
     @property
+    def pid(self) -> int | None:
+        """The process id of the nginx master (its workers are its children), or None."""
+        return self._process.pid if self.running else None
+
+    @property
     def running(self) -> bool:
         """Whether the nginx master process is alive."""
         return self._process is not None and self._process.poll() is None
@@ -114,13 +137,11 @@ class NginxMediaServer:
     def config(self) -> str:
         """The text of nginx.conf for this server."""
         w = self.workdir
-        listen = f"listen {self.address} ssl;" if self.tls else f"listen {self.address};"
-        tls = ""
-        if self.tls:
-            cert, key = self.tls
-            tls = f"ssl_certificate {_quote(cert)};\n        ssl_certificate_key {_quote(key)};"
-        # As root, workers would otherwise run as nobody and fail to write into root.
-        user = "user root;" if os.geteuid() == 0 else ""
+        if self.user:
+            user = f"user {self.user};"
+        else:
+            # As root, workers would otherwise run as nobody and fail to write into root.
+            user = "user root;" if os.geteuid() == 0 else ""
         return f"""\
 {user}
 worker_processes 1;
@@ -140,6 +161,17 @@ http {{
     uwsgi_temp_path {_quote(w / "temp" / "uwsgi")};
     scgi_temp_path {_quote(w / "temp" / "scgi")};
 
+{self.server_config if self.server_config is not None else self._server_block()}
+}}
+"""
+
+    def _server_block(self) -> str:
+        listen = f"listen {self.address} ssl;" if self.tls else f"listen {self.address};"
+        tls = ""
+        if self.tls:
+            cert, key = self.tls
+            tls = f"ssl_certificate {_quote(cert)};\n        ssl_certificate_key {_quote(key)};"
+        return f"""\
     server {{
         {listen}
         server_name localhost;
@@ -154,9 +186,7 @@ http {{
             }}
             include {_quote(MEDIA_CONF)};
         }}
-    }}
-}}
-"""
+    }}"""
 
     def start(self) -> "NginxMediaServer":
         """Write nginx.conf and run nginx in the foreground; return once the port accepts TCP.

@@ -14,12 +14,14 @@ class CeleryWorker:
     """Runs ``python -m celery -A APP worker`` in its own process group.
 
     ``env`` is added to the current environment (settings module, broker URL...).
+    ``wrapper`` is a command line the worker runs inside (e.g. ``["unshare", "--mount", ...]``
+    to give it a view of the filesystem of its own).
     ``start()`` returns once the worker logged that it is ready; ``kill()`` sends SIGKILL
     to the whole group (the main process and its pool children), as a crash would.
     """
 
     def __init__(self, app, *, queues=("resto",), pool="prefork", concurrency=2, env=None,
-                 logfile=None, extra_args=(), hostname=None):
+                 logfile=None, extra_args=(), hostname=None, wrapper=()):
         self.app = app
         self.queues = queues
         self.pool = pool
@@ -30,12 +32,14 @@ class CeleryWorker:
             os.close(handle)
         self.logfile = Path(logfile)
         self.extra_args = list(extra_args)
+        self.wrapper = list(wrapper)
         self.hostname = hostname or f"resto-test-{os.getpid()}-{id(self):x}@%h"
         self._process = None
         self._offset = 0
 
     def command(self):
         return [
+            *self.wrapper,
             sys.executable, "-m", "celery", "-A", self.app, "worker",
             "--pool", self.pool, "--concurrency", str(self.concurrency),
             "--queues", ",".join(self.queues), "--hostname", self.hostname,
@@ -71,6 +75,11 @@ class CeleryWorker:
                 return handle.read().decode(errors="replace")
         except FileNotFoundError:
             return ""
+
+    @property
+    def pid(self):
+        """The worker's main process id (None before :meth:`start`)."""
+        return None if self._process is None else self._process.pid
 
     @property
     def running(self):

@@ -5,7 +5,8 @@ from django.core.files.storage import storages
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
-from resto_celery import resync
+from resto_celery import marker, resync
+from resto_celery.exceptions import MasterUnavailable
 from resto_celery.models import Replica
 
 
@@ -36,6 +37,11 @@ class Command(BaseCommand):
             "--delete-extra", action="store_true",
             help="Also delete the files a listing host (WebDAV, Tahoe-LAFS) holds that the master has not.",
         )
+        parser.add_argument(
+            "--allow-mass-delete", action="store_true",
+            help="With --delete-extra: delete even when the extra files are more than RESTO_MAX_DELETE_SHARE "
+            "of what the host holds (the deletion brake; without this flag such a pass deletes nothing).",
+        )
         parser.add_argument("--workers", type=int, default=8, help="Parallel transfers per host (default 8).")
         parser.add_argument(
             "--restore-from", metavar="HOST",
@@ -61,7 +67,11 @@ class Command(BaseCommand):
             raise CommandError(f"Unknown media host(s) {', '.join(unknown)}; configured: {', '.join(storage.hosts)}.")
         failed = []
         for host in hosts:
-            if not self._resync_host(storage, host, options):
+            try:
+                ok = self._resync_host(storage, host, options)
+            except MasterUnavailable as refusal:
+                raise CommandError(f"Refused: {refusal}. Nothing was compared, uploaded or deleted.", returncode=1)
+            if not ok:
                 failed.append(host)
         if failed:
             raise CommandError(f"Resync incomplete for {', '.join(failed)}.", returncode=1)
@@ -102,15 +112,24 @@ class Command(BaseCommand):
             with self._bar(f"updating {host}", total=plan.upload_bytes, unit="B") as bar:
                 outcome = resync.apply_plan(
                     storage, plan, workers=options["workers"], via_queue=options["via_queue"],
-                    delete_extra=delete_extra, progress=lambda name, size: bar.update(size),
+                    delete_extra=delete_extra, allow_mass_delete=options["allow_mass_delete"],
+                    max_delete_share=storage.options.max_delete_share,
+                    progress=lambda name, size: bar.update(size),
                 )
+        if outcome.held:
+            self.stderr.write(self.style.ERROR(
+                f"  Deletion brake: {outcome.held} extra file(s) is more than "
+                f"{resync.delete_limit(plan, storage.options.max_delete_share)} of the {plan.listed} the host holds "
+                f"(RESTO_MAX_DELETE_SHARE); none was deleted. Check the master, then run again with "
+                f"--allow-mass-delete if they really must go."
+            ))
         for name, error in [*plan.errors, *outcome.failures]:
             self.stderr.write(self.style.ERROR(f"  failed: {name}: {error}"))
         done = f"{outcome.queued} task(s) queued" if options["via_queue"] else (
             f"{outcome.uploaded} uploaded ({_size(outcome.uploaded_bytes)})"
             + (f", {outcome.deleted} deleted" if delete_extra and plan.can_list else "")
         )
-        failures = len(plan.errors) + len(outcome.failures)
+        failures = len(plan.errors) + len(outcome.failures) + outcome.held
         style = self.style.ERROR if failures else self.style.SUCCESS
         self.stdout.write(style(f"  {done}, {failures} failed, in {time.monotonic() - started:.1f}s."))
         return not failures
@@ -126,6 +145,13 @@ class Command(BaseCommand):
             for name in names.iterator():
                 self.stdout.write(f"  would restore {name}")
             return
+        try:
+            marker.verify(storage.location, create=True)
+        except MasterUnavailable as refusal:
+            raise CommandError(
+                f"Refused: {refusal}. If this folder is where the master belongs (it lost its marker with its "
+                f"files), run 'manage.py resto_master --adopt' first.", returncode=1,
+            )
         try:
             with self._bar(f"restoring from {host}", total=count) as bar:
                 restored, skipped, failures = resync.restore(

@@ -11,9 +11,10 @@ from resto_celery import status
 class Command(BaseCommand):
     help = (
         "Show, per media host, how many files are synced, pending (being retried) and failed, "
-        "the oldest pending change, the last success, the last error and the circuit breaker. "
-        "Exits with status 1 when any host has failed files or an open breaker, so it can be "
-        "used as a monitoring check."
+        "the oldest pending change, the last success, the last error and the circuit breaker; and "
+        "whether each master copy carries its marker (workers that refused it, deletions the brake holds). "
+        "Exits with status 1 when any host has failed files, an open breaker or held deletions, or a "
+        "master copy is refused, so it can be used as a monitoring check."
     )
 
     def add_arguments(self, parser):
@@ -24,31 +25,59 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options):
         statuses = status.host_statuses(with_breakers=not options["no_breakers"])
+        masters = status.master_statuses()
         totals = status.totals(statuses)
         if options["json"]:
             totals = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in totals.items()}
-            self.stdout.write(json.dumps({"hosts": [s.as_dict() for s in statuses], "totals": totals}, indent=2))
+            self.stdout.write(json.dumps(
+                {"masters": [m.as_dict() for m in masters], "hosts": [s.as_dict() for s in statuses], "totals": totals},
+                indent=2,
+            ))
         else:
+            self._masters(masters)
             self._table(statuses, totals)
+        problems = [f"master copy {m.location} refused" for m in masters if not m.healthy]
         failing = [s.host for s in statuses if not s.healthy]
         if failing:
-            raise CommandError(f"{len(failing)} media host(s) failing: {', '.join(failing)}", returncode=1)
+            problems.append(f"{len(failing)} media host(s) failing: {', '.join(failing)}")
+        if problems:
+            raise CommandError("; ".join(problems), returncode=1)
+
+    def _masters(self, masters):
+        for master in masters:
+            if master.problem:
+                self.stdout.write(self.style.ERROR(f"MASTER {master.location}: REFUSED here: {master.problem}."))
+            elif master.note:
+                self.stdout.write(f"MASTER {master.location}: {master.note}.")
+            else:
+                self.stdout.write(f"MASTER {master.location}: ok (identity {master.identity}).")
+            for hold in master.refusals:
+                self.stdout.write(self.style.ERROR(
+                    f"  refused by the workers on {hold.subject} ({hold.count} time(s), last {_ago(hold.last_at)}): "
+                    f"{hold.reason}."
+                ))
+        if masters:
+            self.stdout.write("")
 
     def _table(self, statuses, totals):
-        headers = ["HOST", "SYNCED", "PENDING", "FAILED", "OLDEST PENDING", "LAST SUCCESS", "BREAKER", "LAST ERROR"]
+        headers = [
+            "HOST", "SYNCED", "PENDING", "FAILED", "OLDEST PENDING", "LAST SUCCESS", "BREAKER", "HELD DELETES",
+            "LAST ERROR",
+        ]
         rows = [
             [
                 s.host + ("" if s.configured else " (not configured)"),
                 str(s.synced), str(s.pending), str(s.failed),
                 _ago(s.oldest_pending), _ago(s.last_success) or "never",
-                _breaker(s), (s.last_error[:70] if s.last_error else ""),
+                _breaker(s), str(s.held_deletes) if s.held_deletes else "",
+                (s.last_error[:70] if s.last_error else ""),
             ]
             for s in statuses
         ]
         widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
         for row in [headers, *rows]:
             line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-            style = self.style.ERROR if row is not headers and row[3] != "0" else (lambda text: text)
+            style = self.style.ERROR if row is not headers and (row[3] != "0" or row[7]) else (lambda text: text)
             self.stdout.write(style(line))
         self.stdout.write(
             f"\n{totals['hosts']} host(s): {totals['synced']} synced, {totals['pending']} pending, "
