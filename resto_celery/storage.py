@@ -171,9 +171,10 @@ ENQUEUE_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 
 class AsyncStorage(HybridStorage):
     """Master copy in ``MEDIA_ROOT``, then one Celery task per host, run by workers.
 
-    ``save()`` and ``delete()`` change the master, then send ``resto_celery.upload`` or
-    ``resto_celery.delete`` with ``(host, path)`` for every host, to the queue named by
-    the ``queue`` option. They never raise for replication: a broker that cannot take the
+    ``save()`` and ``delete()`` change the master, then send one ``resto_celery.replicate``
+    message with ``(path, hosts, "upload"|"delete")`` to the queue named by the ``queue``
+    option (one per queue when hosts have queues of their own); retries and repairs are
+    ``resto_celery.upload``/``delete`` tasks for one ``(host, path)``. They never raise for replication: a broker that cannot take the
     message is logged at ERROR and ``reconcile`` repairs the path later.
     ``fatal_exceptions`` does not apply.
 
@@ -189,10 +190,11 @@ class AsyncStorage(HybridStorage):
         registry.register(self)
 
     def execute(self, operation, name):
-        """Enqueue ``operation`` for ``name`` on every host; log, never raise, on broker errors.
+        """Send ``operation`` of ``name`` to the workers; log, never raise, on broker errors.
 
-        The messages for all hosts go through one producer, in one publish batch where the
-        broker's transport has them (kombu >= 5.7 on Redis: one round trip for all hosts).
+        One message per change (per queue, when hosts have queues of their own), which a
+        worker fans out to the hosts (``resto_celery.replicate``): the request pays one
+        publish whatever the number of hosts.
         """
         hosts = self.hosts
         if not hosts:
@@ -200,6 +202,9 @@ class AsyncStorage(HybridStorage):
         marker.ensure(self.location)  # workers replicate only from a folder that proves it is the master
         if self.options.master_url is not None:
             self._mark_unconfirmed(operation, name)
+        groups = {}
+        for host in hosts:
+            groups.setdefault(self.options.queue_for(host), []).append(host)
         from celery import current_app
 
         from .tasks import publish_batch
@@ -208,10 +213,10 @@ class AsyncStorage(HybridStorage):
             with current_app.producer_or_acquire() as producer:
                 queued = []
                 try:
-                    with publish_batch(producer) if len(hosts) > 1 else nullcontext():
-                        for host in hosts:
-                            if self._enqueue_logged(operation, host, name, producer):
-                                queued.append(host)
+                    with publish_batch(producer) if len(groups) > 1 else nullcontext():
+                        for group in groups.values():
+                            if self._enqueue_logged(operation, group, name, producer):
+                                queued.extend(group)
                 except Exception as error:  # noqa: BLE001 - the batch could not be sent
                     for host in queued:
                         self._log_enqueue_failure(operation, host, name, error)
@@ -219,12 +224,13 @@ class AsyncStorage(HybridStorage):
             for host in hosts:
                 self._log_enqueue_failure(operation, host, name, error)
 
-    def _enqueue_logged(self, operation, host, name, producer):
-        """Enqueue for one host; log a failure and return False instead of raising."""
+    def _enqueue_logged(self, operation, hosts, name, producer):
+        """Enqueue for some hosts; log a failure and return False instead of raising."""
         try:
-            self.execute_one(operation, host, name, producer=producer)
+            self.enqueue_change(operation, name, hosts, producer=producer)
         except Exception as error:  # noqa: BLE001 - the master write stands; reconcile repairs
-            self._log_enqueue_failure(operation, host, name, error)
+            for host in hosts:
+                self._log_enqueue_failure(operation, host, name, error)
             return False
         return True
 
@@ -236,8 +242,21 @@ class AsyncStorage(HybridStorage):
         )
 
     def execute_one(self, operation, host, name, producer=None):
-        """Send the task for ``operation`` on ``host``; override to send work elsewhere."""
+        """Send the task for ``operation`` on ``host`` alone (reconcile, operators' actions)."""
         self.enqueue(operation, host, name, producer=producer)
+
+    def enqueue_change(self, operation, name, hosts, producer=None):
+        """Publish ``resto_celery.replicate`` with ``(name, hosts, operation)`` to the hosts'
+        queue (they share one); a worker syncs each host in turn."""
+        from . import tasks
+
+        return tasks.replicate.apply_async(
+            (name, list(hosts), operation),
+            queue=self.options.queue_for(hosts[0]),
+            producer=producer,
+            retry=True,
+            retry_policy=ENQUEUE_RETRY_POLICY,
+        )
 
     def url(self, name):
         """The hosts' URL of ``name`` (``base_url``); with the ``master_url`` option, the master

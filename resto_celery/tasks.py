@@ -167,24 +167,36 @@ class _FailurePolicy:
 
 
 def _replicate(task, operation, host, path, failures):
+    """The per-host tasks' body: retries are this task's own (``task.retry`` keeps its id)."""
+
+    def retry(countdown, failures, exc=None):
+        raise task.retry(countdown=countdown, kwargs={"failures": failures}, exc=exc)
+
     storage = registry.storage_for_host(host)
+    action = _sync_host(storage, operation, host, path, failures, task.request.id or "",
+                        task.request.retries - failures, retry)
+    return {"action": action, "host": host, "path": path}
+
+
+def _sync_host(storage, operation, host, path, failures, task_id, waits, retry):
+    """Bring ``path`` in line on ``host``; on a busy lease or a retryable failure call
+    ``retry(countdown, failures, exc)``, which raises (a task's own retry) or sends a task."""
     options = storage.options
-    policy = _FailurePolicy(host, path, failures, options, task.request.id or "")
+    policy = _FailurePolicy(host, path, failures, options, task_id)
     coordinator = coordinator_for(options)
     try:
-        action = replication.sync(
+        return replication.sync(
             host, path, storage.path(path), storage.transport(host), coordinator,
-            location=storage.location, on_failure=policy, task_id=policy.task_id,
+            location=storage.location, on_failure=policy, task_id=task_id,
             on_arrival=lambda done, version: replication.announce(storage, host, path, done, version, coordinator),
             on_recovery=lambda back: release_backlog(storage, back),
         )
     except replication.LeaseBusy as busy:
-        waits = task.request.retries - failures
         if waits >= MAX_LEASE_WAITS:
             raise
         # Short waits first (most transfers are quick), never past the holder's expiry.
-        countdown = min(max(busy.wait, 0.1), 0.25 * 2 ** min(waits, 6))
-        raise task.retry(countdown=jittered(countdown), kwargs={"failures": failures})
+        retry(jittered(min(max(busy.wait, 0.1), 0.25 * 2 ** min(max(waits, 0), 6))), failures)
+        return "wait"
     except MasterUnavailable as error:
         logger.error("Failed to %s %s on %s: %s; reconcile sends it once the master is back.",
                      operation, path, host, error)
@@ -192,10 +204,40 @@ def _replicate(task, operation, host, path, failures):
     except (TransportError, MasterReadError) as error:
         if policy.retry:
             logger.warning("Will retry to %s %s on %s in %.1fs: %s", operation, path, host, policy.delay, error.reason)
-            raise task.retry(countdown=policy.delay, kwargs={"failures": failures + 1}, exc=error)
+            retry(policy.delay, failures + 1, error)
+            return "retry"
         logger.error("Failed to %s %s on %s: %s", operation, path, host, error.reason)
         raise
-    return {"action": action, "host": host, "path": path}
+
+
+@shared_task(name="resto_celery.replicate", **TASK_OPTIONS)
+def replicate(self, path, hosts, operation="upload"):
+    """Bring ``path`` in line with the master on each of ``hosts``: one message per change.
+
+    ``operation`` names the change that caused it (``"upload"`` or ``"delete"``); the
+    master's current state decides what is sent. The hosts are synced in turn, each under
+    its own lease, exactly as the per-host tasks do it; a host whose lease another worker
+    holds, or that fails with a retryable error, gets a ``resto_celery.upload``/``delete``
+    task of its own for the retries, so a slow or failing host never holds back the
+    others. A host that fails for good is raised once every host was tried (the result
+    backend records it).
+    """
+    storage = registry.storage_for_host(hosts[0])
+    task = upload if operation == "upload" else delete
+    outcomes, failure = {}, None
+
+    for host in hosts:
+        def retry(countdown, failures, exc=None, host=host):
+            task.apply_async((host, path), kwargs={"failures": failures}, countdown=countdown,
+                             queue=storage.options.queue_for(host))
+
+        try:
+            outcomes[host] = _sync_host(storage, operation, host, path, 0, self.request.id or "", 0, retry)
+        except (TransportError, MasterReadError, MasterUnavailable) as error:
+            outcomes[host], failure = "failed", error
+    if failure is not None:
+        raise failure
+    return {"path": path, "outcomes": outcomes}
 
 
 def release_backlog(storage, host, limit=BACKLOG_RELEASE_LIMIT):

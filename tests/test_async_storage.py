@@ -25,17 +25,15 @@ def test_save_returns_before_replication_and_touches_no_database(make_site, djan
     assert all(host.files() == {} for host in site.hosts)  # no worker yet
 
 
-def test_each_message_carries_only_the_host_and_the_path(make_site):
-    site = make_site()
+def test_a_save_sends_one_message_with_the_path_and_the_hosts_only(make_site):
+    site = make_site(host_count=3)
     site.storage.save("secret/report.pdf", ContentFile(b"%PDF- secret bytes"))
-    raw = redis.Redis.from_url(site.redis_url).lrange("resto", 0, -1)
-    messages = [json.loads(item) for item in raw]
-    assert len(messages) == 2
-    for message, host in zip(reversed(messages), site.hosts):
-        assert message["headers"]["task"] == "resto_celery.upload"
-        args, kwargs, _ = json.loads(__import__("base64").b64decode(message["body"]))
-        assert (args, kwargs) == ([host.url, "secret/report.pdf"], {})
-        assert b"secret bytes" not in json.dumps(message).encode()
+    [raw] = redis.Redis.from_url(site.redis_url).lrange("resto", 0, -1)
+    message = json.loads(raw)
+    assert message["headers"]["task"] == "resto_celery.replicate"
+    args, kwargs, _ = json.loads(__import__("base64").b64decode(message["body"]))
+    assert (args, kwargs) == (["secret/report.pdf", [host.url for host in site.hosts], "upload"], {})
+    assert b"secret bytes" not in raw
 
 
 def test_a_worker_replicates_saves_and_deletes_to_every_host(make_site, broker_url):
@@ -76,14 +74,24 @@ def test_a_broker_outage_at_save_time_keeps_the_master_write_and_logs(make_site,
     assert lines[0].endswith("reconcile will repair it.")
 
 
-def test_a_save_just_after_a_broker_restart_still_queues_a_message_per_host(make_site, redis_server):
+def test_a_save_just_after_a_broker_restart_still_queues_its_message(make_site, redis_server):
     site = make_site(host_count=3)
     site.storage.save("before.txt", ContentFile(b"sent on a connection that the restart kills"))
     redis_server.restart()  # the queue is gone with it, and the pooled connection is stale
     site.storage.save("after.txt", ContentFile(b"after the restart"))
-    raw = redis.Redis.from_url(site.redis_url).lrange("resto", 0, -1)
-    queued = sorted(tuple(json.loads(item)["headers"]["argsrepr"][1:-1].split(", ")) for item in raw)
-    assert queued == sorted((repr(host.url), "'after.txt'") for host in site.hosts)
+    [raw] = redis.Redis.from_url(site.redis_url).lrange("resto", 0, -1)
+    assert json.loads(raw)["headers"]["argsrepr"] == repr(("after.txt", [host.url for host in site.hosts], "upload"))
+
+
+def test_a_message_of_the_previous_release_one_per_host_is_still_handled(make_site):
+    """Messages outlive releases: the per-host tasks that release sent are still run."""
+    site = make_site(host_count=2)
+    site.storage.save("old.txt", ContentFile(b"queued before the upgrade"))
+    redis.Redis.from_url(site.redis_url).delete("resto")  # only the previous release's messages remain
+    for host in site.hosts:
+        site.storage.enqueue("upload", host.url, "old.txt")  # the shape that release sent
+    site.start_worker()
+    site.wait_until_drained_and_converged()
 
 
 def _publish(site, operation, name):
@@ -197,7 +205,7 @@ def test_a_worker_killed_mid_transfer_is_replaced_and_the_host_converges(make_si
     worker = site.start_worker(concurrency=1, visibility_timeout=4)
     big = b"0123456789abcdef" * (4 * 1024 * 1024)  # 64 MiB
     site.storage.save("big.bin", ContentFile(big))
-    wait_until(lambda: "resto_celery.upload" in worker.log(), message="the worker to take the task")
+    wait_until(lambda: "resto_celery.replicate" in worker.log(), message="the worker to take the task")
     time.sleep(1.5)  # about a third of the body is sent
     worker.kill()
     host.reset_faults()
@@ -246,7 +254,7 @@ def test_queue_option_routes_each_hosts_tasks_to_its_own_queue(make_site):
     client = redis.Redis.from_url(site.redis_url)
     for host in site.hosts:
         [raw] = client.lrange(f"resto-{host.url}", 0, -1)
-        assert json.loads(raw)["headers"]["argsrepr"] == repr((host.url, "a.txt"))
+        assert json.loads(raw)["headers"]["argsrepr"] == repr(("a.txt", [host.url], "upload"))
     assert client.llen("resto") == 0
 
 
@@ -257,14 +265,14 @@ def test_a_reconcile_pass_is_skipped_while_another_one_runs(make_site):
     site = make_site(host_count=2)
     registry.clear()
     registry.register(site.storage)  # this test's storage only, not earlier tests' ones
-    site.storage.save("a.txt", ContentFile(b"x"))  # 2 messages, and the master's marker
+    site.storage.save("a.txt", ContentFile(b"x"))  # one message, and the master's marker
     queued = redis.Redis.from_url(site.redis_url).llen
     running = coordinator_for(site.storage.options).pass_lock(f"reconcile:{site.storage.location}", 60)
     assert running.acquire()
     try:
         assert reconcile.run().get("skipped", 0) >= 1
-        assert queued("resto") == 2  # nothing enqueued again
+        assert queued("resto") == 1  # nothing enqueued again
     finally:
         running.release()
     reconcile.run()
-    assert queued("resto") == 4  # a pass of its own: a.txt has no rows yet, so it goes to both hosts
+    assert queued("resto") == 3  # a pass of its own: a.txt has no rows yet, so a task per host

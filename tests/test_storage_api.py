@@ -264,7 +264,7 @@ def test_async_storage_enqueues_an_upload_when_a_file_written_through_open_is_cl
     with site.storage.open("w.txt", "wb") as handle:
         handle.write(b"bytes")
         assert _queued(site.redis_url) == []
-    assert _queued(site.redis_url) == sorted(("resto_celery.upload", host.url, "w.txt") for host in site.hosts)
+    assert _queued(site.redis_url) == [("resto_celery.replicate", "w.txt", [host.url for host in site.hosts], "upload")]
     assert (site.media_root / "w.txt").read_bytes() == b"bytes"
 
 
