@@ -1,4 +1,4 @@
-"""``replication.reconcile()`` over a large master tree with 3 media hosts.
+"""``reconcile.reconcile()`` over a large master tree with 3 media hosts.
 
 Two master trees of small files in nested folders (100 per folder) are made once: the
 full one (``--files``) and one ten times smaller, each with its own 3 host names. Then,
@@ -105,7 +105,7 @@ def walk(storage):
 
 def reconcile_counting(storage):
     """``reconcile()`` with an ``enqueue`` that only counts; return its counts."""
-    from resto_celery.replication import reconcile
+    from resto_celery.reconcile import reconcile
 
     enqueued = collections.Counter()
 
@@ -123,7 +123,7 @@ def reconcile_publishing(storage):
     (one Redis pipeline per 1,000 messages with kombu >= 5.7), as the task does."""
     from celery import current_app
 
-    from resto_celery.replication import reconcile
+    from resto_celery.reconcile import reconcile
     from resto_celery.tasks import publish_batch
 
     with current_app.producer_or_acquire() as producer, publish_batch(producer):
@@ -300,6 +300,10 @@ def measure(work, files, rounds, broker_url, publish_full=False, profile=False):
         "small": AsyncStorage(location=str(work / "small"), hosts=SMALL_HOSTS),
         "full": AsyncStorage(location=str(work / "full"), hosts=HOSTS),
     }
+    from resto_celery import marker
+
+    for storage in storages.values():
+        marker.verify(storage.location, create=True)  # the site's master: reconcile decides from it
     full = storages["full"]
     publish_on = "full" if publish_full else "small"
     publish_files = files if publish_full else files // 10
@@ -333,7 +337,7 @@ def measure(work, files, rounds, broker_url, publish_full=False, profile=False):
     summary = summarize(samples)
     return {
         "description": (
-            f"`replication.reconcile(storage, enqueue)` with {len(HOSTS)} hosts over a master tree of "
+            f"`reconcile.reconcile(storage, enqueue)` with {len(HOSTS)} hosts over a master tree of "
             f"{files:,} files of {len(FILE_BYTES)} bytes ({FILES_PER_FOLDER} per folder, 2 levels of folders), "
             f"default batch size ({BATCH_SIZE}). {rounds} rounds, the modes in turn within each. Seconds: median "
             f"and range over rounds. Ratio to walk: time per file over the walk's time per file (same tree) "

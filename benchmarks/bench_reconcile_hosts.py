@@ -29,7 +29,7 @@ def reconcile_once(bench):
     """Run one reconcile as the task does; return (seconds to enqueue, counts)."""
     from celery import current_app
 
-    from resto_celery.replication import reconcile
+    from resto_celery.reconcile import reconcile
     from resto_celery.tasks import publish_batch
 
     storage = bench.storage
@@ -76,9 +76,12 @@ def main(argv=None):
             environment = common.environment()
             bench.reset()
             make_tree(bench.master, files)
+            from resto_celery import marker
+            from resto_celery.replication import walk_master
+
+            marker.verify(str(bench.master), create=True)  # the site's master: reconcile decides from it
             names_sizes = {
-                str(path.relative_to(bench.master)): path.stat().st_size
-                for path in bench.master.rglob("*") if path.is_file()
+                name: int(fingerprint.split(":", 1)[0]) for name, fingerprint in walk_master(str(bench.master))
             }
             bench.start_worker(POOL, CONCURRENCY)
             start = time.perf_counter()

@@ -91,11 +91,13 @@ class Bench:
         """Empty the master, the hosts, the queue and the Replica table; flush to disk."""
         from resto_celery.models import Replica
 
+        from resto_celery.master import MARKER_NAME
+
         for folder in [self.master] + [host.root for host in self.hosts]:
             for entry in os.scandir(folder):
                 if entry.is_dir(follow_symlinks=False):
                     shutil.rmtree(entry.path)
-                else:
+                elif entry.name != MARKER_NAME:  # the master stays the site's master
                     os.unlink(entry.path)
         common.flush_redis(self.redis.url)
         common.empty_table(Replica)
