@@ -256,12 +256,8 @@ def _record_identity(location, identity):
 
 
 def _report(location, refusal):
-    now = time.monotonic()
-    with _lock:
-        if now - _reported.get(location, -REPORT_EVERY) < REPORT_EVERY:
-            return
-        _reported[location] = now
-        _cleared.pop(location, None)
+    if not _time_to(_reported, _cleared, location, REPORT_EVERY):
+        return
     try:
         record_hold(Hold.Kind.MASTER, location, machine(), refusal.reason)
     except DatabaseError as error:  # the refusal is logged by the caller all the same
@@ -269,16 +265,24 @@ def _report(location, refusal):
 
 
 def _clear(location):
-    now = time.monotonic()
-    with _lock:
-        if now - _cleared.get(location, -EXPECTED_TTL) < EXPECTED_TTL:
-            return
-        _cleared[location] = now
-        _reported.pop(location, None)
+    if not _time_to(_cleared, _reported, location, EXPECTED_TTL):
+        return
     try:
         Hold.objects.filter(kind=Hold.Kind.MASTER, location=location, subject=machine()).delete()
     except DatabaseError as error:
         logger.warning("Could not clear the refusal of %s: %s", location, error)
+
+
+def _time_to(done, opposite, location, every):
+    """Whether the hold of ``location`` is due a write (its last one, in ``done``, is older than
+    ``every`` seconds); if so, note it now and forget the last write of the ``opposite`` kind."""
+    now = time.monotonic()
+    with _lock:
+        if now - done.get(location, -every) < every:
+            return False
+        done[location] = now
+        opposite.pop(location, None)
+    return True
 
 
 def record_hold(kind, location, subject, reason, count=1, *, add=True):

@@ -99,11 +99,7 @@ class MasterStorage(FileSystemStorage):
         return directories, files
 
     def _save(self, name, content):
-        full_path = self.path(name)
-        self._refuse_marker(full_path)
-        directory = os.path.dirname(full_path)
-        self._make_directory(directory)
-        fd, temp_path = _create_temporary(directory)
+        full_path, fd, temp_path = self._temporary_beside(name)
         try:
             self._write(fd, temp_path, content)
             self._finish_temporary(temp_path)
@@ -157,11 +153,7 @@ class MasterStorage(FileSystemStorage):
         Readers see the old file or the whole new one; if the block raises, nothing changes.
         Nothing is replicated (``resto_resync --restore-from`` rebuilds the master with it).
         """
-        full_path = self.path(name)
-        self._refuse_marker(full_path)
-        directory = os.path.dirname(full_path)
-        self._make_directory(directory)
-        fd, temp_path = _create_temporary(directory)
+        full_path, fd, temp_path = self._temporary_beside(name)
         try:
             with os.fdopen(fd, "wb") as sink:
                 yield sink
@@ -180,6 +172,15 @@ class MasterStorage(FileSystemStorage):
             if os.path.lexists(temp_path):
                 os.unlink(temp_path)
         self.written(name)
+
+    def _temporary_beside(self, name):
+        """``(full_path, fd, temp_path)``: where ``name`` goes (its folder made), and a new
+        temporary file in that folder, to be moved into place once written."""
+        full_path = self.path(name)
+        self._refuse_marker(full_path)
+        directory = os.path.dirname(full_path)
+        self._make_directory(directory)
+        return (full_path, *_create_temporary(directory))
 
     def _refuse_marker(self, full_path):
         if os.path.join(self.location, MARKER_NAME) == full_path:
