@@ -118,13 +118,6 @@ class Options:
         return self.queue.replace("{host}", host)
 
 
-def split_options(options, names=SETTINGS):
-    """Split storage keyword arguments into resto options and the rest."""
-    ours = {key: value for key, value in options.items() if key in names}
-    rest = {key: value for key, value in options.items() if key not in names}
-    return ours, rest
-
-
 def resolve(options=None, *, media_url=None, leases=True):
     """Resolve per-storage ``options`` over the global settings into :class:`Options`.
 

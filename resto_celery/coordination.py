@@ -225,7 +225,8 @@ class CircuitBreaker:
     ``threshold`` consecutive retryable failures within ``cooldown`` seconds open the
     breaker for ``cooldown`` seconds; tasks for the host then wait instead of spending a
     worker slot on a timeout. The first attempt after that is the probe: one more failure
-    re-opens it at once, a success closes it.
+    re-opens it at once, a success closes it (:meth:`Lease.release`, in the same round trip
+    as the lease).
     """
 
     def __init__(self, client, host, *, threshold, cooldown):
@@ -246,7 +247,7 @@ class CircuitBreaker:
         """Count a retryable failure; return True if the breaker is now open.
 
         Failures are counted even with the breaker disabled (threshold 0): the count is how
-        :meth:`record_success` knows that the host has just come back.
+        a success (:meth:`Lease.release` with the breaker) knows that the host has just come back.
         """
         pipe = self.client.pipeline()
         pipe.incr(self.failures_key)
@@ -256,10 +257,6 @@ class CircuitBreaker:
             self.client.set(self.open_key, failures, px=self.cooldown_ms)
             return True
         return False
-
-    def record_success(self):
-        """Close the breaker and reset the count; return True if the host had been failing."""
-        return bool(self.client.delete(self.failures_key, self.open_key))
 
 
 def jittered(seconds):
