@@ -10,14 +10,13 @@ import json
 import shutil
 import subprocess
 import sys
-import tarfile
-import tempfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import django
 import pytest
 
 from tests.django_suite.skips import applicable
+from tests.sdist_suites import fetch_sdist
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "django-suite"
@@ -26,32 +25,11 @@ SUITE = "file_storage"
 
 def _download_suite(version, target):
     """Put ``tests/file_storage`` of Django ``version``'s sdist into ``target``."""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    (CACHE.parent / ".gitignore").write_text("*\n")
-    with tempfile.TemporaryDirectory(dir=CACHE) as work:
-        download = subprocess.run(
-            [sys.executable, "-m", "pip", "download", f"django=={version}", "--no-binary", ":all:", "--no-deps",
-             "--quiet", "-d", work],
-            capture_output=True, text=True, timeout=600,
-        )
-        sdists = list(Path(work).glob("*.tar.gz"))
-        if download.returncode != 0 or len(sdists) != 1:
-            pytest.fail(f"Could not download Django {version}'s source distribution:\n{download.stderr}")
-        staged = Path(work) / version
-        with tarfile.open(sdists[0]) as sdist:
-            for member in sdist.getmembers():
-                parts = PurePosixPath(member.name).parts
-                if member.isfile() and parts[1:3] == ("tests", SUITE) and ".." not in parts:
-                    destination = staged.joinpath(*parts[2:])
-                    destination.parent.mkdir(parents=True, exist_ok=True)
-                    destination.write_bytes(sdist.extractfile(member).read())
-        if not (staged / SUITE / "tests.py").is_file():
-            pytest.fail(f"Django {version}'s source distribution has no tests/{SUITE}/tests.py.")
-        try:
-            staged.rename(target)
-        except OSError:  # another run put it there first
-            if not target.is_dir():
-                raise
+
+    def select(parts):
+        return parts[2:] if parts[1:3] == ("tests", SUITE) else None
+
+    fetch_sdist(f"django=={version}", target, select=select, landmark=f"{SUITE}/tests.py")
 
 
 @pytest.fixture(scope="module")

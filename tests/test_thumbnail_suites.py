@@ -12,12 +12,11 @@ import json
 import shutil
 import subprocess
 import sys
-import tarfile
-import tempfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import pytest
 
+from tests.sdist_suites import fetch_sdist
 from tests.thumbnail_suites.skips import applicable
 from tests.thumbnail_suites.suites import BACKENDS, SUITES
 
@@ -27,33 +26,8 @@ CACHE = ROOT / ".cache" / "thumbnail-suites"
 
 def _download_suite(suite, target):
     """Unpack ``suite``'s source distribution (its top folder's content) into ``target``."""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    (CACHE.parent / ".gitignore").write_text("*\n")
-    with tempfile.TemporaryDirectory(dir=CACHE) as work:
-        download = subprocess.run(
-            [sys.executable, "-m", "pip", "download", suite.requirement, "--no-binary", ":all:", "--no-deps",
-             "--quiet", "-d", work],
-            capture_output=True, text=True, timeout=600,
-        )
-        sdists = list(Path(work).glob("*.tar.gz"))
-        if download.returncode != 0 or len(sdists) != 1:
-            pytest.fail(f"Could not download the source distribution of {suite.requirement}:\n{download.stderr}")
-        staged = Path(work) / "suite"
-        with tarfile.open(sdists[0]) as sdist:
-            for member in sdist.getmembers():
-                parts = PurePosixPath(member.name).parts
-                if member.isfile() and len(parts) > 1 and ".." not in parts and not member.name.startswith("/"):
-                    destination = staged.joinpath(*parts[1:])
-                    destination.parent.mkdir(parents=True, exist_ok=True)
-                    destination.write_bytes(sdist.extractfile(member).read())
-                    destination.chmod(member.mode & 0o755)  # easy-thumbnails runs its mockoptim.py
-        if not (staged / suite.landmark).is_file():
-            pytest.fail(f"The source distribution of {suite.requirement} has no {suite.landmark}.")
-        try:
-            staged.rename(target)
-        except OSError:  # another run put it there first
-            if not target.is_dir():
-                raise
+    # Modes kept: easy-thumbnails runs its mockoptim.py.
+    fetch_sdist(suite.requirement, target, select=lambda parts: parts[1:], landmark=suite.landmark, keep_modes=True)
 
 
 @pytest.fixture(scope="module")

@@ -58,7 +58,9 @@ def _run(backend):
 
     django.setup()
     if backend == "async":
-        _use_memory_broker()
+        from tests.sdist_suites import use_memory_broker
+
+        use_memory_broker("django_suite")
     # As runtests.py: the app under test is installed once the others are ready, here
     # after the swap, so its models' storages are ours.
     import django.contrib.staticfiles.storage  # noqa: F401 - Django's own subclasses stay as they are
@@ -92,15 +94,6 @@ def _run(backend):
     }
     print("RESULT " + json.dumps(summary), flush=True)
     return 1 if failures or stale else 0
-
-
-def _use_memory_broker():
-    from celery import Celery
-
-    app = Celery("django_suite")
-    app.config_from_object("django.conf:settings", namespace="CELERY")
-    app.set_default()
-    app.set_current()
 
 
 if __name__ == "__main__":

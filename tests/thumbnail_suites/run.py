@@ -62,7 +62,9 @@ def _run(app, backend, labels, server):
     django.setup()
     published = _count_published_tasks()
     if backend == "async":
-        _use_memory_broker()
+        from tests.sdist_suites import use_memory_broker
+
+        use_memory_broker("thumbnail_suites")
 
     class Runner(DiscoverRunner):
         result = None
@@ -134,16 +136,6 @@ def _count_published_tasks():
 
     after_task_publish.connect(published, weak=False)
     return count
-
-
-def _use_memory_broker():
-    """As :mod:`tests.django_suite.run`: a Celery app configured from the settings (``memory://``)."""
-    from celery import Celery
-
-    app = Celery("thumbnail_suites")
-    app.config_from_object("django.conf:settings", namespace="CELERY")
-    app.set_default()
-    app.set_current()
 
 
 if __name__ == "__main__":
