@@ -4,7 +4,6 @@ No Django, no Celery: a :class:`Coordinator` wraps one Redis connection pool.
 """
 import hashlib
 import os
-import random
 import threading
 import time
 import uuid
@@ -20,10 +19,39 @@ _ACQUIRE = """
 if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, redis.call('pttl', KEYS[2])} end
 return {0, redis.call('pttl', KEYS[1])}
 """
-_RELEASE_AND_CLOSE = """
-local failed = redis.call('del', KEYS[2], KEYS[3])
-if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1]) end
-return failed
+_ACQUIRE_MANY = """
+local n = #KEYS / 2
+local out = {}
+for i = 1, n do
+  if redis.call('set', KEYS[i], ARGV[i], 'NX', 'PX', ARGV[n + 1]) then
+    out[i] = {1, redis.call('pttl', KEYS[n + i])}
+  else
+    out[i] = {0, redis.call('pttl', KEYS[i])}
+  end
+end
+return out
+"""
+# KEYS, five per host: the lease, the breaker's failures, open, down-since and back-at keys.
+# ARGV: the tokens ("" for a lease to keep), then per host "1" to close the breaker (a
+# success) or "0", then the time and how long to remember it. Returns per host 1 when the
+# breaker had counted failures: the host has just come back.
+_RELEASE_MANY = """
+local n = #KEYS / 5
+local now = ARGV[2 * n + 1]
+local out = {}
+for i = 1, n do
+  local base = (i - 1) * 5
+  out[i] = 0
+  if ARGV[n + i] == '1' then
+    if redis.call('del', KEYS[base + 2], KEYS[base + 3]) > 0 then
+      out[i] = 1
+      redis.call('del', KEYS[base + 4])
+      redis.call('set', KEYS[base + 5], now, 'PX', ARGV[2 * n + 2])
+    end
+  end
+  if ARGV[i] ~= '' and redis.call('get', KEYS[base + 1]) == ARGV[i] then redis.call('del', KEYS[base + 1]) end
+end
+return out
 """
 _RENEW = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
@@ -32,6 +60,13 @@ return 0
 
 #: A host whose last failure is older than this is not "coming back" when it next succeeds.
 RECOVERY_WINDOW_MS = 15 * 60 * 1000
+
+#: A probe that was scheduled but never ran (its message lost) lets another be scheduled
+#: this long after it was due (milliseconds).
+PROBE_SLACK_MS = 30_000
+
+#: How long "came back at" is remembered for the dashboard (seconds).
+BACK_AT_KEPT = 24 * 3600
 
 #: How long an announced change is remembered, so that it is announced once (seconds).
 ANNOUNCED_FOR = 24 * 3600
@@ -72,6 +107,10 @@ class Coordinator:
     def breaker(self, host):
         return CircuitBreaker(self.client, host, threshold=self.breaker_threshold, cooldown=self.breaker_cooldown)
 
+    def path_leases(self, hosts, path):
+        """The leases on ``path`` on each of ``hosts``, with the hosts' breakers (:class:`PathLeases`)."""
+        return PathLeases(self, hosts, path)
+
     def first_to_tell(self, *change):
         """Whether this caller is the first to announce ``change`` (a tuple of strings) in a day."""
         return bool(self.client.set("resto:told:" + _key(*change), 1, nx=True, ex=ANNOUNCED_FOR))
@@ -105,17 +144,6 @@ class Lease:
         """Take the lease if free; return whether it is now ours."""
         return bool(self.client.set(self.key, self.token, nx=True, px=self.ttl_ms))
 
-    def acquire_unless_open(self, breaker):
-        """Take the lease and read ``breaker`` in one round trip.
-
-        Returns ``(acquired, wait)``: with the lease, ``wait`` is how long the breaker stays
-        open (0 when closed); without it, how long the current holder's lease lasts.
-        """
-        acquired, ttl = self.client.eval(_ACQUIRE, 2, self.key, breaker.open_key, self.token, self.ttl_ms)
-        if acquired and not breaker.threshold:
-            ttl = 0
-        return bool(acquired), max(ttl, 0) / 1000
-
     def remaining(self):
         """Seconds until the current holder's lease expires (0 if free)."""
         ttl = self.client.pttl(self.key)
@@ -126,18 +154,10 @@ class Lease:
         value = self.client.get(self.key)
         return value is not None and value.decode() == self.token
 
-    def release(self, breaker=None):
-        """Give the lease back, if it is still ours; with ``breaker``, also close it (a success).
-
-        Returns True when the breaker had counted failures: the host has just come back.
-        """
+    def release(self):
+        """Give the lease back, if it is still ours."""
         _renewer.forget(self)
-        if breaker is None:
-            self.client.eval(_RELEASE, 1, self.key, self.token)
-            return False
-        return bool(self.client.eval(
-            _RELEASE_AND_CLOSE, 3, self.key, breaker.failures_key, breaker.open_key, self.token
-        ))
+        self.client.eval(_RELEASE, 1, self.key, self.token)
 
     def abandon(self):
         """Stop renewing but keep the lease until it expires.
@@ -155,6 +175,81 @@ class Lease:
             yield self
         finally:
             _renewer.forget(self)
+
+
+class PathLeases:
+    """The leases on one path on several hosts: taken, checked and given back in one round
+    trip each, whatever the number of hosts (a fan-out task syncs them together)."""
+
+    def __init__(self, coordinator, hosts, path):
+        self.client = coordinator.client
+        self.leases = {host: coordinator.lease(host, path) for host in hosts}
+        self.breakers = {host: coordinator.breaker(host) for host in hosts}
+        self.ours = set()
+
+    def acquire(self):
+        """Take every free lease and read every host's breaker in one round trip.
+
+        Returns ``{host: (acquired, wait)}``: with the lease, ``wait`` is how long the host's
+        breaker stays open (0 when closed); without it, how long the holder's lease lasts.
+        """
+        hosts = list(self.leases)
+        if not hosts:
+            return {}
+        keys = [self.leases[host].key for host in hosts] + [self.breakers[host].open_key for host in hosts]
+        tokens = [self.leases[host].token for host in hosts]
+        ttl_ms = self.leases[hosts[0]].ttl_ms
+        answers = self.client.eval(_ACQUIRE_MANY, len(keys), *keys, *tokens, ttl_ms)
+        states = {}
+        for host, (acquired, ttl) in zip(hosts, answers):
+            if acquired:
+                self.ours.add(host)
+                if not self.breakers[host].threshold:
+                    ttl = 0
+            states[host] = (bool(acquired), max(ttl, 0) / 1000)
+        return states
+
+    @contextmanager
+    def kept_alive(self, hosts):
+        """Context manager: the leases of ``hosts`` are renewed while the block runs."""
+        for host in hosts:
+            _renewer.keep(self.leases[host])
+        try:
+            yield self
+        finally:
+            for host in hosts:
+                _renewer.forget(self.leases[host])
+
+    def held(self, hosts):
+        """The hosts among ``hosts`` whose lease is still ours (one ``MGET``)."""
+        hosts = list(hosts)
+        if not hosts:
+            return set()
+        values = self.client.mget([self.leases[host].key for host in hosts])
+        return {host for host, value in zip(hosts, values) if value is not None and value.decode() == self.leases[host].token}
+
+    def release(self, succeeded=(), keep=()):
+        """Give back every lease we took, except those of ``keep`` (outcomes in doubt: they
+        expire), and close the breakers of the hosts that ``succeeded``: one round trip.
+
+        Returns the hosts among ``succeeded`` whose breaker had counted failures: they have
+        just come back.
+        """
+        hosts = sorted(self.ours)
+        self.ours = set()
+        if not hosts:
+            return set()
+        keys, tokens, closes = [], [], []
+        for host in hosts:
+            lease, breaker = self.leases[host], self.breakers[host]
+            _renewer.forget(lease)
+            keys += [lease.key, breaker.failures_key, breaker.open_key, breaker.down_since_key, breaker.back_at_key]
+            tokens.append("" if host in keep else lease.token)
+            closes.append("1" if host in succeeded else "0")
+        answers = self.client.eval(
+            _RELEASE_MANY, len(keys), *keys, *tokens, *closes, f"{time.time():.3f}", BACK_AT_KEPT * 1000
+        )
+        return {host for host, came_back in zip(hosts, answers) if came_back}
 
 
 class _Renewer:
@@ -225,7 +320,7 @@ class CircuitBreaker:
     ``threshold`` consecutive retryable failures within ``cooldown`` seconds open the
     breaker for ``cooldown`` seconds; tasks for the host then wait instead of spending a
     worker slot on a timeout. The first attempt after that is the probe: one more failure
-    re-opens it at once, a success closes it (:meth:`Lease.release`, in the same round trip
+    re-opens it at once, a success closes it (:meth:`PathLeases.release`, in the same round trip
     as the lease).
     """
 
@@ -234,6 +329,9 @@ class CircuitBreaker:
         base = "resto:breaker:" + _key(host)
         self.failures_key = base + ":failures"
         self.open_key = base + ":open"
+        self.down_since_key = base + ":down-since"
+        self.back_at_key = base + ":back-at"
+        self.probe_key = base + ":probe"
         self.threshold = threshold
         self.cooldown_ms = int(cooldown * 1000)
 
@@ -247,23 +345,44 @@ class CircuitBreaker:
         """Count a retryable failure; return True if the breaker is now open.
 
         Failures are counted even with the breaker disabled (threshold 0): the count is how
-        a success (:meth:`Lease.release` with the breaker) knows that the host has just come back.
+        a success (:meth:`PathLeases.release`) knows that the host has just come back.
         """
+        remembered = max(self.cooldown_ms * 2, RECOVERY_WINDOW_MS)
         pipe = self.client.pipeline()
         pipe.incr(self.failures_key)
-        pipe.pexpire(self.failures_key, max(self.cooldown_ms * 2, RECOVERY_WINDOW_MS))
+        pipe.pexpire(self.failures_key, remembered)
         failures, _ = pipe.execute()
         if self.threshold and failures >= self.threshold:
-            self.client.set(self.open_key, failures, px=self.cooldown_ms)
+            pipe = self.client.pipeline()
+            pipe.set(self.open_key, failures, px=self.cooldown_ms)
+            pipe.set(self.down_since_key, f"{time.time():.3f}", nx=True)
+            pipe.pexpire(self.down_since_key, remembered)
+            pipe.execute()
             return True
         return False
 
+    def schedule_probe(self, every):
+        """Whether the caller should send the probe of this host, due in ``every`` seconds: True
+        for one caller at a time (the probe's run, :meth:`probe_started`, lets the next through;
+        a probe whose message was lost does so :data:`PROBE_SLACK_MS` after it was due)."""
+        return bool(self.client.set(self.probe_key, 1, nx=True, px=int(every * 1000) + PROBE_SLACK_MS))
 
-def jittered(seconds):
-    """``seconds`` with +/-25% jitter, so retries of many tasks spread out."""
-    return seconds * random.uniform(0.75, 1.25)
+    def probe_started(self):
+        """The probe runs: a failure of it may schedule the next one."""
+        self.client.delete(self.probe_key)
+
+    def health(self):
+        """``(open_for, down_since, back_at)``: seconds the breaker stays open (0: closed), and
+        the Unix times when the host went down (None: it is not) and last came back (None:
+        not within a day). One round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.pttl(self.open_key)
+        pipe.get(self.down_since_key)
+        pipe.get(self.back_at_key)
+        open_ms, down_since, back_at = pipe.execute()
+        open_for = max(open_ms, 0) / 1000 if self.threshold else 0
+        return open_for, _float(down_since), _float(back_at)
 
 
-def backoff(attempt, base, maximum):
-    """Exponential backoff with jitter: base, 2*base, 4*base... capped at ``maximum``."""
-    return jittered(min(maximum, base * (2 ** max(attempt - 1, 0))))
+def _float(value):
+    return float(value) if value is not None else None

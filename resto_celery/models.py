@@ -8,12 +8,13 @@ from django.utils import timezone
 
 
 class ReplicaQuerySet(models.QuerySet):
-    def record_success(self, host, path, fingerprint, task_id=""):
-        """The host now holds the master's bytes with ``fingerprint``.
+    def record_success(self, hosts, path, fingerprint, task_id=""):
+        """Each of ``hosts`` (a host name, or several) now holds the master's bytes with ``fingerprint``.
 
-        One ``INSERT ... ON CONFLICT DO UPDATE`` (it runs for every file on every host:
+        One ``INSERT ... ON CONFLICT DO UPDATE`` for all (it runs for every file on every host:
         ``update_or_create``'s transaction of three queries was 40% of a worker's time).
         """
+        hosts = [hosts] if isinstance(hosts, str) else list(hosts)
         now = timezone.now()
         values = {
             "state": Replica.State.SYNCED,
@@ -26,19 +27,26 @@ class ReplicaQuerySet(models.QuerySet):
             "updated_at": now,
         }
         self.bulk_create(
-            [Replica(host=host, path=path, **values)],
+            [Replica(host=host, path=path, **values) for host in hosts],
             update_conflicts=True, unique_fields=["host", "path"], update_fields=list(values),
         )
 
-    def record_gone(self, host, path):
-        """The host no longer holds ``path`` (nor does the master): forget the row.
-
-        Returns the fingerprint the row had ("" if there was none).
+    def record_gone(self, hosts, path):
+        """``hosts`` (a host name, or several) no longer hold ``path`` (nor does the master):
+        forget their rows. Returns ``{host: the fingerprint its row had, "" if none}``.
         """
-        rows = self.filter(host=host, path=path)
-        gone = rows.values_list("fingerprint", flat=True).first() or ""
+        hosts = [hosts] if isinstance(hosts, str) else list(hosts)
+        rows = self.filter(host__in=hosts, path=path)
+        gone = dict.fromkeys(hosts, "")
+        gone.update((host, fingerprint) for host, fingerprint in rows.values_list("host", "fingerprint"))
         rows.delete()
         return gone
+
+    def record_waiting(self, host, path, error, *, retry_at, task_id=""):
+        """The host is down (its breaker open): the change waits, with no message of its own,
+        for the host's probe to succeed (which sends every waiting change), or for reconcile
+        at ``retry_at`` should the probe never come."""
+        return self._record_attempt(host, path, error, Replica.State.WAITING, retry_at, task_id)
 
     def record_failure(self, host, path, error, *, final, retry_at, task_id=""):
         """An attempt failed: ``pending`` while retries remain, ``failed`` when ``final``.
@@ -46,9 +54,13 @@ class ReplicaQuerySet(models.QuerySet):
         ``retry_at`` is when the next attempt is due (a task retry, or reconcile for a
         final failure). Returns the row.
         """
+        state = Replica.State.FAILED if final else Replica.State.PENDING
+        return self._record_attempt(host, path, error, state, retry_at, task_id)
+
+    def _record_attempt(self, host, path, error, state, retry_at, task_id):
         now = timezone.now()
         row, _ = self.get_or_create(host=host, path=path, defaults={"pending_since": now})
-        row.state = Replica.State.FAILED if final else Replica.State.PENDING
+        row.state = state
         row.attempts += 1
         row.last_error = str(error)[:2000]
         row.last_error_at = now
@@ -66,7 +78,12 @@ class Replica(models.Model):
     class State(models.TextChoices):
         SYNCED = "synced", "synced"
         PENDING = "pending", "pending (retrying)"
+        WAITING = "waiting", "waiting for the host to come back"
         FAILED = "failed", "failed"
+
+    #: States of rows for which no retry task is scheduled: the host's return (its probe's
+    #: success) or reconcile sends them.
+    UNSCHEDULED = (State.FAILED, State.WAITING)
 
     host = models.CharField(max_length=255, help_text="The media host's name, as in RESTO_MEDIA_HOSTS.")
     path = models.CharField(max_length=1024, help_text="The storage name of the file.")

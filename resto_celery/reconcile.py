@@ -4,14 +4,17 @@ The master tree plus the ``Replica`` table is the whole truth. A pass (the perio
 ``resto_celery.reconcile`` task, or ``manage.py resto_reconcile``) re-sends:
 
 - a master file a host has no row for, or a synced row with another fingerprint: ``upload``;
-- a ``failed`` row whose ``retry_at`` has come: ``upload`` (or ``delete``, below);
+- a ``failed`` row, or one ``waiting`` for its host to come back, whose ``retry_at`` has
+  come: ``upload`` (or ``delete``, below);
 - a ``pending`` row whose retry should have run by now (its ``retry_at``, or its last
   update when it has none, is older than ``grace`` seconds): the retry was lost (a broker
   restart loses retries waiting for their countdown), so send it again;
 - a row whose master file is gone: ``delete``, within the **deletion brake**;
-- for a host whose failed rows are not due yet, one of them, as a **probe**: if the host is
-  back, the probe's success makes all of them due (``replication.host_recovered``), so a
-  returning host is caught up by the next pass, not ``failed_retry_after`` later.
+- for a host whose failed or waiting rows are not due yet, one of them, as a **probe**: if
+  the host is back, the probe's success sends all of them (``tasks.release_backlog``), so
+  a returning host is caught up at once, not ``failed_retry_after`` later. (While changes
+  wait, the host's own probe task does this every few seconds; this one is the safety net
+  for a probe whose message was lost.)
 
 Two guards stand before any decision. The master must be the site's (its marker,
 :mod:`resto_celery.marker`): an unmounted volume is refused, not mirrored. And one pass
@@ -96,11 +99,11 @@ def reconcile(storage, enqueue, *, batch_size=1000, grace=RETRY_GRACE, max_delet
 
 
 def _send_probes(hosts, enqueue, counts, now):
-    """One failed row per host that has failed rows still waiting: if it goes through, the host
-    is back and its other failed rows come due at once."""
+    """One row per host whose failed or waiting rows are not due yet: if it goes through, the
+    host is back and the others are sent at once."""
     for host in hosts:
         path = (
-            Replica.objects.filter(host=host, state=Replica.State.FAILED, retry_at__gt=now)
+            Replica.objects.filter(host=host, state__in=Replica.UNSCHEDULED, retry_at__gt=now)
             .order_by("retry_at").values_list("path", flat=True).first()
         )
         if path is not None:
@@ -198,9 +201,10 @@ def _batched(iterable, size):
 
 
 def _due(now, lost_before):
-    """A boolean expression: the row failed and its ``retry_at`` has come, or it is pending and
+    """A boolean expression: the row failed (or waits for its host) and its ``retry_at`` has
+    come, or it is pending and
     its retry (or, without one, its last attempt) is older than ``lost_before``."""
-    failed_due = Q(state=Replica.State.FAILED) & (Q(retry_at__isnull=True) | Q(retry_at__lte=now))
+    failed_due = Q(state__in=Replica.UNSCHEDULED) & (Q(retry_at__isnull=True) | Q(retry_at__lte=now))
     pending_lost = Q(state=Replica.State.PENDING) & (
         Q(retry_at__lte=lost_before) | Q(retry_at__isnull=True, updated_at__lte=lost_before)
     )

@@ -1,7 +1,11 @@
 """Bring one ``(host, path)`` in line with the master copy. Plain functions, no Celery."""
+import io
 import logging
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from django.db import DatabaseError
 from django.utils import timezone
@@ -76,7 +80,7 @@ def push(master_path, transport, name, location=None):
     Raises a :class:`~resto_celery.exceptions.TransportError` when the host fails, and
     :class:`~resto_celery.exceptions.MasterReadError` when the master file cannot be read.
     With ``location`` (the master folder), an absent file is deleted only from a verified
-    master (:func:`resto_celery.marker.verify`).
+    master (:func:`resto_celery.marker.verify`). No lease, no row: HybridStorage's path.
     """
     source = open_master(master_path, location, name)
     if source is None:
@@ -89,13 +93,24 @@ def push(master_path, transport, name, location=None):
     return "upload"
 
 
-def fingerprint(stat):
+class Fingerprint(NamedTuple):
     """What identifies one version of a master file: size, mtime (ns) and inode.
 
     Master writes replace files (a new inode), never modify them in place, so equal
-    fingerprints mean equal bytes.
+    fingerprints mean equal bytes. Stored in ``Replica.fingerprint`` as ``str()``.
     """
-    return f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}"
+
+    size: int
+    mtime_ns: int
+    inode: int
+
+    def __str__(self):
+        return f"{self.size}:{self.mtime_ns}:{self.inode}"
+
+
+def fingerprint(stat):
+    """The :class:`Fingerprint` of a master file's ``os.stat`` result, as stored (a string)."""
+    return str(Fingerprint(stat.st_size, stat.st_mtime_ns, stat.st_ino))
 
 
 class LeaseBusy(Exception):
@@ -109,79 +124,278 @@ class LeaseBusy(Exception):
         return (type(self), (self.host, self.path, self.wait))
 
 
-def sync(host, name, master_path, transport, coordinator, *, location=None, on_failure=None, on_arrival=None,
-         on_recovery=None, task_id="", force=False):
-    """Bring ``name`` on ``host`` in line with the master copy. The Celery tasks' body.
+@dataclass
+class HostOutcome:
+    """What :func:`sync_hosts` did on one host.
 
-    First, when ``location`` (the master folder) is given, checks that it is the site's
-    master (:func:`resto_celery.marker.verify`); if not, raises
-    :class:`~resto_celery.exceptions.MasterUnavailable` and sends nothing. Then takes the
-    lease on ``(host, name)`` (or raises :class:`LeaseBusy`) and reads the master's
-    *current* state: present, it PUTs those bytes, unless the ``Replica`` row shows the host
-    already has this fingerprint; absent (and the master still verified), it DELETEs. Rows
-    are written while the lease is held. A failure calls ``on_failure(error)`` (still under
-    the lease) and is raised; when its outcome is in doubt (a timeout: the host may still
-    apply what was sent), the lease is left to expire rather than released, which fences
-    off the path until then. Returns ``"upload"``, ``"delete"`` or ``"skip"``. ``force``
-    sends the file even when the row's fingerprint matches (resync: the host may have lost it).
-    After a transfer (not a skip), ``on_arrival(action, fingerprint)`` is called (see
-    :func:`announce`); after the first success on a host that was failing,
-    ``on_recovery(host)`` (the tasks re-send its failed changes at once).
+    ``action`` is ``"upload"``, ``"delete"`` or ``"skip"`` on success, "" otherwise;
+    ``error`` the failure (:class:`LeaseBusy`, a
+    :class:`~resto_celery.exceptions.TransportError` or a
+    :class:`~resto_celery.exceptions.MasterError`); ``host_down`` whether the host's
+    breaker is open after it (the change now waits for the host's probe).
     """
+
+    host: str
+    action: str = ""
+    error: Exception | None = None
+    host_down: bool = False
+    version: str = ""
+
+
+def sync(host, name, master_path, transport, coordinator, *, location=None, on_failure=None, on_arrival=None,
+         on_recovery=None, task_id="", force=False, probe=False):
+    """Bring ``name`` on one ``host`` in line with the master copy: :func:`sync_hosts` for one
+    host. Returns ``"upload"``, ``"delete"`` or ``"skip"``, or raises the failure
+    (:class:`LeaseBusy`, a ``TransportError``, a ``MasterError``) after ``on_failure(error)``.
+    """
+    (outcome,) = sync_hosts(
+        [host], name, master_path, {host: transport}, coordinator, location=location,
+        on_failure=(lambda _host, error, _down: on_failure(error)) if on_failure else None,
+        on_arrival=(lambda _host, action, version: on_arrival(action, version)) if on_arrival else None,
+        on_recovery=on_recovery, task_id=task_id, force=force, probe=probe,
+    )
+    if outcome.error is not None:
+        raise outcome.error
+    return outcome.action
+
+
+def sync_hosts(hosts, name, master_path, transports, coordinator, *, location=None, on_failure=None,
+               on_arrival=None, on_recovery=None, task_id="", force=False, probe=False):
+    """Bring ``name`` in line with the master copy on each of ``hosts``; return a
+    :class:`HostOutcome` per host, in order. The protocol of DESIGN.md, in the order it runs:
+
+    1. When ``location`` (the master folder) is given, check that it is the site's master
+       (:func:`resto_celery.marker.verify`); if not, every host fails with
+       :class:`~resto_celery.exceptions.MasterUnavailable` and nothing is sent.
+    2. Take the lease on ``(host, name)`` of every host and read their breakers, in one
+       round trip. A lease another worker holds: :class:`LeaseBusy` for that host. An open
+       breaker: :class:`~resto_celery.exceptions.HostShortCircuited` (unless ``probe``:
+       the caller is the breaker's probe, the half-open attempt).
+    3. Read the master's *current* state, once. Present: PUT those bytes (streamed) to
+       every host whose ``Replica`` row does not hold this fingerprint already (one query;
+       ``force`` sends anyway: resync). Absent (and the master still verified): DELETE.
+       The hosts are sent to in parallel.
+    4. Record: the successes in one statement, each failure in its row
+       (``on_failure(host, error, host_down)``, still under the lease). A host whose lease
+       was lost meanwhile (Redis restarted, a stall past the TTL) gets a pending row instead:
+       another worker may have sent a newer state.
+    5. Give the leases back and close the breakers of the hosts that succeeded, in one
+       round trip; a lease whose outcome is in doubt (a timeout: the host may still apply
+       what was sent) is left to expire, fencing off the path until then.
+    6. ``on_recovery(host)`` for each host that had been failing (its backlog can go now),
+       ``on_arrival(host, action, fingerprint)`` for each transfer (:func:`announce`).
+    """
+    outcomes = {host: HostOutcome(host) for host in hosts}
+
+    def fail(host, error, host_down=False):
+        outcome = outcomes[host]
+        outcome.error, outcome.host_down = error, host_down
+        if on_failure is not None:
+            on_failure(host, error, host_down)
+
     try:
         if location:
             marker.verify(location, name)
     except MasterError as error:
-        if on_failure is not None:
-            on_failure(error)
-        raise
-    breaker = coordinator.breaker(host)
-    lease = coordinator.lease(host, name)
-    acquired, wait = lease.acquire_unless_open(breaker)  # one round trip for both
-    if not acquired:
-        raise LeaseBusy(host, name, wait)
-    done = keep_lease = False
+        for host in hosts:
+            fail(host, error)
+        return list(outcomes.values())
+
+    leases = coordinator.path_leases(hosts, name)
+    active = []
+    succeeded, in_doubt = set(), set()
     try:
-        if wait:
-            raise HostShortCircuited(
-                host, "PUT/DELETE", name,
-                f"circuit breaker open after repeated failures; next try in {wait:.1f}s", wait=wait,
-            )
-        with lease.kept_alive():
-            action, version = _apply(host, name, master_path, transport, task_id, lease, force, coordinator, location)
-        done = True
-    except TransportError as error:
-        if error.retryable and not isinstance(error, HostShortCircuited):
-            breaker.record_failure()
-        keep_lease = error.in_doubt
-        if on_failure is not None:
-            on_failure(error)
-        raise
-    except MasterError as error:
-        if on_failure is not None:
-            on_failure(error)
-        raise
+        for host, (acquired, wait) in leases.acquire().items():
+            if not acquired:
+                outcomes[host].error = LeaseBusy(host, name, wait)
+            elif wait and not probe:
+                fail(host, HostShortCircuited(
+                    host, "PUT/DELETE", name,
+                    f"circuit breaker open after repeated failures; next try in {wait:.1f}s", wait=wait,
+                ), host_down=True)
+            else:
+                active.append(host)
+        if active:
+            with leases.kept_alive(active):
+                _transfer(active, name, master_path, transports, coordinator, location, force, outcomes)
+            done = [host for host in active if outcomes[host].error is None]
+            _record(done, name, leases, outcomes, task_id)
+            succeeded = set(done)
+            for host in active:
+                error = outcomes[host].error
+                if isinstance(error, TransportError):
+                    down = False
+                    if error.retryable:
+                        down = leases.breakers[host].record_failure()
+                    if error.in_doubt:
+                        in_doubt.add(host)
+                    fail(host, error, down)
+                elif isinstance(error, MasterError):
+                    fail(host, error)
+                # LeaseBusy (a directory another worker is making): no failure, try again soon
     finally:
-        if keep_lease:
-            lease.abandon()
-        elif not done:
-            lease.release()
-    if lease.release(breaker):  # a success closes the breaker; it had failures: the host is back
-        host_recovered(host)
-        if on_recovery is not None:
-            on_recovery(host)
-    if action != "skip" and on_arrival is not None:
-        on_arrival(action, version)
-    return action
+        came_back = leases.release(succeeded, keep=in_doubt)
+    for host in hosts:
+        if host in came_back:
+            host_recovered(host)
+            if on_recovery is not None:
+                on_recovery(host)
+    if on_arrival is not None:
+        for host in hosts:
+            outcome = outcomes[host]
+            if outcome.action in ("upload", "delete"):
+                on_arrival(host, outcome.action, outcome.version)
+    return [outcomes[host] for host in hosts]
+
+
+def _transfer(hosts, name, master_path, transports, coordinator, location, force, outcomes):
+    """Send the master's current state of ``name`` to ``hosts`` (their leases held); fill in
+    each outcome's ``action`` and ``version``, or its ``error``."""
+    try:
+        source = open_master(master_path, location, name)
+        if source is None and location:
+            marker.verify(location, name)  # absent from a master that is (still) there
+    except MasterError as error:
+        for host in hosts:
+            outcomes[host].error = error
+        return
+    if source is None:
+        for host, error in _in_parallel(lambda host: transports[host].delete(name), hosts):
+            outcomes[host].action, outcomes[host].error = ("delete", None) if error is None else ("", error)
+        return
+    with source:
+        stat = os.fstat(source.fileno())
+        size, current = stat.st_size, fingerprint(stat)
+        has_it = set() if force else set(
+            Replica.objects.filter(host__in=hosts, path=name, state=Replica.State.SYNCED, fingerprint=current)
+            .values_list("host", flat=True)
+        )
+        sending = [host for host in hosts if host not in has_it]
+        for host in has_it:
+            outcomes[host].action, outcomes[host].version = "skip", current
+
+        def put(host):
+            _make_directories(host, name, transports[host], coordinator)
+            transports[host].put(name, _PositionalReader(source.fileno(), size), size)
+
+        for host, error in _in_parallel(put, sending):
+            outcome = outcomes[host]
+            if error is None:
+                outcome.action, outcome.version = "upload", current
+            else:
+                outcome.error = error
+
+
+def _record(hosts, name, leases, outcomes, task_id):
+    """Write the rows of the hosts that succeeded, if nobody else could have worked on the
+    path meanwhile (their leases still ours): one statement for all."""
+    changed = [host for host in hosts if outcomes[host].action != "skip"]
+    if not changed:
+        return
+    exclusive = leases.held(changed)
+    for host in changed:
+        if host not in exclusive:
+            Replica.objects.record_failure(
+                host, name, "lease lost during the transfer; reconcile will check this path again",
+                final=False, retry_at=None, task_id=task_id,
+            )
+    uploaded = [host for host in changed if host in exclusive and outcomes[host].action == "upload"]
+    deleted = [host for host in changed if host in exclusive and outcomes[host].action == "delete"]
+    if uploaded:
+        Replica.objects.record_success(uploaded, name, outcomes[uploaded[0]].version, task_id=task_id)
+    if deleted:
+        for host, version in Replica.objects.record_gone(deleted, name).items():
+            outcomes[host].version = version
+
+
+class _PositionalReader(io.RawIOBase):
+    """A read-only view of an open file with a position of its own (``os.pread``): one
+    open master file streamed to several hosts at once, each at its own pace."""
+
+    def __init__(self, fd, size):
+        super().__init__()
+        self.fd, self.size, self.position = fd, size, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def __len__(self):
+        return self.size - self.position
+
+    def read(self, size=-1):
+        if size is None or size < 0:
+            size = self.size - self.position
+        chunk = os.pread(self.fd, min(size, self.size - self.position), self.position)
+        self.position += len(chunk)
+        return chunk
+
+    def readinto(self, buffer):
+        chunk = self.read(len(buffer))
+        buffer[:len(chunk)] = chunk
+        return len(chunk)
+
+    def tell(self):
+        return self.position
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+
+_pool = None
+_pool_lock = threading.Lock()
+
+
+def _reset_pool():
+    global _pool
+    _pool = None
+
+
+os.register_at_fork(after_in_child=_reset_pool)
+
+#: Transfers to the other hosts of a fan-out run on this many threads per process.
+TRANSFER_THREADS = 32
+
+
+def _in_parallel(function, hosts):
+    """``[(host, error or None)]`` for ``function(host)`` on every host: the first in this
+    thread, the others on the process's transfer threads."""
+    global _pool
+    if not hosts:
+        return []
+    futures = []
+    if len(hosts) > 1:
+        with _pool_lock:
+            if _pool is None:
+                _pool = ThreadPoolExecutor(max_workers=TRANSFER_THREADS, thread_name_prefix="resto-transfer")
+        futures = [(host, _pool.submit(_outcome_of, function, host)) for host in hosts[1:]]
+    results = [(hosts[0], _outcome_of(function, hosts[0]))]
+    results += [(host, future.result()) for host, future in futures]  # all done before the file closes
+    for _, error in results:
+        if error is not None and not isinstance(error, (TransportError, MasterError, LeaseBusy)):
+            raise error  # not a host's failure (Redis down, a bug): the caller's problem
+    return results
+
+
+def _outcome_of(function, host):
+    try:
+        function(host)
+    except Exception as error:  # noqa: BLE001 - sorted out by _in_parallel, once every host is done
+        return error
+    return None
 
 
 def host_recovered(host):
-    """A host that was failing answered again: make its failed rows due at the next reconcile.
+    """A host that was failing answered again: make its failed and waiting rows due now.
 
-    Their final failures were the host's absence; no timer (``failed_retry_after``) should
+    Their failures were the host's absence; no timer (``failed_retry_after``) should
     stand between its return and the transfers.
     """
-    Replica.objects.filter(host=host, state=Replica.State.FAILED).update(retry_at=timezone.now())
+    Replica.objects.filter(host=host, state__in=Replica.UNSCHEDULED).update(retry_at=timezone.now())
 
 
 def _make_directories(host, name, transport, coordinator):
@@ -198,49 +412,6 @@ def _make_directories(host, name, transport, coordinator):
             transport.ensure_directory(directory)
         finally:
             lease.release()
-
-
-def _apply(host, name, master_path, transport, task_id, lease, force=False, coordinator=None, location=None):
-    """Send the master's state of ``name``; return ``(action, fingerprint)``: the version the
-    host now holds (for a delete, the one it held, "" if unknown)."""
-    source = open_master(master_path, location, name)
-    if source is None:
-        if location:
-            marker.verify(location, name)  # absent from a master that is (still) there
-        transport.delete(name)
-        gone = ""
-        if _still_exclusive(lease, host, name, task_id):
-            gone = Replica.objects.record_gone(host, name)
-        return "delete", gone
-    with source:
-        current = fingerprint(os.fstat(source.fileno()))
-        known = Replica.objects.filter(host=host, path=name, state=Replica.State.SYNCED).values_list(
-            "fingerprint", flat=True
-        )
-        if current in known and not force:
-            return "skip", current
-        if coordinator is not None:
-            _make_directories(host, name, transport, coordinator)
-        transport.put(name, source, int(current.split(":", 1)[0]))
-    if _still_exclusive(lease, host, name, task_id):
-        Replica.objects.record_success(host, name, current, task_id=task_id)
-    return "upload", current
-
-
-def _still_exclusive(lease, host, name, task_id):
-    """Whether nobody else could have worked on ``(host, name)`` during our transfer.
-
-    If the lease was lost (Redis restarted, or the process stalled past the TTL), another
-    worker may have applied a newer state before ours landed: the row is left pending so
-    that reconcile checks the path again instead of trusting what we sent.
-    """
-    if lease.held():
-        return True
-    Replica.objects.record_failure(
-        host, name, "lease lost during the transfer; reconcile will check this path again",
-        final=False, retry_at=None, task_id=task_id,
-    )
-    return False
 
 
 def walk_master(root):

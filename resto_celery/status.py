@@ -6,11 +6,13 @@ with the number of ``Replica`` rows beyond an index scan.
 import logging
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from datetime import timezone as dt_timezone
 
 from django.db.models import Count
 from django.utils import timezone
 
 from . import marker, registry
+from .broker import coordinator_for
 from .exceptions import MasterUnavailable
 from .models import Hold, MasterCopy, Replica
 
@@ -25,6 +27,7 @@ class HostStatus:
     configured: bool = True
     synced: int = 0
     pending: int = 0
+    waiting: int = 0  # changes that wait for the host to come back (its breaker is open)
     failed: int = 0
     oldest_pending: datetime | None = None
     last_success: datetime | None = None
@@ -32,12 +35,19 @@ class HostStatus:
     last_error_at: datetime | None = None
     last_error_path: str = ""
     breaker_open_for: float | None = None  # seconds; None when Redis could not be asked
+    down_since: datetime | None = None  # when the breaker opened, while the host is down
+    back_at: datetime | None = None  # when the host last came back (within a day)
     held_deletes: int = 0  # deletions the brake holds back, waiting for an operator
     notes: list = field(default_factory=list)
 
     @property
     def behind(self):
-        return self.pending + self.failed
+        return self.pending + self.waiting + self.failed
+
+    @property
+    def down(self):
+        """Whether the host is down as far as the workers know (its breaker opened, no success since)."""
+        return self.down_since is not None or bool(self.breaker_open_for)
 
     @property
     def oldest_pending_age(self):
@@ -48,11 +58,12 @@ class HostStatus:
 
     @property
     def healthy(self):
-        return not self.failed and not self.breaker_open_for and not self.held_deletes
+        return not self.failed and not self.down and not self.held_deletes
 
     def as_dict(self):
         data = asdict(self)
-        data.update(behind=self.behind, oldest_pending_age=self.oldest_pending_age, healthy=self.healthy)
+        data.update(behind=self.behind, oldest_pending_age=self.oldest_pending_age, healthy=self.healthy,
+                    down=self.down)
         for key, value in data.items():
             if isinstance(value, datetime):
                 data[key] = value.isoformat()
@@ -100,7 +111,7 @@ def host_statuses(with_breakers=True):
         if not status.configured:
             status.notes.append("not in the settings any more: old rows only")
         elif with_breakers:
-            status.breaker_open_for = _breaker_open_for(storages[host], host)
+            _read_breaker(status, storages[host])
     return sorted(statuses.values(), key=lambda status: (not status.configured, status.host))
 
 
@@ -155,12 +166,14 @@ def master_statuses():
 
 
 def totals(statuses):
-    """Sums over hosts: synced, pending, failed, and the oldest pending change."""
+    """Sums over hosts: synced, pending, waiting, failed, and the oldest pending change."""
     pending = [status.oldest_pending for status in statuses if status.oldest_pending]
     return {
         "hosts": len(statuses),
         "synced": sum(status.synced for status in statuses),
         "pending": sum(status.pending for status in statuses),
+        "waiting": sum(status.waiting for status in statuses),
+        "down_hosts": sum(1 for status in statuses if status.down),
         "failed": sum(status.failed for status in statuses),
         "oldest_pending": min(pending) if pending else None,
         "failing_hosts": sum(1 for status in statuses if not status.healthy),
@@ -168,11 +181,17 @@ def totals(statuses):
     }
 
 
-def _breaker_open_for(storage, host):
-    from .tasks import coordinator_for
-
+def _read_breaker(status, storage):
+    """The host's breaker: open for how long, down since when, back since when (one round trip)."""
     try:
-        return coordinator_for(storage.options).breaker(host).open_for()
+        open_for, down_since, back_at = coordinator_for(storage.options).breaker(status.host).health()
     except Exception as error:  # noqa: BLE001 - the dashboard must render without Redis
-        logger.warning("Could not read the circuit breaker of %s: %s", host, error)
-        return None
+        logger.warning("Could not read the circuit breaker of %s: %s", status.host, error)
+        return
+    status.breaker_open_for = open_for
+    status.down_since = _moment(down_since)
+    status.back_at = _moment(back_at)
+
+
+def _moment(unix_time):
+    return datetime.fromtimestamp(unix_time, tz=dt_timezone.utc) if unix_time is not None else None

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from urllib.parse import urlsplit
 
+from celery import current_app
 from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
 from django.core.files import File
 from django.core.files.storage import Storage
@@ -18,6 +19,7 @@ from django.utils.functional import Promise, cached_property
 from redis.exceptions import RedisError
 
 from . import conf, marker, registry, replication
+from .broker import coordinator_for, publish_batch
 from .exceptions import ReplicationError
 from .freshness import DELETED, Unconfirmed
 from .master import MasterStorage
@@ -205,10 +207,6 @@ class AsyncStorage(HybridStorage):
         groups = {}
         for host in hosts:
             groups.setdefault(self.options.queue_for(host), []).append(host)
-        from celery import current_app
-
-        from .tasks import publish_batch
-
         try:
             with current_app.producer_or_acquire() as producer:
                 queued = []
@@ -277,8 +275,6 @@ class AsyncStorage(HybridStorage):
 
     @cached_property
     def _unconfirmed(self):
-        from .tasks import coordinator_for
-
         return Unconfirmed(coordinator_for(self.options).client, self.location)
 
     def _mark_unconfirmed(self, operation, name):

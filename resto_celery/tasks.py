@@ -1,9 +1,12 @@
-"""Celery tasks: thin wrappers over :mod:`resto_celery.replication`.
+"""Celery tasks: thin wrappers over :mod:`resto_celery.replication` and :mod:`resto_celery.retries`.
 
-``resto_celery.upload`` and ``resto_celery.delete`` take ``(host, path)`` and nothing else
-from the web request: the master's current state decides what is sent, so both run the
-same code and any of them, late, retried or redelivered, sends the newest state. The name
-says which change caused the task (the admin shows it).
+``resto_celery.replicate`` is the message a save or a delete sends: ``(path, hosts,
+operation)``, fanned out to the hosts by one worker. ``resto_celery.upload`` and
+``resto_celery.delete`` take ``(host, path)``: a retry for one host, and what reconcile and
+the operators' actions send. Nothing else comes from the web request: the master's current
+state decides what is sent, so any of them, late, retried or redelivered, sends the newest
+state. The name says which change caused the task (the admin shows it).
+``resto_celery.probe`` tries a host that is down, one message per host at a time.
 
 ``resto_celery.reconcile`` is for Celery beat; let a pass expire when the next is due::
 
@@ -12,20 +15,18 @@ says which change caused the task (the admin shows it).
     }
 """
 import logging
-from contextlib import nullcontext
-from datetime import timedelta
 
 from celery import current_app, shared_task
 from celery.signals import worker_ready
 from django.db import DatabaseError, connections
-from django.utils import timezone
 from redis.exceptions import LockError, RedisError
 
 from . import marker, registry, replication
-from .coordination import Coordinator, backoff, jittered
-from .exceptions import MasterReadError, MasterUnavailable, TransportError
+from .broker import coordinator_for, publish_batch
+from .exceptions import HostShortCircuited, MasterUnavailable
 from .models import Replica
 from .reconcile import reconcile as reconcile_storage
+from .retries import RETRY, WAIT_FOR_HOST, FailureRecorder, lease_wait, probe_interval
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +49,134 @@ TASK_OPTIONS = {
 }
 
 
+@shared_task(name="resto_celery.replicate", **TASK_OPTIONS)
+def replicate(self, path, hosts, operation="upload"):
+    """Bring ``path`` in line with the master on each of ``hosts``: one message per change.
+
+    ``operation`` names the change that caused it (``"upload"`` or ``"delete"``); the
+    master's current state decides what is sent. The hosts are synced together, each under
+    its own lease (:func:`resto_celery.replication.sync_hosts`). A host whose lease another
+    worker holds, or that fails with a retryable error, gets a ``resto_celery.upload``/
+    ``delete`` task of its own for the retries, so a slow or failing host never holds back
+    the others; a host that is down (its breaker open) gets no task at all: the change
+    waits in its row for the host's probe.
+    """
+    storage = registry.storage_for_host(hosts[0])
+    task = upload if operation == "upload" else delete
+
+    def retry(host, countdown, failures, exc=None):
+        task.apply_async((host, path), kwargs={"failures": failures}, countdown=countdown,
+                         queue=storage.options.queue_for(host))
+
+    return _replicate_to(storage, list(hosts), path, operation, self.request.id or "",
+                         failures=0, waits=0, retry=retry)
+
+
 @shared_task(name="resto_celery.upload", **TASK_OPTIONS)
 def upload(self, host, path, failures=0):
     """Replicate ``path`` to ``host`` after a save (sends the master's current state)."""
-    return _replicate(self, "upload", host, path, failures)
+    return _replicate_one(self, "upload", host, path, failures)
 
 
 @shared_task(name="resto_celery.delete", **TASK_OPTIONS)
 def delete(self, host, path, failures=0):
     """Replicate ``path`` to ``host`` after a delete (sends the master's current state)."""
-    return _replicate(self, "delete", host, path, failures)
+    return _replicate_one(self, "delete", host, path, failures)
+
+
+def _replicate_one(task, operation, host, path, failures):
+    """The per-host tasks' body: retries are this task's own (``task.retry`` keeps its id)."""
+
+    def retry(host, countdown, failures, exc=None):
+        raise task.retry(countdown=countdown, kwargs={"failures": failures}, exc=exc)
+
+    storage = registry.storage_for_host(host)
+    return _replicate_to(storage, [host], path, operation, task.request.id or "",
+                         failures=failures, waits=task.request.retries - failures, retry=retry)
+
+
+@shared_task(name="resto_celery.probe", **TASK_OPTIONS)
+def probe(self, host):
+    """Try a down host with the oldest change waiting for it: the breaker's half-open attempt.
+
+    Success closes the breaker and sends every change that waits for the host at once
+    (:func:`release_backlog`); failure keeps it open and the next probe comes
+    :func:`~resto_celery.retries.probe_interval` later. One probe per host at a time,
+    whatever the number of waiting changes.
+    """
+    storage = registry.storage_for_host(host)
+    coordinator = coordinator_for(storage.options)
+    coordinator.breaker(host).probe_started()
+    path = (
+        Replica.objects.filter(host=host, state__in=Replica.UNSCHEDULED)
+        .order_by("retry_at").values_list("path", flat=True).first()
+    )
+    if path is None:
+        return {host: "nothing waits"}
+
+    def retry(host, countdown, failures, exc=None):  # another worker has the path: probe again soon
+        _schedule_probe(storage, host, coordinator)
+
+    return _replicate_to(storage, [host], path, "upload", self.request.id or "",
+                         failures=0, waits=0, retry=retry, probe=True)
+
+
+def _replicate_to(storage, hosts, path, operation, task_id, *, failures, waits, retry, probe=False):
+    """Bring ``path`` in line on ``hosts`` (:func:`resto_celery.replication.sync_hosts`), then act
+    on each host's failure: ``retry(host, countdown, failures, exc)`` for a busy lease or a
+    retryable error (a task of its own, or this task's retry), the host's probe when the host
+    is down. A final failure is raised once every host was tried (the result backend keeps it).
+    """
+    options = storage.options
+    coordinator = coordinator_for(options)
+    recorder = FailureRecorder(path, options, task_id, failures)
+    outcomes = replication.sync_hosts(
+        hosts, path, storage.path(path), {host: storage.transport(host) for host in hosts}, coordinator,
+        location=storage.location, on_failure=recorder, task_id=task_id, probe=probe,
+        on_arrival=lambda host, action, version: replication.announce(storage, host, path, action, version, coordinator),
+        on_recovery=lambda host: release_backlog(storage, host),
+    )
+    final = None
+    for outcome in outcomes:
+        host, error = outcome.host, outcome.error
+        if error is None:
+            continue
+        if isinstance(error, replication.LeaseBusy):
+            if waits >= MAX_LEASE_WAITS:
+                final = final or error
+            else:
+                retry(host, lease_wait(error.wait, waits), failures)
+            continue
+        decision = recorder.decisions[host]
+        if decision.kind == WAIT_FOR_HOST:
+            if isinstance(error, HostShortCircuited):
+                logger.debug("%s waits for %s to come back: %s", path, host, error.reason)
+            else:
+                logger.warning("%s is down (%s); changes wait for it, and it is probed every %.0fs.",
+                               host, error.reason, probe_interval(options))
+            _schedule_probe(storage, host, coordinator)
+        elif decision.kind == RETRY:
+            logger.warning("Will retry to %s %s on %s in %.1fs: %s", operation, path, host, decision.delay, error.reason)
+            retry(host, decision.delay, failures + 1, error)
+        else:
+            if isinstance(error, MasterUnavailable):
+                logger.error("Failed to %s %s on %s: %s; reconcile sends it once the master is back.",
+                             operation, path, host, error)
+            else:
+                logger.error("Failed to %s %s on %s: %s", operation, path, host, error.reason)
+            final = final or error
+    if final is not None:
+        raise final
+    return {outcome.host: outcome.action or "wait" for outcome in outcomes}
+
+
+def _schedule_probe(storage, host, coordinator):
+    """Make sure one probe of the down ``host`` is coming (one message, however many changes wait)."""
+    every = probe_interval(storage.options)
+    if coordinator.breaker(host).schedule_probe(every):
+        probe.apply_async((host,), countdown=every, queue=storage.options.queue_for(host))
+
+
 
 
 @shared_task(name="resto_celery.reconcile", acks_late=True)
@@ -99,161 +218,20 @@ def _release(lock):
         logger.warning("Reconcile lock already gone: %s", error)
 
 
-def publish_batch(producer):
-    """``producer.batch()`` where kombu has it (5.7+), else a context that does nothing.
-
-    In a batch the Redis transport buffers the messages and sends them in one pipeline when
-    the block ends; other transports publish each message at once, as without a batch.
-    """
-    batch = getattr(producer, "batch", None)
-    return batch() if batch is not None else nullcontext()
-
-
-def coordinator_for(options):
-    """The :class:`~resto_celery.coordination.Coordinator` for a storage's options.
-
-    Redis is ``RESTO_REDIS_URL``, or the Celery broker when that is Redis.
-    """
-    url = options.redis_url or _redis_broker_url()
-    return Coordinator(
-        url,
-        lease_ttl=options.lease_ttl,
-        breaker_threshold=options.breaker_threshold,
-        breaker_cooldown=options.breaker_cooldown,
-    )
-
-
-def _redis_broker_url():
-    url = current_app.conf.broker_url or ""
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        return url.split(";")[0]
-    raise RuntimeError(
-        "resto_celery needs Redis for its leases: set RESTO_REDIS_URL (the Celery broker is not Redis)."
-    )
-
-
-class _FailurePolicy:
-    """Records a failed attempt and decides: retry after ``delay``, or ``final``.
-
-    A master that is not the site's (:class:`MasterUnavailable`) is not the host's failure,
-    and retrying the task cannot help: the row is marked failed, due at once, and the next
-    reconcile that sees the master again sends the change; the task itself does not come back.
-    """
-
-    def __init__(self, host, path, failures, options, task_id):
-        self.host, self.path, self.failures = host, path, failures
-        self.options, self.task_id = options, task_id
-        self.final, self.retry, self.delay = True, False, 0
-
-    def __call__(self, error):
-        options = self.options
-        if isinstance(error, MasterUnavailable):
-            self.final, self.retry, self.delay = True, False, 0
-        else:
-            self.final = not error.retryable or self.failures >= options.max_retries
-            self.retry = not self.final
-            if self.final:
-                self.delay = options.failed_retry_after
-            else:
-                # An open breaker says when the host may be tried again: no point before.
-                self.delay = max(
-                    backoff(self.failures + 1, options.retry_backoff, options.retry_backoff_max),
-                    jittered(getattr(error, "wait", 0)),
-                )
-        Replica.objects.record_failure(
-            self.host, self.path, error, final=self.final,
-            retry_at=timezone.now() + timedelta(seconds=self.delay), task_id=self.task_id,
-        )
-
-
-def _replicate(task, operation, host, path, failures):
-    """The per-host tasks' body: retries are this task's own (``task.retry`` keeps its id)."""
-
-    def retry(countdown, failures, exc=None):
-        raise task.retry(countdown=countdown, kwargs={"failures": failures}, exc=exc)
-
-    storage = registry.storage_for_host(host)
-    action = _sync_host(storage, operation, host, path, failures, task.request.id or "",
-                        task.request.retries - failures, retry)
-    return {"action": action, "host": host, "path": path}
-
-
-def _sync_host(storage, operation, host, path, failures, task_id, waits, retry):
-    """Bring ``path`` in line on ``host``; on a busy lease or a retryable failure call
-    ``retry(countdown, failures, exc)``, which raises (a task's own retry) or sends a task."""
-    options = storage.options
-    policy = _FailurePolicy(host, path, failures, options, task_id)
-    coordinator = coordinator_for(options)
-    try:
-        return replication.sync(
-            host, path, storage.path(path), storage.transport(host), coordinator,
-            location=storage.location, on_failure=policy, task_id=task_id,
-            on_arrival=lambda done, version: replication.announce(storage, host, path, done, version, coordinator),
-            on_recovery=lambda back: release_backlog(storage, back),
-        )
-    except replication.LeaseBusy as busy:
-        if waits >= MAX_LEASE_WAITS:
-            raise
-        # Short waits first (most transfers are quick), never past the holder's expiry.
-        retry(jittered(min(max(busy.wait, 0.1), 0.25 * 2 ** min(max(waits, 0), 6))), failures)
-        return "wait"
-    except MasterUnavailable as error:
-        logger.error("Failed to %s %s on %s: %s; reconcile sends it once the master is back.",
-                     operation, path, host, error)
-        raise
-    except (TransportError, MasterReadError) as error:
-        if policy.retry:
-            logger.warning("Will retry to %s %s on %s in %.1fs: %s", operation, path, host, policy.delay, error.reason)
-            retry(policy.delay, failures + 1, error)
-            return "retry"
-        logger.error("Failed to %s %s on %s: %s", operation, path, host, error.reason)
-        raise
-
-
-@shared_task(name="resto_celery.replicate", **TASK_OPTIONS)
-def replicate(self, path, hosts, operation="upload"):
-    """Bring ``path`` in line with the master on each of ``hosts``: one message per change.
-
-    ``operation`` names the change that caused it (``"upload"`` or ``"delete"``); the
-    master's current state decides what is sent. The hosts are synced in turn, each under
-    its own lease, exactly as the per-host tasks do it; a host whose lease another worker
-    holds, or that fails with a retryable error, gets a ``resto_celery.upload``/``delete``
-    task of its own for the retries, so a slow or failing host never holds back the
-    others. A host that fails for good is raised once every host was tried (the result
-    backend records it).
-    """
-    storage = registry.storage_for_host(hosts[0])
-    task = upload if operation == "upload" else delete
-    outcomes, failure = {}, None
-
-    for host in hosts:
-        def retry(countdown, failures, exc=None, host=host):
-            task.apply_async((host, path), kwargs={"failures": failures}, countdown=countdown,
-                             queue=storage.options.queue_for(host))
-
-        try:
-            outcomes[host] = _sync_host(storage, operation, host, path, 0, self.request.id or "", 0, retry)
-        except (TransportError, MasterReadError, MasterUnavailable) as error:
-            outcomes[host], failure = "failed", error
-    if failure is not None:
-        raise failure
-    return {"path": path, "outcomes": outcomes}
-
-
 def release_backlog(storage, host, limit=BACKLOG_RELEASE_LIMIT):
-    """``host`` answers again: send its failed changes now, not at their ``retry_at``.
+    """``host`` answers again: send the changes that failed or waited for it now, not at their ``retry_at``.
 
     At most ``limit`` messages; the rest are due at the next reconcile (their rows were
     made due by :func:`resto_celery.replication.host_recovered`). Returns how many were sent.
     """
-    paths = Replica.objects.filter(host=host, state=Replica.State.FAILED).values_list("path", flat=True)[:limit]
+    paths = Replica.objects.filter(host=host, state__in=Replica.UNSCHEDULED).values_list("path", flat=True)[:limit]
     sent = 0
     with current_app.producer_or_acquire() as producer, publish_batch(producer):
         for path in paths.iterator():
             storage.enqueue("upload", host, path, producer=producer)
             sent += 1
     if sent:
-        logger.info("%s answers again: re-sent %d failed change(s).", host, sent)
+        logger.info("%s answers again: sent the %d change(s) that failed or waited for it.", host, sent)
     return sent
 
 

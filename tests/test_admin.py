@@ -81,18 +81,47 @@ def test_dashboard_shows_counts_per_host_and_totals(async_settings, async_hosts,
 
 
 @pytest.mark.django_db
-def test_dashboard_shows_an_open_circuit_breaker(async_settings, async_hosts, viewer, redis_url):
-    from resto_celery.tasks import coordinator_for
+def test_dashboard_shows_a_host_whose_breaker_opened_as_down_since_then(async_settings, async_hosts, viewer, redis_url):
+    from resto_celery.broker import coordinator_for
     from resto_celery.storage import AsyncStorage
 
-    breaker = coordinator_for(AsyncStorage(hosts=[async_hosts[0].url], redis_url=redis_url, breaker_threshold=2).options).breaker(async_hosts[0].url)
+    storage = AsyncStorage(hosts=[async_hosts[0].url], redis_url=redis_url, breaker_threshold=2)
+    breaker = coordinator_for(storage.options).breaker(async_hosts[0].url)
     breaker.record_failure()
     breaker.record_failure()
     response = viewer.get(reverse(DASHBOARD))
     by_host = {status.host: status for status in response.context["statuses"]}
     assert by_host[async_hosts[0].url].breaker_open_for > 0
     assert by_host[async_hosts[1].url].breaker_open_for == 0
-    assert b"open (" in response.content
+    assert by_host[async_hosts[0].url].down and not by_host[async_hosts[1].url].down
+    assert by_host[async_hosts[0].url].down_since <= timezone.now()
+    assert b"down since" in response.content and b"circuit breaker open" in response.content
+
+
+@pytest.mark.django_db
+def test_dashboard_says_when_a_host_came_back(async_settings, async_hosts, viewer, redis_url):
+    from resto_celery.broker import coordinator_for
+    from resto_celery.storage import AsyncStorage
+
+    storage = AsyncStorage(hosts=[async_hosts[0].url], redis_url=redis_url, breaker_threshold=1)
+    coordinator = coordinator_for(storage.options)
+    coordinator.breaker(async_hosts[0].url).record_failure()
+    leases = coordinator.path_leases([async_hosts[0].url], "a.txt")
+    leases.acquire()
+    assert leases.release(succeeded={async_hosts[0].url}) == {async_hosts[0].url}  # a success: it is back
+    response = viewer.get(reverse(DASHBOARD))
+    status = {status.host: status for status in response.context["statuses"]}[async_hosts[0].url]
+    assert not status.down and status.back_at <= timezone.now()
+    assert b"came back" in response.content
+
+
+@pytest.mark.django_db
+def test_dashboard_counts_the_changes_waiting_for_a_down_host(async_settings, async_hosts, viewer):
+    Replica.objects.create(host=async_hosts[0].url, path="a.txt", state="waiting")
+    response = viewer.get(reverse(DASHBOARD))
+    status = {status.host: status for status in response.context["statuses"]}[async_hosts[0].url]
+    assert (status.waiting, status.behind) == (1, 1)
+    assert b"+1 waiting" in response.content
 
 
 def _dashboard_queries(client):
@@ -127,7 +156,8 @@ def test_the_app_index_links_to_the_dashboard(async_settings, viewer):
 def test_a_viewer_sees_no_action_buttons_and_cannot_post_them(async_settings, async_hosts, viewer):
     _rows(async_hosts[0].url, "failed", 1)
     response = viewer.get(reverse(DASHBOARD))
-    assert b'value="Retry failed"' not in response.content and b"<form" not in response.content.split(b"content-main")[1]
+    assert b'value="Retry failed"' not in response.content
+    assert b"<form" not in response.content.split(b"content-main")[1]
     response = viewer.post(reverse("admin:resto_celery_retry_failed"), {"host": async_hosts[0].url})
     assert response.status_code == 403
 
@@ -159,7 +189,7 @@ def test_retry_failed_enqueues_every_failed_row_of_the_host(async_settings, asyn
     _rows(async_hosts[0].url, "synced", 2)
     _rows(async_hosts[1].url, "failed", 1)
     response = operator.post(reverse("admin:resto_celery_retry_failed"), {"host": async_hosts[0].url}, follow=True)
-    assert "Re-sent 3 failed replication task(s)" in [str(m) for m in response.context["messages"]][0]
+    assert "Re-sent 3 failed replication task(s)" in next(str(m) for m in response.context["messages"])
     assert sorted(_queued(redis_url)) == sorted(repr((async_hosts[0].url, f"failed/{i}.txt")) for i in range(3))
 
 
@@ -173,7 +203,7 @@ def test_an_unknown_host_is_refused(async_settings, operator):
 def test_full_resync_forgets_fingerprints_and_queues_a_reconcile(async_settings, async_hosts, operator, redis_url):
     _rows(async_hosts[0].url, "synced", 4, fingerprint="1:2:3")
     response = operator.post(reverse("admin:resto_celery_resync"), {"host": async_hosts[0].url}, follow=True)
-    assert "Marked 4 file(s)" in [str(m) for m in response.context["messages"]][0]
+    assert "Marked 4 file(s)" in next(str(m) for m in response.context["messages"])
     assert set(Replica.objects.values_list("fingerprint", flat=True)) == {""}
     client = redis.Redis.from_url(redis_url)
     assert [json.loads(raw)["headers"]["task"] for raw in client.lrange("resto", 0, -1)] == ["resto_celery.reconcile"]
@@ -196,7 +226,7 @@ def test_retry_selected_action_enqueues_the_selected_rows(async_settings, async_
     _rows(async_hosts[0].url, "failed", 2)
     ids = list(Replica.objects.values_list("pk", flat=True))
     response = operator.post(reverse(CHANGELIST), {"action": "retry_selected", "_selected_action": ids}, follow=True)
-    assert "Re-sent 2 replication task(s)" in [str(m) for m in response.context["messages"]][0]
+    assert "Re-sent 2 replication task(s)" in next(str(m) for m in response.context["messages"])
     assert len(_queued(redis_url)) == 2
 
 
@@ -218,7 +248,10 @@ def test_the_detail_page_shows_the_task_history(async_settings, async_hosts, vie
         task_id="t-1", task_name="resto_celery.upload", task_args=json.dumps(repr((host, "a b.txt"))),
         status="FAILURE", traceback="Traceback: HostUnreachable boom",
     )
-    TaskResult.objects.create(task_id="t-2", task_name="resto_celery.upload", task_args=json.dumps(repr((host, "other.txt"))), status="SUCCESS")
+    TaskResult.objects.create(
+        task_id="t-2", task_name="resto_celery.upload", task_args=json.dumps(repr((host, "other.txt"))),
+        status="SUCCESS",
+    )
     response = viewer.get(reverse("admin:resto_celery_replica_change", args=[replica.pk]))
     assert response.status_code == 200
     assert [r.task_id for r in response.context["task_results"]] == ["t-1"]

@@ -128,13 +128,13 @@ def _host_row(page, host):
     titles = [t.strip().lower() for t in page.locator("table.resto-hosts thead th").all_text_contents()]
     cells = [c.strip() for c in page.locator(f'table.resto-hosts tr[data-host="{host}"] > *').all_inner_texts()]
     assert len(cells) == len(titles), f"no row, or a malformed one, for {host}: {cells}"
-    row = dict(zip(titles, cells))
+    row = dict(zip(titles, cells, strict=True))
     return {
         "synced": int(row["synced"]),
         "pending": int(row["pending"]),
         "failed": int(row["failed"]),
         "last_error": row["last error"],
-        "breaker": row["circuit breaker"],
+        "up or down": row["up or down"],
     }
 
 
@@ -194,10 +194,10 @@ def test_an_operator_finds_a_failed_upload_on_the_dashboard_and_repairs_it(
     # The dashboard shows the failing host: one failed file, and why.
     expect(page.locator("#content h1")).to_have_text("Replication dashboard")  # Django 4.2 has a second h1
     assert _host_row(page, healthy.url) == {
-        "synced": len(EARLIER_FILES) + 1, "pending": 0, "failed": 0, "last_error": "none", "breaker": "closed",
+        "synced": len(EARLIER_FILES) + 1, "pending": 0, "failed": 0, "last_error": "none", "up or down": "up",
     }
     row = _host_row(page, broken.url)
-    assert (row["synced"], row["pending"], row["failed"], row["breaker"]) == (len(EARLIER_FILES), 0, 1, "closed")
+    assert (row["synced"], row["pending"], row["failed"], row["up or down"]) == (len(EARLIER_FILES), 0, 1, "up")
     assert "403 Forbidden" in row["last_error"] and FAILING_NAME in row["last_error"]
     assert _totals(page) == ["2", str(2 * len(EARLIER_FILES) + 1), "0", "1"]
     page.screenshot(path=screenshots / "dashboard.png", full_page=True)
@@ -222,7 +222,9 @@ def test_an_operator_finds_a_failed_upload_on_the_dashboard_and_repairs_it(
     expect(page.locator("#result_list tbody .field-path")).to_have_text([FAILING_NAME])
     expect(page.locator("#result_list tbody .field-state_badge")).to_have_text(["failed"])
     # (the list leaves the host out of the error: it has its own column)
-    expect(page.locator("#result_list tbody .field-short_error")).to_contain_text([f"PUT {FAILING_NAME} failed: 403 Forbidden"])
+    expect(page.locator("#result_list tbody .field-short_error")).to_contain_text(
+        [f"PUT {FAILING_NAME} failed: 403 Forbidden"]
+    )
     page.screenshot(path=screenshots / "replica-changelist.png", full_page=True)
 
     # The host is fixed; the operator presses "Retry failed" on its row.

@@ -25,11 +25,11 @@ def test_all_synced_prints_a_table_and_succeeds(async_settings, async_hosts):
     lines = output.splitlines()
     header = next(line for line in lines if line.startswith("HOST"))
     assert header.split() == [
-        "HOST", "SYNCED", "PENDING", "FAILED", "OLDEST", "PENDING", "LAST", "SUCCESS", "BREAKER", "HELD", "DELETES",
-        "LAST", "ERROR",
+        "HOST", "SYNCED", "PENDING", "FAILED", "WAITING", "OLDEST", "PENDING", "LAST", "SUCCESS", "HOST", "STATE",
+        "HELD", "DELETES", "LAST", "ERROR",
     ]
-    assert any(line.startswith(async_hosts[0].url) and " closed" in line for line in lines)
-    assert "2 host(s): 2 synced, 0 pending, 0 failed" in output
+    assert any(line.startswith(async_hosts[0].url) and " up" in line for line in lines)
+    assert "2 host(s): 2 synced, 0 pending, 0 failed, 0 waiting for a host that is down" in output
 
 
 def test_a_failed_host_makes_the_command_fail_for_monitoring(async_settings, async_hosts):

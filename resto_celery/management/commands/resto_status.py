@@ -10,10 +10,11 @@ from resto_celery import status
 
 class Command(BaseCommand):
     help = (
-        "Show, per media host, how many files are synced, pending (being retried) and failed, "
-        "the oldest pending change, the last success, the last error and the circuit breaker; and "
+        "Show, per media host, how many files are synced, pending (being retried), failed and waiting "
+        "for the host to come back, the oldest pending change, the last success, the last error and "
+        "whether the host is up or down (its circuit breaker; when it went down or came back); and "
         "whether each master copy carries its marker (workers that refused it, deletions the brake holds). "
-        "Exits with status 1 when any host has failed files, an open breaker or held deletions, or a "
+        "Exits with status 1 when any host has failed files, is down or has held deletions, or a "
         "master copy is refused, so it can be used as a monitoring check."
     )
 
@@ -61,15 +62,16 @@ class Command(BaseCommand):
 
     def _table(self, statuses, totals):
         headers = [
-            "HOST", "SYNCED", "PENDING", "FAILED", "OLDEST PENDING", "LAST SUCCESS", "BREAKER", "HELD DELETES",
+            "HOST", "SYNCED", "PENDING", "FAILED", "WAITING", "OLDEST PENDING", "LAST SUCCESS", "HOST STATE",
+            "HELD DELETES",
             "LAST ERROR",
         ]
         rows = [
             [
                 s.host + ("" if s.configured else " (not configured)"),
-                str(s.synced), str(s.pending), str(s.failed),
+                str(s.synced), str(s.pending), str(s.failed), str(s.waiting),
                 _ago(s.oldest_pending), _ago(s.last_success) or "never",
-                _breaker(s), str(s.held_deletes) if s.held_deletes else "",
+                _host_state(s), str(s.held_deletes) if s.held_deletes else "",
                 (s.last_error[:70] if s.last_error else ""),
             ]
             for s in statuses
@@ -77,11 +79,12 @@ class Command(BaseCommand):
         widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
         for row in [headers, *rows]:
             line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-            style = self.style.ERROR if row is not headers and (row[3] != "0" or row[7]) else (lambda text: text)
+            style = self.style.ERROR if row is not headers and (row[3] != "0" or row[8] or row[7].startswith("DOWN")) else (lambda text: text)
             self.stdout.write(style(line))
         self.stdout.write(
             f"\n{totals['hosts']} host(s): {totals['synced']} synced, {totals['pending']} pending, "
-            f"{totals['failed']} failed; oldest pending change: {_ago(totals['oldest_pending']) or 'none'}"
+            f"{totals['failed']} failed, {totals['waiting']} waiting for a host that is down; "
+            f"oldest pending change: {_ago(totals['oldest_pending']) or 'none'}"
         )
 
 
@@ -89,7 +92,11 @@ def _ago(moment):
     return f"{timesince(moment, timezone.now())} ago" if moment else ""
 
 
-def _breaker(host_status):
+def _host_state(host_status):
+    """"up", "up, back 2 minutes ago", "DOWN since 5 minutes ago (breaker open 25s)", "?" (no Redis)."""
     if host_status.breaker_open_for is None:
         return "?" if host_status.configured else ""
-    return f"OPEN {host_status.breaker_open_for:.0f}s" if host_status.breaker_open_for else "closed"
+    if host_status.down:
+        since = f" since {_ago(host_status.down_since)}" if host_status.down_since else ""
+        return f"DOWN{since} (breaker open {host_status.breaker_open_for:.0f}s)"
+    return f"up, back {_ago(host_status.back_at)}" if host_status.back_at else "up"
