@@ -11,7 +11,7 @@ OLDEST_STAMP := $(OLDEST_VENV)/.installed-test
 OLDEST_PINS := 'Django==4.2' 'celery==5.4.0' 'kombu==5.7.0' 'redis==6.1.0' 'requests==2.31.0' \
 	'django-celery-results==2.5.0' 'tqdm==4.60.0'
 
-.PHONY: test test-oldest venv clean demo demo-serve bench tahoe
+.PHONY: test test-oldest lint venv clean demo demo-serve bench tahoe
 
 venv: $(STAMP)
 
@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# ruff with the rules in pyproject.toml ([tool.ruff]); fails on any violation. .ci/run calls it.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 $(OLDEST_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(OLDEST_VENV)

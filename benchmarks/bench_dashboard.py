@@ -29,12 +29,14 @@ def fill(rows):
         host = HOSTS[index % len(HOSTS)]
         kind = index % 100
         if kind == 0:
-            fields = {"state": "failed", "last_error": "PUT x failed: 503", "last_error_at": now - timedelta(seconds=index),
+            fields = {"state": "failed", "last_error": "PUT x failed: 503",
+                      "last_error_at": now - timedelta(seconds=index),
                       "pending_since": now - timedelta(seconds=2 * index), "attempts": 7}
         elif kind < 3:
             fields = {"state": "pending", "pending_since": now - timedelta(seconds=index), "attempts": 1}
         else:
-            fields = {"state": "synced", "last_success_at": now - timedelta(seconds=index), "fingerprint": f"{index}:1:2"}
+            fields = {"state": "synced", "last_success_at": now - timedelta(seconds=index),
+                      "fingerprint": f"{index}:1:2"}
         batch.append(Replica(host=host, path=f"d{index % 997}/f{index}.jpg", **fields))
         if len(batch) == 5000:
             Replica.objects.bulk_create(batch)
@@ -78,7 +80,9 @@ def main(argv=None):
         from django.conf import settings
 
         settings.STORAGES = {
-            "default": {"BACKEND": "resto_celery.storage.AsyncStorage", "OPTIONS": {"hosts": HOSTS, "redis_url": redis.url}},
+            "default": {
+                "BACKEND": "resto_celery.storage.AsyncStorage", "OPTIONS": {"hosts": HOSTS, "redis_url": redis.url},
+            },
         }
         results = {}
         for label, count in (("baseline", BASELINE_ROWS), ("large", rows)):
@@ -88,9 +92,10 @@ def main(argv=None):
             results[label] = (count, *measure())
 
     base_count, base_time, base_queries, _ = results["baseline"]
-    count, large_time, large_queries, statuses = results["large"]
+    count, _, large_queries, statuses = results["large"]
     rows_table = [
-        [f"{n:,}", queries, f"{summary['median'] * 1000:,.1f}", f"{summary['min'] * 1000:,.1f} – {summary['max'] * 1000:,.1f}",
+        [f"{n:,}", queries, f"{summary['median'] * 1000:,.1f}",
+         f"{summary['min'] * 1000:,.1f} – {summary['max'] * 1000:,.1f}",
          common.ratio(summary["median"] / base_time["median"])]
         for n, summary, queries, *_ in (results["baseline"], results["large"])
     ]
@@ -107,7 +112,8 @@ def main(argv=None):
         "environment": common.environment(),
         "results": {label: {"rows": n, "queries": q, "seconds": t} for label, (n, t, q, _) in results.items()},
         "tables": [
-            {"title": "Time and queries", "headers": ["rows", "queries", "median ms", "min – max ms", "ratio to baseline"],
+            {"title": "Time and queries",
+             "headers": ["rows", "queries", "median ms", "min – max ms", "ratio to baseline"],
              "rows": rows_table},
         ],
         "goals": [

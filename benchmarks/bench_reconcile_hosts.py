@@ -102,7 +102,8 @@ def main(argv=None):
     rows = [
         ["reconcile + worker, 3 empty hosts", f"{first:.1f}", f"{files / first:,.0f}", f"{first / rsync_first:.0f}x"],
         ["  of which the reconcile pass (walk, rows, publishing)", f"{enqueue_seconds:.1f}", "", ""],
-        ["reconcile, hosts in sync (sends nothing)", f"{second:.2f}", f"{files / second:,.0f}", f"{second / rsync_second:.1f}x"],
+        ["reconcile, hosts in sync (sends nothing)", f"{second:.2f}", f"{files / second:,.0f}",
+         f"{second / rsync_second:.1f}x"],
         ["rsync -a to 3 empty local folders (floor)", f"{rsync_first:.2f}", f"{files / rsync_first:,.0f}", "1.0x"],
         ["rsync -a, in sync (floor)", f"{rsync_second:.2f}", f"{files / rsync_second:,.0f}", "1.0x"],
     ]

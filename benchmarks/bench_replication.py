@@ -89,9 +89,8 @@ class Bench:
 
     def reset(self):
         """Empty the master, the hosts, the queue and the Replica table; flush to disk."""
-        from resto_celery.models import Replica
-
         from resto_celery.master import MARKER_NAME
+        from resto_celery.models import Replica
 
         for folder in [self.master] + [host.root for host in self.hosts]:
             for entry in os.scandir(folder):
@@ -122,7 +121,9 @@ class Bench:
             if not pending:
                 break
             if time.monotonic() > deadline:
-                raise AssertionError(f"{len(pending)} file(s) not on every host after {timeout}s: {sorted(pending)[:3]}")
+                raise AssertionError(
+                    f"{len(pending)} file(s) not on every host after {timeout}s: {sorted(pending)[:3]}"
+                )
             time.sleep(0.005)
         return time.perf_counter()
 
@@ -284,7 +285,7 @@ def lag(bench, count, rate):
 
     def watch():
         while not done.is_set() or len(landed) < len(saved):
-            for name, when in list(saved.items()):
+            for name in list(saved):
                 if name not in landed and bench.landed(name, SMALL) == len(bench.hosts):
                     landed[name] = time.perf_counter()
             if done.is_set() and time.perf_counter() - last[0] > CONVERGE_TIMEOUT:
@@ -379,7 +380,8 @@ def plots(folder, sweep_rows, large, lags, put_seconds):
     floor = [row["limit_files_s"]["median"] for row in sweep_rows] + [large["limit_files_s"]["median"]]
     positions = range(len(labels))
     axis.bar([p - 0.2 for p in positions], mine, width=0.4, label="resto_celery (save → all 3 hosts)", color="#4477aa")
-    axis.bar([p + 0.2 for p in positions], floor, width=0.4, label="limit: requests loop, same concurrency", color="#bbbbbb")
+    axis.bar([p + 0.2 for p in positions], floor, width=0.4, label="limit: requests loop, same concurrency",
+             color="#bbbbbb")
     axis.set_xticks(list(positions), labels, rotation=15)
     axis.set_ylabel("files/s (to all 3 hosts)")
     axis.set_yscale("log")
@@ -438,9 +440,12 @@ def main(argv=None):
             "rounds": rounds_,
         }
 
-    sweep_rows = [{"label": f"{pool}, concurrency {c}", **summary(r, small_count, SMALL)} for (pool, c), r in sweep.items()]
+    sweep_rows = [
+        {"label": f"{pool}, concurrency {c}", **summary(r, small_count, SMALL)} for (pool, c), r in sweep.items()
+    ]
     large_row = {"label": f"{best[0]}, concurrency {best[1]}", **summary(large, large_count, LARGE)}
-    lag_ms = {name: percentile(lags, fraction) * 1000 for name, fraction in (("p50", .5), ("p95", .95), ("p99", .99), ("max", 1))}
+    fractions = (("p50", .5), ("p95", .95), ("p99", .99), ("max", 1))
+    lag_ms = {name: percentile(lags, fraction) * 1000 for name, fraction in fractions}
     folder = (args.output.parent if args.output else common.ROOT / "benchmarks" / "results")
     folder.mkdir(parents=True, exist_ok=True)
     plot_files = plots(folder, sweep_rows, large_row, lags, put_seconds)
@@ -496,7 +501,8 @@ def main(argv=None):
         }],
         "plots": plot_files,
         "goals": [{
-            "goal": f"worker memory does not grow with the file (peak RSS with {huge // 2**20:,} MiB <= {MEMORY_GOAL}x the 10 MB peak)",
+            "goal": f"worker memory does not grow with the file (peak RSS with {huge // 2**20:,} MiB "
+                    f"<= {MEMORY_GOAL}x the 10 MB peak)",
             "met": memory_goal,
             "detail": "not enough free disk" if peak_huge is None else
                       f"{common.mebibytes(peak_huge)} vs {common.mebibytes(peak_small)}",

@@ -4,7 +4,8 @@ Django's ``FileSystemStorage.save()`` is the baseline (ratio 1.0). Against it, f
 and 1 MB files:
 
 - ``AsyncStorage`` with no hosts: the atomic master write alone;
-- ``AsyncStorage`` with 1 and 3 hosts: the master write plus one Celery message per save (a worker fans it out to the hosts),
+- ``AsyncStorage`` with 1 and 3 hosts: the master write plus one Celery message per save
+  (a worker fans it out to the hosts),
   published to a private Redis (no worker runs: the queue fills and is emptied between
   rounds);
 - ``HybridStorage`` with 1 and 3 hosts: the master write plus a PUT to every host, within
@@ -210,7 +211,7 @@ def summarize_size(cases, per_round):
     summary = {}
     for case in cases:
         medians = per_round[case.label]
-        ratios = [value / base for value, base in zip(medians, baseline)]
+        ratios = [value / base for value, base in zip(medians, baseline, strict=True)]
         summary[case.label] = {
             "hosts": len(case.servers),
             "latency_ns": common.summarize(medians),
@@ -311,7 +312,7 @@ def publish_rows(per_round):
     rows = []
     for label, medians in per_round.items():
         latency = common.summarize(medians)
-        ratio = common.summarize([value / base for value, base in zip(medians, floor)])
+        ratio = common.summarize([value / base for value, base in zip(medians, floor, strict=True)])
         rows.append([
             label, common.micros(latency["median"]),
             f"{common.micros(latency['min'])} – {common.micros(latency['max'])}", common.ratio(ratio["median"]),

@@ -84,11 +84,13 @@ def main(argv=None):
     rows, goals = [], []
     for label, *_ in configurations:
         summary = common.summarize(measured[label])
-        extra = [value - reference for value, reference in zip(measured[label], base)]
+        extra = [value - reference for value, reference in zip(measured[label], base, strict=True)]
         rows.append([
             label, f"{summary['median'] * 1e6:,.0f}", f"{summary['min'] * 1e6:,.0f} – {summary['max'] * 1e6:,.0f}",
             f"{statistics.median(extra) * 1e6:+,.0f}",
-            common.ratio(statistics.median([value / reference for value, reference in zip(measured[label], base)])),
+            common.ratio(statistics.median(
+                [value / reference for value, reference in zip(measured[label], base, strict=True)]
+            )),
         ])
         if "master_url" in label and "no master_url" not in label:
             goals.append({

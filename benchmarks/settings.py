@@ -5,6 +5,7 @@ an SQLite file in the temporary folder; ``RESTO_BENCH_DATABASE`` (``postgres`` o
 ``sqlite``) forces one. The benchmark scripts create and migrate it themselves
 (:func:`benchmarks.common.setup_django`). The Celery broker is ``RESTO_BENCH_BROKER_URL``:
 the scripts start a private Redis and set it before Django is set up.
+``RESTO_BENCH_UPLOAD_STORAGES`` adds ``bench_upload_view``'s app, URLs and storages.
 """
 import json
 import os
@@ -70,6 +71,15 @@ if os.environ.get("RESTO_BENCH_STORAGE_OPTIONS"):
         "BACKEND": "resto_celery.storage.AsyncStorage",
         "OPTIONS": json.loads(os.environ["RESTO_BENCH_STORAGE_OPTIONS"]),
     }
+# bench_upload_view: its upload app (a model per storage under test, the view, its URLs), and
+# the storages of those models, as a JSON dict of STORAGES entries by alias.
+# Its web server keeps its database connection between requests, as a production site does
+# (Django's default, CONN_MAX_AGE 0, opens one per request: milliseconds on both sides).
+if os.environ.get("RESTO_BENCH_UPLOAD_STORAGES"):
+    STORAGES.update(json.loads(os.environ["RESTO_BENCH_UPLOAD_STORAGES"]))
+    INSTALLED_APPS.append("benchmarks.uploads")
+    ROOT_URLCONF = "benchmarks.uploads.urls"
+    DATABASES["default"]["CONN_MAX_AGE"] = 600
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 
 # As the README recommends for a real site: results in the database, extended.

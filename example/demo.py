@@ -90,8 +90,8 @@ def main():
 
 def run_scenario(hosts):
     from django.core.files.base import ContentFile
-    from gallery.models import Document
 
+    from gallery.models import Document
     from resto_celery.models import Replica
 
     def everywhere(name, content):
@@ -112,10 +112,16 @@ def run_scenario(hosts):
 
     print("Uploading, overwriting, deleting:")
     documents = {}
-    for title, content in [("Report", b"%PDF-1.7 quarterly report"), ("Photo", b"\x89PNG photo"), ("Notes", b"notes v1")]:
+    uploads = [("Report", b"%PDF-1.7 quarterly report"), ("Photo", b"\x89PNG photo"), ("Notes", b"notes v1")]
+    for title, content in uploads:
         def create(title=title, content=content):
-            documents[title] = Document.objects.create(title=title, file=ContentFile(content, name=f"{title.lower()}.bin"))
-        step(f"upload {title.lower()}.bin", create, lambda title=title, content=content: everywhere(documents[title].file.name, content)())
+            file = ContentFile(content, name=f"{title.lower()}.bin")
+            documents[title] = Document.objects.create(title=title, file=file)
+
+        def arrived(title=title, content=content):
+            return everywhere(documents[title].file.name, content)()
+
+        step(f"upload {title.lower()}.bin", create, arrived)
 
     print("\nA fresh upload's URL (master_url): the master copy until every host has the file:")
     fresh = Document.objects.create(title="Fresh", file=ContentFile(b"fresh bytes", name="fresh.bin"))
@@ -146,7 +152,8 @@ def run_scenario(hosts):
     outage = {}
 
     def upload_during_outage():
-        outage["doc"] = Document.objects.create(title="During outage", file=ContentFile(b"saved while host 2 was down", name="outage.bin"))
+        file = ContentFile(b"saved while host 2 was down", name="outage.bin")
+        outage["doc"] = Document.objects.create(title="During outage", file=file)
 
     started = time.monotonic()
     upload_during_outage()
@@ -172,7 +179,8 @@ def run_scenario(hosts):
     same = all(sorted(host.files()) == master for host in hosts)
     print(f"\nEvery host equals the master: {'yes' if same else 'NO'}")
     lags = sorted(lag for _, _, lag in timings)
-    print(f"Replication lag over {len(lags)} changes: median {lags[len(lags) // 2] * 1000:.0f} ms, max {lags[-1] * 1000:.0f} ms")
+    print(f"Replication lag over {len(lags)} changes: "
+          f"median {lags[len(lags) // 2] * 1000:.0f} ms, max {lags[-1] * 1000:.0f} ms")
     print("\nTry it by hand: `make demo-serve`, then open http://127.0.0.1:8000/ (uploads) and "
           "http://127.0.0.1:8000/admin/resto_celery/replicationdashboard/ (user admin, password admin).")
     if not same:

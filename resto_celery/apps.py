@@ -9,7 +9,6 @@ class RestoCeleryConfig(AppConfig):
     def ready(self):
         from django.test.signals import setting_changed
 
-        from . import checks  # noqa: F401 - registers the system checks
-        from . import registry
+        from . import checks, registry  # noqa: F401 - importing checks registers the system checks
 
         setting_changed.connect(registry.clear, dispatch_uid="resto_celery.registry.clear")

@@ -36,7 +36,12 @@ SETTINGS = {
     "max_delete_share": ("RESTO_MAX_DELETE_SHARE", 0.1),
     # Read-your-writes: url() of a file not yet on every host points here (the master copy).
     "master_url": ("RESTO_MASTER_URL", None),
+    # How save()/delete() send their change: "background" (the process's publisher thread,
+    # the request does not wait for the broker) or "inline" (before save() returns).
+    "publish": ("RESTO_PUBLISH", "background"),
 }
+
+PUBLISH_MODES = ("background", "inline")
 
 #: Options that are a number of seconds (> 0), and options that are a count (>= 0).
 SECONDS = ("timeout", "retry_backoff", "retry_backoff_max", "lease_ttl", "breaker_cooldown", "failed_retry_after")
@@ -102,6 +107,7 @@ class Options:
     failed_retry_after: float
     max_delete_share: float
     master_url: object
+    publish: str
 
     def host(self, name):
         """Return the :class:`MediaHost` called ``name``, or raise ``KeyError``."""
@@ -163,6 +169,10 @@ def resolve(options=None, *, media_url=None, leases=True):
         isinstance(queue, dict) and all(isinstance(k, str) and isinstance(v, str) and v for k, v in queue.items())
     ):
         raise ImproperlyConfigured(f"{_label('queue')} must be a queue name or a dict of host names to queues.")
+    if values["publish"] not in PUBLISH_MODES:
+        raise ImproperlyConfigured(
+            f"{_label('publish')} must be one of {', '.join(map(repr, PUBLISH_MODES))}, not {values['publish']!r}."
+        )
     for key in ("fatal_exceptions", "show_traceback"):
         if not isinstance(values[key], bool):
             raise ImproperlyConfigured(f"{_label(key)} must be True or False, not {values[key]!r}.")
@@ -333,7 +343,8 @@ def _parse_tahoe_entry(entry, ca_bundle):
         raise ImproperlyConfigured(f"The 'name' of media host {node.name} must be a non-empty string.")
     dircap = entry.get("dircap")
     if not isinstance(dircap, str) or not dircap.startswith(TAHOE_WRITE_CAPS):
-        kind = "a read-only cap" if isinstance(dircap, str) and dircap.startswith(TAHOE_READ_CAPS) else "missing or not a cap"
+        read_only = isinstance(dircap, str) and dircap.startswith(TAHOE_READ_CAPS)
+        kind = "a read-only cap" if read_only else "missing or not a cap"
         # Never echo the value: it may be a secret pasted into the wrong key.
         raise ImproperlyConfigured(
             f"Tahoe-LAFS media host {label} needs 'dircap', a read-write directory cap "
@@ -416,7 +427,7 @@ def _split(url, shown):
 
 def _check_port(parts, shown):
     try:
-        parts.port
+        parts.port  # noqa: B018 - reading it is the check: urllib raises for a bad port
     except ValueError:
         raise ImproperlyConfigured(f"Media host entry {shown} has an invalid port.") from None
 

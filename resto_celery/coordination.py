@@ -201,7 +201,7 @@ class PathLeases:
         ttl_ms = self.leases[hosts[0]].ttl_ms
         answers = self.client.eval(_ACQUIRE_MANY, len(keys), *keys, *tokens, ttl_ms)
         states = {}
-        for host, (acquired, ttl) in zip(hosts, answers):
+        for host, (acquired, ttl) in zip(hosts, answers, strict=True):
             if acquired:
                 self.ours.add(host)
                 if not self.breakers[host].threshold:
@@ -226,7 +226,10 @@ class PathLeases:
         if not hosts:
             return set()
         values = self.client.mget([self.leases[host].key for host in hosts])
-        return {host for host, value in zip(hosts, values) if value is not None and value.decode() == self.leases[host].token}
+        return {
+            host for host, value in zip(hosts, values, strict=True)
+            if value is not None and value.decode() == self.leases[host].token
+        }
 
     def release(self, succeeded=(), keep=()):
         """Give back every lease we took, except those of ``keep`` (outcomes in doubt: they
@@ -249,7 +252,7 @@ class PathLeases:
         answers = self.client.eval(
             _RELEASE_MANY, len(keys), *keys, *tokens, *closes, f"{time.time():.3f}", BACK_AT_KEPT * 1000
         )
-        return {host for host, came_back in zip(hosts, answers) if came_back}
+        return {host for host, came_back in zip(hosts, answers, strict=True) if came_back}
 
 
 class _Renewer:
@@ -303,7 +306,7 @@ class _Renewer:
             results = pipe.execute()
         except redis.RedisError:
             return  # Redis blipped; try again next tick, the TTL still covers us for a while
-        for lease, renewed in zip(leases, results):
+        for lease, renewed in zip(leases, results, strict=True):
             if renewed:
                 lease.renewed_at = now
             else:

@@ -30,8 +30,10 @@ from datetime import timedelta
 
 from django.db.models import BooleanField, Case, Count, Q, Value, When
 from django.utils import timezone
+from redis.exceptions import RedisError
 
 from . import marker
+from .broker import coordinator_for
 from .exceptions import MasterUnavailable
 from .models import Hold, Replica
 from .replication import walk_master
@@ -75,7 +77,8 @@ def reconcile(storage, enqueue, *, batch_size=1000, grace=RETRY_GRACE, max_delet
     beat = heartbeat or (lambda: None)
     # Whether a row's own state asks for another attempt, decided by the database: reading
     # two timestamps per row into Python was most of the time of a reconcile in steady state.
-    rows = Replica.objects.filter(host__in=hosts).annotate(due=_due(now, now - timedelta(seconds=grace)))
+    down = _down_hosts(storage)
+    rows = Replica.objects.filter(host__in=hosts).annotate(due=_due(now, now - timedelta(seconds=grace), down))
 
     for batch in _batched(walk_master(location), batch_size):
         counts["files"] += len(batch)
@@ -94,16 +97,17 @@ def reconcile(storage, enqueue, *, batch_size=1000, grace=RETRY_GRACE, max_delet
         beat()
 
     _send_deletes(storage, rows, enqueue, counts, batch_size, max_delete_share, allow_deletes, beat)
-    _send_probes(hosts, enqueue, counts, now)
+    _send_probes(hosts, down, enqueue, counts, now)
     return counts
 
 
-def _send_probes(hosts, enqueue, counts, now):
-    """One row per host whose failed or waiting rows are not due yet: if it goes through, the
-    host is back and the others are sent at once."""
+def _send_probes(hosts, down, enqueue, counts, now):
+    """One row per host whose failed (or, for a host that is down, waiting) rows are not due
+    yet: if it goes through, the host is back and the others are sent at once."""
     for host in hosts:
+        states = Replica.UNSCHEDULED if host in down else [Replica.State.FAILED]
         path = (
-            Replica.objects.filter(host=host, state__in=Replica.UNSCHEDULED, retry_at__gt=now)
+            Replica.objects.filter(host=host, state__in=states, retry_at__gt=now)
             .order_by("retry_at").values_list("path", flat=True).first()
         )
         if path is not None:
@@ -200,12 +204,26 @@ def _batched(iterable, size):
         yield batch
 
 
-def _due(now, lost_before):
-    """A boolean expression: the row failed (or waits for its host) and its ``retry_at`` has
-    come, or it is pending and
+def _down_hosts(storage):
+    """The hosts whose breaker is open: their waiting rows keep waiting for the host's probe."""
+    try:
+        coordinator = coordinator_for(storage.options)
+        return [host for host in storage.hosts if coordinator.breaker(host).open_for()]
+    except (RedisError, RuntimeError) as error:
+        logger.warning("Could not read the circuit breakers (%s): waiting rows wait for their retry time.", error)
+        return list(storage.hosts)
+
+
+def _due(now, lost_before, down=()):
+    """A boolean expression: the row waits for a host that is not down (any more), or it
+    failed (or waits) and its ``retry_at`` has come, or it is pending and
     its retry (or, without one, its last attempt) is older than ``lost_before``."""
     failed_due = Q(state__in=Replica.UNSCHEDULED) & (Q(retry_at__isnull=True) | Q(retry_at__lte=now))
+    host_back = Q(state=Replica.State.WAITING)
+    if down:  # (an empty IN is something SQL has not)
+        host_back &= ~Q(host__in=down)
     pending_lost = Q(state=Replica.State.PENDING) & (
         Q(retry_at__lte=lost_before) | Q(retry_at__isnull=True, updated_at__lte=lost_before)
     )
-    return Case(When(failed_due | pending_lost, then=Value(True)), default=Value(False), output_field=BooleanField())
+    due = failed_due | host_back | pending_lost
+    return Case(When(due, then=Value(True)), default=Value(False), output_field=BooleanField())

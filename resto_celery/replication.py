@@ -260,7 +260,7 @@ def _transfer(hosts, name, master_path, transports, coordinator, location, force
             outcomes[host].error = error
         return
     if source is None:
-        for host, error in _in_parallel(lambda host: transports[host].delete(name), hosts):
+        for host, error in _hosts_in_parallel(lambda host: transports[host].delete(name), hosts):
             outcomes[host].action, outcomes[host].error = ("delete", None) if error is None else ("", error)
         return
     with source:
@@ -278,7 +278,7 @@ def _transfer(hosts, name, master_path, transports, coordinator, location, force
             _make_directories(host, name, transports[host], coordinator)
             transports[host].put(name, _PositionalReader(source.fileno(), size), size)
 
-        for host, error in _in_parallel(put, sending):
+        for host, error in _hosts_in_parallel(put, sending):
             outcome = outcomes[host]
             if error is None:
                 outcome.action, outcome.version = "upload", current
@@ -361,30 +361,39 @@ os.register_at_fork(after_in_child=_reset_pool)
 TRANSFER_THREADS = 32
 
 
-def _in_parallel(function, hosts):
-    """``[(host, error or None)]`` for ``function(host)`` on every host: the first in this
-    thread, the others on the process's transfer threads."""
+def in_parallel(function, items):
+    """``[(item, error or None)]`` for ``function(item)`` on every item: the first in this
+    thread, the others on the process's transfer threads (a pool kept for the process, so
+    a fan-out starts no thread). Every call has returned when this returns."""
     global _pool
-    if not hosts:
+    items = list(items)
+    if not items:
         return []
     futures = []
-    if len(hosts) > 1:
+    if len(items) > 1:
         with _pool_lock:
             if _pool is None:
                 _pool = ThreadPoolExecutor(max_workers=TRANSFER_THREADS, thread_name_prefix="resto-transfer")
-        futures = [(host, _pool.submit(_outcome_of, function, host)) for host in hosts[1:]]
-    results = [(hosts[0], _outcome_of(function, hosts[0]))]
-    results += [(host, future.result()) for host, future in futures]  # all done before the file closes
-    for _, error in results:
-        if error is not None and not isinstance(error, (TransportError, MasterError, LeaseBusy)):
-            raise error  # not a host's failure (Redis down, a bug): the caller's problem
+        futures = [(item, _pool.submit(_outcome_of, function, item)) for item in items[1:]]
+    results = [(items[0], _outcome_of(function, items[0]))]
+    results += [(item, future.result()) for item, future in futures]
     return results
 
 
-def _outcome_of(function, host):
+def _hosts_in_parallel(function, hosts):
+    """:func:`in_parallel` for transfers: a host's failure is its outcome; anything else (Redis
+    down, a bug) is raised, once every transfer has ended (they read one open file)."""
+    results = in_parallel(function, hosts)
+    for _, error in results:
+        if error is not None and not isinstance(error, (TransportError, MasterError, LeaseBusy)):
+            raise error
+    return results
+
+
+def _outcome_of(function, item):
     try:
-        function(host)
-    except Exception as error:  # noqa: BLE001 - sorted out by _in_parallel, once every host is done
+        function(item)
+    except Exception as error:  # noqa: BLE001 - the caller sorts the outcomes out
         return error
     return None
 
@@ -487,6 +496,6 @@ def _announce(storage, host, name, action, version, coordinator, fresh):
 
 
 def _send(signal, storage, **arguments):
-    for receiver, result in signal.send_robust(sender=storage, **arguments):
+    for _receiver, result in signal.send_robust(sender=storage, **arguments):
         if isinstance(result, Exception):
             logger.error("A receiver of %s failed for %s: %r", signal, arguments.get("name"), result)

@@ -6,13 +6,14 @@ import hashlib
 import os
 import queue
 import threading
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from django.core.exceptions import SuspiciousFileOperation
 from django.db import connections
 
 from . import marker, replication
-from .exceptions import MasterError, TransportError
+from .exceptions import MasterError, MissingFile, TransportError
 from .master import is_temporary
 from .names import clean_name
 from .reconcile import BRAKE_FLOOR
@@ -32,9 +33,10 @@ class Plan:
     upload: list = field(default_factory=list)  # (name, size, reason)
     unchanged: int = 0
     errors: list = field(default_factory=list)  # (name, error)
-    can_list: bool = False  # plain HTTP hosts cannot list their files: extra files stay unseen
+    can_list: bool = False  # whether the host was listed; if not, a HEAD per file and extra files stay unseen
     extra: list = field(default_factory=list)  # (name, size): on the host, not in the master
     listed: int = 0  # files the host listed (hosts that can list)
+    unlisted: str | None = None  # why a plain HTTP host was not listed (its answer to a listing)
 
     @property
     def upload_bytes(self):
@@ -124,10 +126,14 @@ def _sha256_remote(transport, name):
 
 
 def make_plan(storage, host, *, verify=False, workers=8, progress=None):
-    """Compare every master file with ``host`` (HEAD, and with ``verify`` a SHA-256 of both).
+    """Compare every master file with ``host``: its size, and with ``verify`` a SHA-256 of both.
 
-    A host that can list its files (WebDAV, Tahoe-LAFS) is listed once instead of asked
-    file by file, and the files it holds that the master has not go to ``plan.extra``.
+    A host that lists its files is listed once (its folders by ``workers`` threads) instead
+    of asked with a HEAD per file, and the files it holds that the master has not go to
+    ``plan.extra``: WebDAV and Tahoe-LAFS hosts always, a plain HTTP host when it serves
+    nginx's JSON autoindex (:meth:`~resto_celery.transport.HostTransport.lists_folders`).
+    Otherwise, and for the names a listing leaves out (nginx hides dot files), it is a HEAD
+    per file; ``plan.unlisted`` says why a plain HTTP host was not listed.
     ``progress(name, size)`` is called after each file is checked. Raises :class:`HostDown`
     when the host does not answer at all, and
     :class:`~resto_celery.exceptions.MasterUnavailable` when the master folder is not the
@@ -135,18 +141,24 @@ def make_plan(storage, host, *, verify=False, workers=8, progress=None):
     """
     marker.verify(storage.location, create=True)
     transport = storage.transport(host)
-    plan = Plan(host, can_list=transport.can_list)
     master = [(name, int(fp.split(":", 1)[0])) for name, fp in replication.walk_master(storage.location)]
     if master:
         _probe(transport, master[0][0])
+    listable, unlisted = transport.lists_folders()
+    plan = Plan(host, can_list=listable, unlisted=unlisted)
     listing = None
-    if transport.can_list:
+    if listable:
         try:
-            listing = dict(transport.walk())
+            listing = _walk(transport, workers)
         except TransportError as error:
             if error.retryable:
                 raise HostDown(f"{transport.name} does not answer: {error.reason}") from error
-            raise
+            if transport.can_list:
+                raise
+            # A plain HTTP host that listed its root but not a folder (listings switched off
+            # meanwhile, an index page served instead): compare file by file after all.
+            plan.can_list, plan.unlisted, listing = False, f"its listing failed: {error.reason}", None
+    if listing is not None:
         plan.listed = len(listing)
         in_master = {name for name, _ in master}
         plan.extra = sorted(
@@ -156,7 +168,10 @@ def make_plan(storage, host, *, verify=False, workers=8, progress=None):
     def check(item):
         name, size = item
         try:
-            remote = transport.head(name) if listing is None else listing.get(name)
+            if listing is None or transport.listing_hides(name):
+                remote = transport.head(name)
+            else:
+                remote = listing.get(name)
             if remote is None:
                 return name, size, "missing", None
             if remote.size != size:
@@ -230,6 +245,35 @@ def apply_plan(storage, plan, *, workers=8, via_queue=False, delete_extra=False,
         if progress:
             progress(name, size)
     return outcome
+
+
+def _walk(transport, workers):
+    """``{name: RemoteFile}`` for every file ``transport`` lists, its folders listed by ``workers`` threads.
+
+    A folder that is gone when its turn comes (404) holds nothing; any other error is raised
+    once the folders being listed are done.
+    """
+    def list_folder(path):
+        try:
+            return path, transport.list_directory(path)
+        except MissingFile:
+            return path, ([], {})
+
+    files = {}
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="resto-list") as pool:
+        pending = {pool.submit(list_folder, "")}
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    path, (directories, found) = future.result()
+                    prefix = f"{path}/" if path else ""
+                    files.update((prefix + name, remote) for name, remote in found.items())
+                    pending.update(pool.submit(list_folder, prefix + directory) for directory in directories)
+        finally:
+            for future in pending:
+                future.cancel()
+    return files
 
 
 def _plain(name):

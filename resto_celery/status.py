@@ -5,8 +5,7 @@ with the number of ``Replica`` rows beyond an index scan.
 """
 import logging
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
-from datetime import timezone as dt_timezone
+from datetime import datetime, timezone as dt_timezone
 
 from django.db.models import Count
 from django.utils import timezone

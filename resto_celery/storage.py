@@ -5,8 +5,7 @@ Methods with a docstring are the stable API: subclasses may call or override the
 import logging
 import os
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 from celery import current_app
@@ -18,8 +17,8 @@ from django.utils.encoding import filepath_to_uri
 from django.utils.functional import Promise, cached_property
 from redis.exceptions import RedisError
 
-from . import conf, marker, registry, replication
-from .broker import coordinator_for, publish_batch
+from . import conf, marker, publisher, registry, replication
+from .broker import coordinator_for
 from .exceptions import ReplicationError
 from .freshness import DELETED, Unconfirmed
 from .master import MasterStorage
@@ -54,33 +53,22 @@ class ReplicatedStorageMixin:
         a :class:`~resto_celery.exceptions.ReplicationError` is raised afterwards, once
         every host was tried.
         """
-        hosts = self.hosts
-        if len(hosts) == 1:
-            outcomes = [self._attempt(operation, hosts[0], name, kwargs)]
-        elif hosts:
-            with ThreadPoolExecutor(max_workers=len(hosts), thread_name_prefix="resto") as pool:
-                outcomes = list(pool.map(lambda host: self._attempt(operation, host, name, kwargs), hosts))
-        else:
-            outcomes = []
-        failures = {host: error for host, error in zip(hosts, outcomes) if error is not None}
+        outcomes = replication.in_parallel(lambda host: self.execute_one(operation, host, name, **kwargs), self.hosts)
+        failures = {}
+        for host, error in outcomes:
+            if error is not None:
+                failures[host] = error
+                reason = getattr(error, "reason", None) or f"{type(error).__name__}: {error}"
+                logger.error(
+                    "Failed to %s %s on %s: %s", operation, name, host, reason,
+                    exc_info=error if self.options.show_traceback else None,
+                )
         if failures and self.options.fatal_exceptions:
-            raise ReplicationError(operation, name, failures, len(hosts))
+            raise ReplicationError(operation, name, failures, len(outcomes))
 
     def execute_one(self, operation, host, name, **kwargs):  # pragma: no cover - abstract
         """Apply ``operation`` (``"upload"`` or ``"delete"``) for ``name`` on one host."""
         raise NotImplementedError
-
-    def _attempt(self, operation, host, name, kwargs):
-        try:
-            self.execute_one(operation, host, name, **kwargs)
-        except Exception as error:  # noqa: BLE001 - every failure is reported, none lost
-            reason = getattr(error, "reason", None) or f"{type(error).__name__}: {error}"
-            logger.error(
-                "Failed to %s %s on %s: %s", operation, name, host, reason,
-                exc_info=error if self.options.show_traceback else None,
-            )
-            return error
-        return None
 
 
 #: The arguments of Django's ``FileSystemStorage``, which ``HybridStorage`` takes too.
@@ -173,16 +161,18 @@ ENQUEUE_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 
 class AsyncStorage(HybridStorage):
     """Master copy in ``MEDIA_ROOT``, then one Celery task per host, run by workers.
 
-    ``save()`` and ``delete()`` change the master, then send one ``resto_celery.replicate``
-    message with ``(path, hosts, "upload"|"delete")`` to the queue named by the ``queue``
-    option (one per queue when hosts have queues of their own); retries and repairs are
-    ``resto_celery.upload``/``delete`` tasks for one ``(host, path)``. They never raise for replication: a broker that cannot take the
-    message is logged at ERROR and ``reconcile`` repairs the path later.
-    ``fatal_exceptions`` does not apply.
+    ``save()`` and ``delete()`` change the master, then hand the change to the process's
+    publisher thread (:mod:`resto_celery.publisher`; ``publish="inline"`` sends it before
+    returning), which sends one ``resto_celery.replicate`` message with ``(path, hosts,
+    "upload"|"delete")`` to the queue named by the ``queue`` option (one per queue when hosts
+    have queues of their own; a burst of changes shares a ``resto_celery.replicate_batch``);
+    retries and repairs are ``resto_celery.upload``/``delete`` tasks for one ``(host, path)``.
+    They never raise for replication: a broker that cannot take the message is logged at
+    ERROR and ``reconcile`` repairs the path later. ``fatal_exceptions`` does not apply.
 
     Options: those of :class:`HybridStorage`, plus ``redis_url``, ``queue``,
     ``max_retries``, ``retry_backoff``, ``retry_backoff_max``, ``lease_ttl``,
-    ``breaker_threshold``, ``breaker_cooldown`` and ``failed_retry_after``.
+    ``breaker_threshold``, ``breaker_cooldown``, ``failed_retry_after`` and ``publish``.
     """
 
     replicated_by_celery = True
@@ -207,30 +197,17 @@ class AsyncStorage(HybridStorage):
         groups = {}
         for host in hosts:
             groups.setdefault(self.options.queue_for(host), []).append(host)
-        try:
-            with current_app.producer_or_acquire() as producer:
-                queued = []
-                try:
-                    with publish_batch(producer) if len(groups) > 1 else nullcontext():
-                        for group in groups.values():
-                            if self._enqueue_logged(operation, group, name, producer):
-                                queued.extend(group)
-                except Exception as error:  # noqa: BLE001 - the batch could not be sent
-                    for host in queued:
-                        self._log_enqueue_failure(operation, host, name, error)
-        except Exception as error:  # noqa: BLE001 - no producer: the broker is unreachable
-            for host in hosts:
-                self._log_enqueue_failure(operation, host, name, error)
+        app = current_app._get_current_object()  # the publisher thread's current_app is Celery's default
+        background = self.options.publish == "background"
+        for queue, group in groups.items():
+            def failed(error, group=group):
+                for host in group:
+                    self._log_enqueue_failure(operation, host, name, error)
 
-    def _enqueue_logged(self, operation, hosts, name, producer):
-        """Enqueue for some hosts; log a failure and return False instead of raising."""
-        try:
-            self.enqueue_change(operation, name, hosts, producer=producer)
-        except Exception as error:  # noqa: BLE001 - the master write stands; reconcile repairs
-            for host in hosts:
-                self._log_enqueue_failure(operation, host, name, error)
-            return False
-        return True
+            if background:
+                publisher.submit(app, queue, (name, group, operation), failed)
+            else:
+                publisher.send_now(app, queue, [(name, group, operation)], failed)
 
     def _log_enqueue_failure(self, operation, host, name, error):
         logger.error(
@@ -243,18 +220,13 @@ class AsyncStorage(HybridStorage):
         """Send the task for ``operation`` on ``host`` alone (reconcile, operators' actions)."""
         self.enqueue(operation, host, name, producer=producer)
 
-    def enqueue_change(self, operation, name, hosts, producer=None):
+    def enqueue_change(self, operation, name, hosts, producer=None, app=None):
         """Publish ``resto_celery.replicate`` with ``(name, hosts, operation)`` to the hosts'
-        queue (they share one); a worker syncs each host in turn."""
-        from . import tasks
-
-        return tasks.replicate.apply_async(
-            (name, list(hosts), operation),
-            queue=self.options.queue_for(hosts[0]),
-            producer=producer,
-            retry=True,
-            retry_policy=ENQUEUE_RETRY_POLICY,
-        )
+        queue (they share one), through ``app`` (the current Celery app by default), now; a
+        worker syncs the hosts. (``save()`` and ``delete()`` hand their change to the
+        process's publisher thread instead: :mod:`resto_celery.publisher`.)"""
+        queue = self.options.queue_for(hosts[0])
+        return publisher.publish(app or current_app, queue, [(name, list(hosts), operation)], producer)
 
     def url(self, name):
         """The hosts' URL of ``name`` (``base_url``); with the ``master_url`` option, the master

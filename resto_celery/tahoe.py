@@ -218,7 +218,7 @@ def _json(response, transport, name):
         kind, info = response.json()
         return kind, info
     except (ValueError, TypeError) as error:
-        raise UnexpectedStatus(transport.name, "GET", name, f"unreadable JSON from the node: {error}", 200)
+        raise UnexpectedStatus(transport.name, "GET", name, f"unreadable JSON from the node: {error}", 200) from error
 
 
 def _remote_file(info):

@@ -1,7 +1,8 @@
 """Celery tasks: thin wrappers over :mod:`resto_celery.replication` and :mod:`resto_celery.retries`.
 
 ``resto_celery.replicate`` is the message a save or a delete sends: ``(path, hosts,
-operation)``, fanned out to the hosts by one worker. ``resto_celery.upload`` and
+operation)``, fanned out to the hosts by one worker (``resto_celery.replicate_batch``
+carries several, for a burst of saves in one process). ``resto_celery.upload`` and
 ``resto_celery.delete`` take ``(host, path)``: a retry for one host, and what reconcile and
 the operators' actions send. Nothing else comes from the web request: the master's current
 state decides what is sent, so any of them, late, retried or redelivered, sends the newest
@@ -15,13 +16,14 @@ state. The name says which change caused the task (the admin shows it).
     }
 """
 import logging
+from functools import partial
 
 from celery import current_app, shared_task
-from celery.signals import worker_ready
+from celery.signals import worker_process_shutdown, worker_ready
 from django.db import DatabaseError, connections
 from redis.exceptions import LockError, RedisError
 
-from . import marker, registry, replication
+from . import marker, publisher, registry, replication
 from .broker import coordinator_for, publish_batch
 from .exceptions import HostShortCircuited, MasterUnavailable
 from .models import Replica
@@ -61,6 +63,29 @@ def replicate(self, path, hosts, operation="upload"):
     the others; a host that is down (its breaker open) gets no task at all: the change
     waits in its row for the host's probe.
     """
+    return _replicate_change(self.request.id or "", path, hosts, operation)
+
+
+@shared_task(name="resto_celery.replicate_batch", **TASK_OPTIONS)
+def replicate_batch(self, changes):
+    """Several changes in one message (a burst of saves in one app process): each
+    ``(path, hosts, operation)`` is handled as :func:`replicate` handles one. A final
+    failure is raised once every change was tried."""
+    failure = None
+    for path, hosts, operation in changes:
+        try:
+            _replicate_change(self.request.id or "", path, hosts, operation)
+        except Exception as error:  # noqa: BLE001 - the other changes of the batch go on
+            if failure is None:
+                failure = error
+            else:
+                logger.error("Failed to %s %s: %s", operation, path, error)
+    if failure is not None:
+        raise failure
+    return len(changes)
+
+
+def _replicate_change(task_id, path, hosts, operation):
     storage = registry.storage_for_host(hosts[0])
     task = upload if operation == "upload" else delete
 
@@ -68,8 +93,7 @@ def replicate(self, path, hosts, operation="upload"):
         task.apply_async((host, path), kwargs={"failures": failures}, countdown=countdown,
                          queue=storage.options.queue_for(host))
 
-    return _replicate_to(storage, list(hosts), path, operation, self.request.id or "",
-                         failures=0, waits=0, retry=retry)
+    return _replicate_to(storage, list(hosts), path, operation, task_id, failures=0, waits=0, retry=retry)
 
 
 @shared_task(name="resto_celery.upload", **TASK_OPTIONS)
@@ -130,12 +154,26 @@ def _replicate_to(storage, hosts, path, operation, task_id, *, failures, waits, 
     options = storage.options
     coordinator = coordinator_for(options)
     recorder = FailureRecorder(path, options, task_id, failures)
+    released = set()
+
+    def host_back(host):
+        released.add(host)
+        release_backlog(storage, host)
+
     outcomes = replication.sync_hosts(
         hosts, path, storage.path(path), {host: storage.transport(host) for host in hosts}, coordinator,
         location=storage.location, on_failure=recorder, task_id=task_id, probe=probe,
-        on_arrival=lambda host, action, version: replication.announce(storage, host, path, action, version, coordinator),
-        on_recovery=lambda host: release_backlog(storage, host),
+        on_arrival=lambda host, action, version: replication.announce(
+            storage, host, path, action, version, coordinator
+        ),
+        on_recovery=host_back,
     )
+    if probe:
+        # The host answered. Whoever closed its breaker released what waited then; changes
+        # that came to wait while it was closing are sent now.
+        for outcome in outcomes:
+            if outcome.error is None and outcome.host not in released:
+                release_backlog(storage, outcome.host)
     final = None
     for outcome in outcomes:
         host, error = outcome.host, outcome.error
@@ -156,7 +194,8 @@ def _replicate_to(storage, hosts, path, operation, task_id, *, failures, waits, 
                                host, error.reason, probe_interval(options))
             _schedule_probe(storage, host, coordinator)
         elif decision.kind == RETRY:
-            logger.warning("Will retry to %s %s on %s in %.1fs: %s", operation, path, host, decision.delay, error.reason)
+            logger.warning("Will retry to %s %s on %s in %.1fs: %s",
+                           operation, path, host, decision.delay, error.reason)
             retry(host, decision.delay, failures + 1, error)
         else:
             if isinstance(error, MasterUnavailable):
@@ -198,7 +237,7 @@ def reconcile(allow_deletes=()):
                 with current_app.producer_or_acquire() as producer, publish_batch(producer):
                     counts = reconcile_storage(
                         storage,
-                        lambda operation, host, path: storage.enqueue(operation, host, path, producer=producer),
+                        partial(storage.enqueue, producer=producer),
                         max_delete_share=storage.options.max_delete_share,
                         allow_deletes=tuple(allow_deletes),
                         heartbeat=lock.reacquire,
@@ -219,19 +258,22 @@ def _release(lock):
 
 
 def release_backlog(storage, host, limit=BACKLOG_RELEASE_LIMIT):
-    """``host`` answers again: send the changes that failed or waited for it now, not at their ``retry_at``.
+    """``host`` answers again: send every change it is behind on now, whatever timer its row
+    waits for (``retry_at``, a retry's backoff countdown: a retry that comes later finds the
+    fingerprint recorded and skips).
 
     At most ``limit`` messages; the rest are due at the next reconcile (their rows were
     made due by :func:`resto_celery.replication.host_recovered`). Returns how many were sent.
     """
-    paths = Replica.objects.filter(host=host, state__in=Replica.UNSCHEDULED).values_list("path", flat=True)[:limit]
+    behind = (*Replica.UNSCHEDULED, Replica.State.PENDING)
+    paths = Replica.objects.filter(host=host, state__in=behind).values_list("path", flat=True)[:limit]
     sent = 0
     with current_app.producer_or_acquire() as producer, publish_batch(producer):
         for path in paths.iterator():
             storage.enqueue("upload", host, path, producer=producer)
             sent += 1
     if sent:
-        logger.info("%s answers again: sent the %d change(s) that failed or waited for it.", host, sent)
+        logger.info("%s answers again: sent the %d change(s) it was behind on.", host, sent)
     return sent
 
 
@@ -250,3 +292,11 @@ def check_masters_at_start(**kwargs):
         logger.warning("Could not check the master copies at start: %s", error)
     finally:
         connections.close_all()  # a prefork child must not inherit this connection
+
+
+@worker_process_shutdown.connect
+def send_what_tasks_saved(**kwargs):
+    """A pool process that ends (``max_tasks_per_child``, a warm shutdown) first sends the
+    changes its tasks saved through AsyncStorage: pool processes exit without ``atexit``."""
+    if not publisher.flush(publisher.EXIT_FLUSH_TIMEOUT):
+        logger.error("A worker process exits with changes not sent to the broker; reconcile will send them.")

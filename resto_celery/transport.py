@@ -2,9 +2,11 @@
 
 Knows nothing of Django models or Celery: a :class:`HostTransport` is built from a base
 URL and a few connection settings, and speaks plain HTTP/1.1 ``PUT``, ``DELETE``,
-``HEAD`` and ``GET``.
+``HEAD`` and ``GET``. A plain HTTP host served by nginx may also list its folders as JSON
+(``autoindex_format json``): see :meth:`HostTransport.lists_folders`.
 """
 import email.utils
+import json
 import logging
 import os
 import ssl
@@ -16,9 +18,21 @@ import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 
-from .exceptions import HostTimeout, HostUnreachable, MissingFile, TLSFailure, UnexpectedStatus
+from .exceptions import HostTimeout, HostUnreachable, MissingFile, TLSFailure, TransportError, UnexpectedStatus
 
 logger = logging.getLogger(__name__)
+
+#: A PUT body is read and sent in blocks of this size (urllib3's default is 16 KiB: a
+#: 1 MB file took 64 sends; memory stays bounded by one block per transfer).
+SEND_BLOCK_SIZE = 256 * 1024
+
+
+class _StreamingAdapter(HTTPAdapter):
+    """requests' adapter, with urllib3 connections that send bodies in larger blocks."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        kwargs.setdefault("blocksize", SEND_BLOCK_SIZE)
+        super().init_poolmanager(*args, **kwargs)
 
 PUT_OK = frozenset({200, 201, 204})
 #: As in django-resto: 200 and 204 delete, 404 is already gone (logged: the host was out
@@ -26,6 +40,8 @@ PUT_OK = frozenset({200, 201, 204})
 #: not done), is a failure, as for a PUT.
 DELETE_OK = frozenset({200, 204, 404})
 CHUNK_SIZE = 64 * 1024
+#: What nginx's autoindex calls the entries of a JSON listing that :meth:`HostTransport.list_directory` keeps.
+NGINX_FILE, NGINX_DIRECTORY = "file", "directory"
 
 
 @dataclass(frozen=True)
@@ -52,11 +68,14 @@ class HostTransport:
     django-resto's WARNING ``DELETE on missing file <name> on <host>.``
 
     One instance holds a keep-alive connection pool and may be shared between threads.
-    Plain HTTP cannot list a host's files (``can_list`` is False); subclasses for other
-    kinds of host (:mod:`resto_celery.webdav`, :mod:`resto_celery.tahoe`) can.
+    Subclasses for other kinds of host (:mod:`resto_celery.webdav`,
+    :mod:`resto_celery.tahoe`) always list their files (``can_list``). A plain HTTP host
+    lists them only if its server answers a GET of a folder URL with nginx's JSON autoindex:
+    :meth:`lists_folders` asks it once.
     """
 
-    #: Whether :meth:`walk` can list the files the host holds.
+    #: Whether :meth:`walk` can always list the files the host holds (WebDAV, Tahoe-LAFS);
+    #: for a plain HTTP host, :meth:`lists_folders` tells.
     can_list = False
 
     def __init__(self, base_url, *, name=None, timeout=2, auth=None, headers=None, verify=True, pool_size=16):
@@ -70,9 +89,10 @@ class HostTransport:
         self.session.auth = tuple(auth) if auth else None
         self.session.headers.update(headers or {})
         self.session.verify = verify
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
+        adapter = _StreamingAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
+        self._lists_folders = None  # None: not asked yet (or no clear answer); else (bool, reason)
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.name}>"
@@ -162,9 +182,73 @@ class HostTransport:
         """``(directories, files)`` directly in ``path``: names, and names to :class:`RemoteFile`.
 
         Hosts that can list (``can_list``) implement it; a missing directory raises
-        :class:`~resto_celery.exceptions.MissingFile`.
+        :class:`~resto_celery.exceptions.MissingFile`. A plain HTTP host answers with a GET
+        of the folder's URL (``path/``), which must be nginx's JSON autoindex (see
+        :meth:`lists_folders`): any other answer raises
+        :class:`~resto_celery.exceptions.UnexpectedStatus`. Names come unescaped, as on disk;
+        nginx leaves out the ones that start with a dot (:meth:`listing_hides`).
         """
-        raise NotImplementedError(f"{self.name} is a plain HTTP host: it cannot list its files.")
+        target = path + "/" if path else ""
+        response = self._request("GET", target, headers={"Accept": "application/json"})
+        self._expect(response, "GET", target or "/", {200})
+        entries = _nginx_entries(response)
+        if entries is None:
+            kind = response.headers.get("Content-Type", "no Content-Type").split(";")[0]
+            raise UnexpectedStatus(
+                self.name, "GET", target or "/",
+                f"the folder's answer is not a JSON listing ({kind}): enable nginx's "
+                f"'autoindex on; autoindex_format json;' for folder URLs", 200,
+            )
+        directories, files = [], {}
+        for entry in entries:
+            name = entry["name"]
+            if not name or name in (".", "..") or "/" in name:
+                continue
+            if entry["type"] == NGINX_DIRECTORY:
+                directories.append(name)
+            elif entry["type"] == NGINX_FILE:
+                size, modified = entry.get("size"), entry.get("mtime")
+                files[name] = RemoteFile(
+                    size=size if isinstance(size, int) and not isinstance(size, bool) else None,
+                    modified=_http_date(modified),
+                    etag=None,
+                )
+        return sorted(directories), files
+
+    def lists_folders(self):
+        """``(True, None)`` if :meth:`walk` works on this host, else ``(False, reason)``.
+
+        Always true for hosts that list (``can_list``). A plain HTTP host is asked once, with
+        a GET of its root folder: a JSON listing in nginx's autoindex format (``autoindex on;
+        autoindex_format json;``) says yes, and the answer is remembered, as is any other
+        answer from the host (403 when listings are off, HTML, an index page). A host that
+        does not answer, a 5xx or a missing root folder (404, which nginx gives with or
+        without listings) say no this time and are asked again next time.
+        """
+        if self.can_list:
+            return True, None
+        known = self._lists_folders
+        if known is not None:
+            return known
+        try:
+            self.list_directory("")
+        except TransportError as error:
+            answer = (False, f"GET of its root folder: {error.reason}")
+            if error.status is None or error.retryable or error.status == 404:
+                return answer  # no clear answer from the host: ask again next time
+        else:
+            answer = (True, None)
+            logger.info("Media host %s lists its folders as JSON (nginx autoindex).", self.name)
+        self._lists_folders = answer
+        return answer
+
+    def listing_hides(self, name):
+        """Whether a listing of this host (:meth:`walk`) leaves ``name`` out even when the host has it.
+
+        nginx's autoindex never shows a file or folder whose name starts with a dot; WebDAV
+        and Tahoe-LAFS listings (``can_list``) show every name.
+        """
+        return not self.can_list and any(part.startswith(".") for part in name.split("/"))
 
     def listdir(self, path=""):
         """``(directories, file names)`` in ``path``, as Django's ``Storage.listdir``."""
@@ -172,7 +256,7 @@ class HostTransport:
         return directories, sorted(files)
 
     def walk(self):
-        """Yield ``(name, RemoteFile)`` for every file on the host, depth first (hosts that can list)."""
+        """Yield ``(name, RemoteFile)`` for every file on the host, depth first (see :meth:`lists_folders`)."""
         pending = [""]
         while pending:
             path = pending.pop()
@@ -226,14 +310,48 @@ class HostTransport:
         if isinstance(exc, requests.exceptions.SSLError):
             return TLSFailure(self.name, method, name, f"TLS error: {_root_cause(exc)}")
         if isinstance(exc, requests.ConnectTimeout):
-            return HostTimeout(self.name, method, name, f"timed out connecting (timeout {self.timeout}s)", in_doubt=False)
+            return HostTimeout(
+                self.name, method, name, f"timed out connecting (timeout {self.timeout}s)", in_doubt=False,
+            )
         if isinstance(exc, requests.Timeout):
-            return HostTimeout(self.name, method, name, f"timed out waiting for an answer (timeout {self.timeout}s)", in_doubt=True)
+            return HostTimeout(
+                self.name, method, name, f"timed out waiting for an answer (timeout {self.timeout}s)", in_doubt=True,
+            )
         # Nothing was sent when the connection could not even be made.
         in_doubt = not _caused_by(exc, urllib3.exceptions.NewConnectionError)
         if isinstance(exc, requests.ConnectionError):
             return HostUnreachable(self.name, method, name, f"connection failed: {_root_cause(exc)}", in_doubt=in_doubt)
         return HostUnreachable(self.name, method, name, f"{type(exc).__name__}: {exc}", in_doubt=in_doubt)
+
+
+def _nginx_entries(response):
+    """The entries of nginx's JSON autoindex in ``response``, or None if it is not one.
+
+    nginx writes names as they are on disk, escaping only what JSON must: bytes that are not
+    UTF-8 are kept as surrogates, as ``os.listdir`` keeps them.
+    """
+    if response.headers.get("Content-Type", "").split(";")[0].strip().lower() != "application/json":
+        return None
+    try:
+        entries = json.loads(response.content.decode("utf-8", "surrogateescape"))
+    except ValueError:
+        return None
+    if not isinstance(entries, list) or not all(
+        isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("type"), str)
+        for entry in entries
+    ):
+        return None
+    return entries
+
+
+def _http_date(text):
+    """An HTTP date (``Sun, 06 Nov 1994 08:49:37 GMT``) as an aware UTC datetime; None if absent or unreadable."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(text).astimezone(timezone.utc)
+    except (TypeError, ValueError):
+        return None
 
 
 def _chain(exc):

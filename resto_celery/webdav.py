@@ -101,7 +101,9 @@ class WebDAVTransport(HostTransport):
         try:
             root = ElementTree.fromstring(response.content)
         except ElementTree.ParseError as error:
-            raise UnexpectedStatus(self.name, "PROPFIND", target or "/", f"unreadable multistatus: {error}", 207)
+            raise UnexpectedStatus(
+                self.name, "PROPFIND", target or "/", f"unreadable multistatus: {error}", 207,
+            ) from error
         prefix = unquote(urlsplit(self.base_url).path) + target
         collections, files = [], {}
         for item in root.iter(DAV + "response"):

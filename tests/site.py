@@ -6,6 +6,7 @@ from pathlib import Path
 
 from django.db import connection
 
+from resto_celery import publisher
 from resto_celery.storage import AsyncStorage
 from resto_celery.testing.worker import CeleryWorker
 
@@ -110,7 +111,9 @@ class ReplicationSite:
 
     def drained(self):
         """No message waiting in the queue, none delivered but unacknowledged (running or
-        waiting for a retry countdown)."""
+        waiting for a retry countdown), none still with this process's publisher thread."""
+        if not publisher.flush(timeout=5):
+            return False
         if self.broker_url.startswith("redis"):
             import redis
 

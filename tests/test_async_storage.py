@@ -9,6 +9,7 @@ from django.core.files.base import ContentFile
 from django.utils import timezone
 from django_celery_results.models import TaskResult
 
+from resto_celery import publisher
 from resto_celery.models import Replica
 from tests.site import wait_until
 
@@ -28,6 +29,7 @@ def test_save_returns_before_replication_and_touches_no_database(make_site, djan
 def test_a_save_sends_one_message_with_the_path_and_the_hosts_only(make_site):
     site = make_site(host_count=3)
     site.storage.save("secret/report.pdf", ContentFile(b"%PDF- secret bytes"))
+    assert publisher.flush(timeout=10)
     [raw] = redis.Redis.from_url(site.redis_url).lrange("resto", 0, -1)
     message = json.loads(raw)
     assert message["headers"]["task"] == "resto_celery.replicate"
@@ -65,6 +67,7 @@ def test_a_broker_outage_at_save_time_keeps_the_master_write_and_logs(make_site,
     try:
         with caplog.at_level(logging.ERROR, logger="resto_celery.storage"):
             assert site.storage.save("a.txt", ContentFile(b"kept")) == "a.txt"
+            assert publisher.flush(timeout=10)  # the publisher thread sends, and fails, after save()
     finally:
         redis_server.start()
     assert (site.media_root / "a.txt").read_bytes() == b"kept"
@@ -77,8 +80,10 @@ def test_a_broker_outage_at_save_time_keeps_the_master_write_and_logs(make_site,
 def test_a_save_just_after_a_broker_restart_still_queues_its_message(make_site, redis_server):
     site = make_site(host_count=3)
     site.storage.save("before.txt", ContentFile(b"sent on a connection that the restart kills"))
+    assert publisher.flush(timeout=10)
     redis_server.restart()  # the queue is gone with it, and the pooled connection is stale
     site.storage.save("after.txt", ContentFile(b"after the restart"))
+    assert publisher.flush(timeout=10)
     [raw] = redis.Redis.from_url(site.redis_url).lrange("resto", 0, -1)
     assert json.loads(raw)["headers"]["argsrepr"] == repr(("after.txt", [host.url for host in site.hosts], "upload"))
 
@@ -87,6 +92,7 @@ def test_a_message_of_the_previous_release_one_per_host_is_still_handled(make_si
     """Messages outlive releases: the per-host tasks that release sent are still run."""
     site = make_site(host_count=2)
     site.storage.save("old.txt", ContentFile(b"queued before the upgrade"))
+    assert publisher.flush(timeout=10)
     redis.Redis.from_url(site.redis_url).delete("resto")  # only the previous release's messages remain
     for host in site.hosts:
         site.storage.enqueue("upload", host.url, "old.txt")  # the shape that release sent
@@ -130,7 +136,7 @@ def test_a_put_that_times_out_but_lands_later_cannot_resurrect_a_deleted_file(ma
 
 
 def test_tasks_run_in_reverse_order_still_converge_to_the_master(make_site):
-    site = make_site(host_count=2)
+    site = make_site(host_count=2, publish="inline")  # a message per change, to reverse
     site.storage.save("a.txt", ContentFile(b"one"))
     site.storage.delete("a.txt")
     site.storage.save("a.txt", ContentFile(b"two"))
@@ -251,6 +257,7 @@ def test_a_save_during_a_broker_outage_reaches_every_host_after_reconcile(make_s
 def test_queue_option_routes_each_hosts_tasks_to_its_own_queue(make_site):
     site = make_site(host_count=2, queue="resto-{host}")
     site.storage.save("a.txt", ContentFile(b"x"))
+    assert publisher.flush(timeout=10)
     client = redis.Redis.from_url(site.redis_url)
     for host in site.hosts:
         [raw] = client.lrange(f"resto-{host.url}", 0, -1)
@@ -266,6 +273,7 @@ def test_a_reconcile_pass_is_skipped_while_another_one_runs(make_site):
     registry.clear()
     registry.register(site.storage)  # this test's storage only, not earlier tests' ones
     site.storage.save("a.txt", ContentFile(b"x"))  # one message, and the master's marker
+    assert publisher.flush(timeout=10)
     queued = redis.Redis.from_url(site.redis_url).llen
     running = coordinator_for(site.storage.options).pass_lock(f"reconcile:{site.storage.location}", 60)
     assert running.acquire()

@@ -24,7 +24,6 @@ import pytest
 from django.core.files.base import ContentFile
 
 from resto_celery.tasks import reconcile
-from tests.site import wait_until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.nginx, pytest.mark.django_db(transaction=True)]
 
@@ -148,8 +147,10 @@ def _chaos(site, redis_server, capsys, operations):
     with _beat(site, RECONCILE_PERIOD) as passes:
         try:
             site.wait_until_drained_and_converged(timeout=2 * RECONCILE_PERIOD)
-        except AssertionError:
-            raise AssertionError(f"not converged within two reconcile periods (seed {seed}): {_differences(site)}")
+        except AssertionError as error:
+            raise AssertionError(
+                f"not converged within two reconcile periods (seed {seed}): {_differences(site)}"
+            ) from error
         finally:
             converge_seconds = time.monotonic() - healed
     rounds = passes[0]
@@ -158,10 +159,12 @@ def _chaos(site, redis_server, capsys, operations):
     master = site.master_files()
     with capsys.disabled():
         print(
-            f"\nchaos seed={seed} hosts={[type(h).__name__ for h in site.hosts]}: {sum(ops.values())} ops {dict(ops)} in {ops_seconds:.1f}s, "
+            f"\nchaos seed={seed} hosts={[type(h).__name__ for h in site.hosts]}: "
+            f"{sum(ops.values())} ops {dict(ops)} in {ops_seconds:.1f}s, "
             f"{len(master)} files at the end; faults {dict(chaos.faults)}; "
             f"{logs.count('retry: Retry in')} retries, {logs.count('raised unexpected')} final failures; "
-            f"converged {converge_seconds:.1f}s after healing ({rounds} reconcile passes, one every {RECONCILE_PERIOD:.0f}s)"
+            f"converged {converge_seconds:.1f}s after healing "
+            f"({rounds} reconcile passes, one every {RECONCILE_PERIOD:.0f}s)"
         )
     for host in site.hosts:
         assert host.files() == master, f"{host!r} differs from the master (seed {seed})"
@@ -200,8 +203,10 @@ def _differences(site):
         files = host.files()
         wrong = sorted(path for path in set(master) | set(files) if master.get(path) != files.get(path))
         rows = {
-            row.path: f"{row.state} attempts={row.attempts} retry_at={row.retry_at:%H:%M:%S} error={row.last_error[:80]!r}"
-            if row.retry_at else f"{row.state} attempts={row.attempts}"
+            row.path: (
+                f"{row.state} attempts={row.attempts} retry_at={row.retry_at:%H:%M:%S} error={row.last_error[:80]!r}"
+                if row.retry_at else f"{row.state} attempts={row.attempts}"
+            )
             for row in Replica.objects.filter(host=getattr(host, "url", None) or str(host), path__in=wrong)
         }
         report.append(f"{host!r}: {[(path, rows.get(path, 'no row')) for path in wrong[:5]]} ({len(wrong)} paths)")

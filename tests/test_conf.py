@@ -120,10 +120,10 @@ def test_distributed_storage_needs_hosts():
 
 
 def test_storages_are_deconstructible_for_migrations():
-    path, args, kwargs = HybridStorage(hosts=["m1"], timeout=3).deconstruct()
+    path, _, kwargs = HybridStorage(hosts=["m1"], timeout=3).deconstruct()
     assert path == "resto_celery.storage.HybridStorage"
     assert kwargs == {"hosts": ["m1"], "timeout": 3}
-    path, args, kwargs = DistributedStorage(hosts=["m1"]).deconstruct()
+    path, _, kwargs = DistributedStorage(hosts=["m1"]).deconstruct()
     assert path == "resto_celery.storage.DistributedStorage"
 
 
@@ -165,10 +165,11 @@ def test_valid_configuration_passes_the_checks():
 
 
 def test_check_refuses_two_async_storages_sharing_a_host_name_with_different_masters(tmp_path):
-    storages = {
-        "default": {"BACKEND": "resto_celery.storage.AsyncStorage", "OPTIONS": {"hosts": ["m1:80"], "location": str(tmp_path / "a")}},
-        "other": {"BACKEND": "resto_celery.storage.AsyncStorage", "OPTIONS": {"hosts": ["m1:80"], "location": str(tmp_path / "b")}},
-    }
+    def async_storage(location):
+        options = {"hosts": ["m1:80"], "location": str(location)}
+        return {"BACKEND": "resto_celery.storage.AsyncStorage", "OPTIONS": options}
+
+    storages = {"default": async_storage(tmp_path / "a"), "other": async_storage(tmp_path / "b")}
     assert _check_ids(STORAGES=storages, RESTO_REDIS_URL="redis://127.0.0.1:1/0") == ["resto_celery.E004"]
 
 
@@ -176,7 +177,8 @@ def test_check_asks_for_a_redis_url_when_the_broker_is_not_redis():
     storages = {"default": {"BACKEND": "resto_celery.storage.AsyncStorage", "OPTIONS": {"hosts": ["m1:80"]}}}
     ids = _check_ids(STORAGES=storages, CELERY_BROKER_URL="amqp://guest@127.0.0.1//", RESTO_REDIS_URL=None)
     assert ids == ["resto_celery.E005"]
-    assert _check_ids(STORAGES=storages, CELERY_BROKER_URL="amqp://guest@127.0.0.1//", RESTO_REDIS_URL="redis://127.0.0.1:6379/0") == []
+    redis_url = "redis://127.0.0.1:6379/0"
+    assert _check_ids(STORAGES=storages, CELERY_BROKER_URL="amqp://guest@127.0.0.1//", RESTO_REDIS_URL=redis_url) == []
 
 
 @pytest.mark.parametrize(
@@ -199,7 +201,7 @@ def test_a_timeout_longer_than_the_lease_ttl_is_allowed_for_storages_without_lea
 
 
 def test_a_storage_with_leases_needs_a_lease_ttl_longer_than_its_timeout():
-    with pytest.raises(ImproperlyConfigured, match="RESTO_LEASE_TTL .* must be longer than RESTO_TIMEOUT"):
+    with pytest.raises(ImproperlyConfigured, match=r"RESTO_LEASE_TTL .* must be longer than RESTO_TIMEOUT"):
         conf.resolve({"timeout": 60})
 
 
@@ -263,7 +265,10 @@ def test_a_tahoe_entry_names_the_node_and_keeps_the_write_cap_out_of_its_repr():
         ({"url": "http://n:3456/", "kind": "tahoe"}, "needs 'dircap', a read-write directory cap"),
         ({"url": "http://n:3456/", "kind": "tahoe", "dircap": READ_CAP}, "the one given is a read-only cap"),
         ({"url": "http://n:3456/", "kind": "tahoe", "dircap": WRITE_CAP, "readcap": WRITE_CAP}, "'readcap'"),
-        ({"url": "http://n:3456/", "kind": "tahoe", "dircap": WRITE_CAP, "auth": ("u", "p")}, "the cap is the credential"),
+        (
+            {"url": "http://n:3456/", "kind": "tahoe", "dircap": WRITE_CAP, "auth": ("u", "p")},
+            "the cap is the credential",
+        ),
         ({"url": "http://n:3456/", "kind": "ftp"}, "must be one of 'http', 'webdav', 'tahoe'"),
         ({"url": "http://n:8080/media/", "dircap": WRITE_CAP}, "only apply to kind 'tahoe'"),
     ],

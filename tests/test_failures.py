@@ -70,7 +70,7 @@ def test_fatal_upload_failure_raises_after_every_host_was_tried(three_hosts, med
 
 
 def test_non_fatal_upload_failure_is_logged_and_the_save_succeeds(three_hosts, media_root, fault, caplog):
-    inject, error_type, words = FAULTS[fault]
+    inject, _, words = FAULTS[fault]
     broken = three_hosts[0]
     storage = HybridStorage(hosts=[h.url for h in three_hosts], timeout=TIMEOUT, fatal_exceptions=False)
     inject(broken)
@@ -134,7 +134,7 @@ def test_a_host_that_comes_back_serves_new_uploads(three_hosts, media_root):
 
 @pytest.mark.parametrize("fault_name", ["down", "500"])
 def test_distributed_upload_failure_keeps_the_copies_that_succeeded(three_hosts, fault_name, caplog):
-    inject, error_type, words = FAULTS[fault_name]
+    inject, error_type, _ = FAULTS[fault_name]
     storage = DistributedStorage(hosts=[h.url for h in three_hosts], timeout=TIMEOUT)
     inject(three_hosts[0])
 

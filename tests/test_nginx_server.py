@@ -115,7 +115,7 @@ def test_dot_dot_traversal_is_refused_and_writes_nothing(server, tmp_path, path)
         connection.close()
     assert status in (400, 405)  # 400: above the document root; 405: outside the media location
     assert server.files() == {}
-    assert not [p for p in tmp_path.rglob("escape*")]
+    assert not list(tmp_path.rglob("escape*"))
 
 
 def test_go_down_refuses_connections_and_come_back_serves_same_files_on_same_port(server):

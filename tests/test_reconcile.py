@@ -184,7 +184,8 @@ def test_deletions_within_the_brakes_share_go_through(storage):
     for index in range(30):
         _write(storage, f"f{index}.txt")  # the master lost 20 of the host's 50 files: 40%
     sent, counts = _reconcile(storage, max_delete_share=0.5)
-    assert sorted(task for task in sent if task[0] == "delete") == sorted(("delete", "m1", f"f{i}.txt") for i in range(30, 50))
+    deletes = sorted(task for task in sent if task[0] == "delete")
+    assert deletes == sorted(("delete", "m1", f"f{i}.txt") for i in range(30, 50))
     assert counts["held"] == 0 and not Hold.objects.exists()
 
 
@@ -212,7 +213,7 @@ def test_the_brake_holds_every_deletion_of_a_host_past_its_share_and_says_how_ma
 def test_an_operators_go_ahead_lets_held_deletions_through_and_clears_the_hold(storage):
     _synced_files(storage, BRAKE_FLOOR + 5)
     assert _reconcile(storage, max_delete_share=0.1)[1]["held"] == BRAKE_FLOOR + 5
-    sent, counts = _reconcile(storage, max_delete_share=0.1, allow_deletes=("m1",))
+    _, counts = _reconcile(storage, max_delete_share=0.1, allow_deletes=("m1",))
     assert counts["delete"] == BRAKE_FLOOR + 5 and counts["held"] == 0
     assert not Hold.objects.exists()
 
@@ -222,3 +223,38 @@ def test_a_master_path_that_cannot_be_read_is_not_taken_for_absent(storage):
     os.symlink("loop", storage.path("loop"))  # ELOOP: an error that is not "no such file"
     sent, counts = _reconcile(storage)
     assert sent == [] and counts["unreadable"] == 1
+
+
+@pytest.fixture
+def celery_storage(media_root, redis_url):
+    from resto_celery.storage import AsyncStorage
+
+    storage = AsyncStorage(hosts=HOSTS, redis_url=redis_url, breaker_threshold=1, breaker_cooldown=60)
+    marker.verify(storage.location, create=True)
+    return storage
+
+
+def _waiting(storage, name, host="m2"):
+    _write(storage, name)
+    _synced(storage, name, hosts=[h for h in HOSTS if h != host])
+    Replica.objects.create(host=host, path=name, state="waiting", retry_at=timezone.now() + timedelta(minutes=5))
+
+
+def test_changes_waiting_for_a_host_that_is_down_wait_for_its_probe(celery_storage):
+    from resto_celery.broker import coordinator_for
+
+    _waiting(celery_storage, "a.txt")
+    _waiting(celery_storage, "b.txt")
+    coordinator_for(celery_storage.options).breaker("m2").record_failure()  # threshold 1: open
+    _, counts = _reconcile(celery_storage)
+    assert counts["upload"] == 0 and counts["probe"] == 1  # one probe, not one message per change
+
+
+def test_changes_waiting_for_a_host_whose_breaker_closed_are_sent_at_the_next_reconcile(celery_storage):
+    """The host came back while these changes were being recorded as waiting: no timer
+    (their retry time, minutes away) stands between them and the host."""
+    _waiting(celery_storage, "a.txt")
+    _waiting(celery_storage, "b.txt")
+    sent, counts = _reconcile(celery_storage)
+    assert sent == [("upload", "m2", "a.txt"), ("upload", "m2", "b.txt")]
+    assert counts["probe"] == 0

@@ -48,28 +48,43 @@ BAD_SETTINGS = {
     "unknown key that is a URL": ({"hosts": [{"url": "m1", URL: AUTH}]}, "unknown key"),
     # The URL
     "invalid port": ({"hosts": [f"https://user:pw-{SECRET}@media-1:80a/media/"]}, "invalid port"),
-    "invalid port in a dict": ({"hosts": [_credentials(url=f"https://user:pw-{SECRET}@media-1:99999/")]}, "invalid port"),
+    "invalid port in a dict": (
+        {"hosts": [_credentials(url=f"https://user:pw-{SECRET}@media-1:99999/")]},
+        "invalid port",
+    ),
     "missing scheme": ({"hosts": [f"user:pw-{SECRET}@media-1/media/"]}, "must be 'host\\[:port\\]' or a full URL"),
     "scheme without slashes": ({"hosts": [f"https:user:pw-{SECRET}@media-1/media/"]}, "must be 'host\\[:port\\]'"),
     "scheme-relative URL": ({"hosts": [f"//user:pw-{SECRET}@media-1/media/"]}, "must be 'host\\[:port\\]'"),
     "unsupported scheme": ({"hosts": [f"ftp://user:pw-{SECRET}@media-1/media/"]}, "must use http or https"),
-    "password with an unescaped slash": ({"hosts": [f"https://user:pw/{SECRET}@media-1/media/"]}, "not percent-encoded"),
+    "password with an unescaped slash": (
+        {"hosts": [f"https://user:pw/{SECRET}@media-1/media/"]},
+        "not percent-encoded",
+    ),
     "password with an unescaped @": ({"hosts": [f"https://user:p@{SECRET}@media-1:x/media/"]}, "invalid port"),
     "password with an unescaped ?": ({"hosts": [f"https://user:p?{SECRET}@media-1/media/"]}, "not percent-encoded"),
     "no host name": ({"hosts": [f"https://user:pw-{SECRET}@/media/"]}, "no host name"),
     "token in the query string": ({"hosts": [f"https://media-1/media/?token={SECRET}"]}, "query string"),
     "token in the fragment": ({"hosts": [f"https://user:pw-{SECRET}@media-1/media/#{SECRET}"]}, "fragment"),
     "invalid IPv6 address": ({"hosts": [f"https://user:pw-{SECRET}@[media-1/media/"]}, "not a valid URL"),
-    "character that normalizes to a delimiter": ({"hosts": [f"https://user:pw\uff03{SECRET}@media-1/"]}, "not a valid URL"),
+    "character that normalizes to a delimiter": (
+        {"hosts": [f"https://user:pw\uff03{SECRET}@media-1/"]},
+        "not a valid URL",
+    ),
     "write cap in a URL": ({"hosts": [f"https://media-1/uri/{WRITE_CAP}/"]}, "holds a Tahoe-LAFS write cap"),
     # The other keys of a dict entry
     "auth as a string": ({"hosts": [_credentials(auth=f"user:{SECRET}")]}, "\\(user, password\\) pair"),
     "auth with three parts": ({"hosts": [_credentials(auth=("user", SECRET, "realm"))]}, "\\(user, password\\) pair"),
     "headers as a list": ({"hosts": [_credentials(headers=[("Authorization", f"Bearer {SECRET}")])]}, "map strings"),
-    "header that is not a string": ({"hosts": [_credentials(headers={"Authorization": f"Bearer {SECRET}", "X-N": 3})]}, "map strings"),
+    "header that is not a string": (
+        {"hosts": [_credentials(headers={"Authorization": f"Bearer {SECRET}", "X-N": 3})]},
+        "map strings",
+    ),
     "empty name": ({"hosts": [_credentials(name="")]}, "'name' .* non-empty string"),
     "name that is not a string": ({"hosts": [_credentials(name=("media-1", SECRET))]}, "'name' .* non-empty string"),
-    "ca_bundle that is not a path": ({"hosts": [_credentials(ca_bundle={"password": SECRET})]}, "'ca_bundle' .* PEM file"),
+    "ca_bundle that is not a path": (
+        {"hosts": [_credentials(ca_bundle={"password": SECRET})]},
+        "'ca_bundle' .* PEM file",
+    ),
     "no url": ({"hosts": [{"auth": AUTH, "headers": HEADERS, "dircap": WRITE_CAP}]}, "needs a 'url' string"),
     "url that is not a string": ({"hosts": [_credentials(url=(URL, SECRET))]}, "needs a 'url' string"),
     # Entries that are neither a string nor a dict
@@ -88,10 +103,22 @@ BAD_SETTINGS = {
     "Tahoe write cap with a path": ({"hosts": [_tahoe(dircap=WRITE_CAP + "/sub")]}, "not a valid cap"),
     "Tahoe write cap given as the readcap": ({"hosts": [_tahoe(readcap=WRITE_CAP)]}, "'readcap'"),
     "Tahoe host with auth and headers": ({"hosts": [_tahoe(auth=AUTH, headers=HEADERS)]}, "the cap is the credential"),
-    "Tahoe node URL with a password": ({"hosts": [_tahoe(url=f"http://user:pw-{SECRET}@127.0.0.1:3456/")]}, "the cap is the credential"),
-    "Tahoe node URL with the cap in it": ({"hosts": [_tahoe(url=f"{NODE}uri/{WRITE_CAP}/")]}, "holds a Tahoe-LAFS write cap"),
-    "Tahoe public_url with a bad port": ({"hosts": [_tahoe(public_url=f"https://u:pw-{SECRET}@gw:x/")]}, "'public_url' .* invalid port"),
-    "Tahoe public_url that is not a string": ({"hosts": [_tahoe(public_url=("https://gw/", SECRET))]}, "'public_url' .* URL string"),
+    "Tahoe node URL with a password": (
+        {"hosts": [_tahoe(url=f"http://user:pw-{SECRET}@127.0.0.1:3456/")]},
+        "the cap is the credential",
+    ),
+    "Tahoe node URL with the cap in it": (
+        {"hosts": [_tahoe(url=f"{NODE}uri/{WRITE_CAP}/")]},
+        "holds a Tahoe-LAFS write cap",
+    ),
+    "Tahoe public_url with a bad port": (
+        {"hosts": [_tahoe(public_url=f"https://u:pw-{SECRET}@gw:x/")]},
+        "'public_url' .* invalid port",
+    ),
+    "Tahoe public_url that is not a string": (
+        {"hosts": [_tahoe(public_url=("https://gw/", SECRET))]},
+        "'public_url' .* URL string",
+    ),
     "Tahoe name that is not a string": ({"hosts": [_tahoe(name={"cap": WRITE_CAP})]}, "'name' .* non-empty string"),
     "misspelt Tahoe kind": ({"hosts": [_tahoe(kind="tahoe-lafs", readcap=READ_CAP)]}, "must be one of"),
     # Other settings that may hold a password

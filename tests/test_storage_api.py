@@ -16,6 +16,7 @@ from django.core.exceptions import SuspiciousFileOperation
 from django.core.files.base import ContentFile
 from django.urls import NoReverseMatch, reverse_lazy
 
+from resto_celery import publisher
 from resto_celery.storage import DistributedStorage, HybridStorage
 
 BACKENDS = {"hybrid": HybridStorage, "distributed": DistributedStorage}
@@ -263,7 +264,9 @@ def test_async_storage_enqueues_an_upload_when_a_file_written_through_open_is_cl
     site = make_site()
     with site.storage.open("w.txt", "wb") as handle:
         handle.write(b"bytes")
+        assert publisher.flush(timeout=10)
         assert _queued(site.redis_url) == []
+    assert publisher.flush(timeout=10)  # close() hands the change to the publisher thread
     assert _queued(site.redis_url) == [("resto_celery.replicate", "w.txt", [host.url for host in site.hosts], "upload")]
     assert (site.media_root / "w.txt").read_bytes() == b"bytes"
 

@@ -1,7 +1,7 @@
 """HostTransport: URLs, status handling, typed errors, credentials, streaming."""
 import base64
-import logging
 import http.server
+import logging
 import threading
 import tracemalloc
 
@@ -41,7 +41,7 @@ def test_url_quotes_everything_but_slashes(name, path):
 
 @pytest.mark.parametrize("name", ["../x", "/abs", "a/../../x", "nul\x00"])
 def test_url_refuses_unsafe_names(name):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Refusing unsafe file name"):
         HostTransport("http://h/media/").url(name)
 
 
@@ -230,6 +230,7 @@ def test_put_memory_does_not_grow_with_the_file_size(make_media_server, tmp_path
         assert transport.size(f"{size_mb}.bin") == size_mb * 1024 * 1024
         server.remove(f"{size_mb}.bin")
         source.unlink()
-    print(f"peak traced memory during PUT: 16 MB file {peaks[16] / 1024:.0f} KiB, 320 MB file {peaks[320] / 1024:.0f} KiB")
+    print(f"peak traced memory during PUT: 16 MB file {peaks[16] / 1024:.0f} KiB, "
+          f"320 MB file {peaks[320] / 1024:.0f} KiB")
     assert peaks[320] < 4 * 1024 * 1024
     assert peaks[320] < peaks[16] + 1024 * 1024

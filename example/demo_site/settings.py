@@ -96,7 +96,12 @@ RESTO_MASTER_SENDFILE = "django"
 CELERY_BROKER_URL = os.environ.get("RESTO_DEMO_REDIS_URL", "redis://127.0.0.1:6379/0")
 CELERY_RESULT_BACKEND = "django-db"
 CELERY_RESULT_EXTENDED = True
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 60, "unacked_restore_interval": 1, "unacked_restore_throttle": 5}
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": 60, "unacked_restore_interval": 1, "unacked_restore_throttle": 5,
+}
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1  # the tasks are acks_late: reserve one message at a time (README)
 CELERY_BEAT_SCHEDULE = {
-    "resto-reconcile": {"task": "resto_celery.reconcile", "schedule": 10.0, "options": {"queue": "resto", "expires": 10.0}},
+    "resto-reconcile": {
+        "task": "resto_celery.reconcile", "schedule": 10.0, "options": {"queue": "resto", "expires": 10.0},
+    },
 }

@@ -8,7 +8,7 @@
 - :class:`~resto_celery.testing.tahoe.TahoeGrid`: a local Tahoe-LAFS grid (``make tahoe``),
   and :class:`~resto_celery.testing.tahoe.TahoeDirectory`, one of its directories as a host.
 - :func:`~resto_celery.testing.tls.make_test_certificates`: a throw-away CA for HTTPS tests
-  (needs the ``cryptography`` package, in the ``test`` extra).
+  (needs the ``trustme`` package, in the ``test`` extra).
 """
 from .media_server import MediaServer, RequestRecord
 from .nginx import NginxMediaServer, NginxNotFound, find_nginx

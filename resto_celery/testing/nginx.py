@@ -2,7 +2,8 @@
 
 It runs the system's nginx binary (Debian package ``nginx``, which has the dav module)
 with its own prefix folder, on a loopback port, using the same ``nginx_media.conf`` that
-production configurations include::
+production configurations include, and ``nginx_listing.conf`` for folder URLs (a GET of
+a folder answers nginx's JSON autoindex, which ``resto_resync`` lists hosts with)::
 
     with NginxMediaServer(tmp_path / "media") as server:
         requests.put(server.url + "a/b.txt", data=b"hi")
@@ -22,10 +23,12 @@ from pathlib import Path
 
 from ._support import folder_files, free_port
 
-__all__ = ["MEDIA_CONF", "NginxMediaServer", "NginxNotFound", "find_nginx"]
+__all__ = ["LISTING_CONF", "MEDIA_CONF", "NginxMediaServer", "NginxNotFound", "find_nginx"]
 
 #: The location body shared by the tests and the deployment configurations.
 MEDIA_CONF = Path(__file__).with_name("nginx_media.conf")
+#: The body of the nested location for folder URLs: JSON folder listings (autoindex).
+LISTING_CONF = Path(__file__).with_name("nginx_listing.conf")
 
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
@@ -72,10 +75,15 @@ class NginxMediaServer:
     built from ``prefix``, ``port``, ``tls`` and ``root`` (e.g. a deployment's
     ``conf.d`` file with its port and paths adapted); it should listen on
     :attr:`address` for :meth:`start` to see nginx come up.
+
+    ``listing`` (default True) lists folders: a GET of a folder URL (ending in '/') from
+    127.0.0.1 answers nginx's JSON autoindex (``LISTING_CONF``); files are served and
+    written as without it. ``listing=False`` gives a host that cannot list (GET of a
+    folder: 403), as nginx's default.
     """
 
     def __init__(self, root, *, prefix="/media/", port=0, tls=None, nginx=None, workdir=None,
-                 user=None, server_config=None):
+                 user=None, server_config=None, listing=True):
         if not (prefix.startswith("/") and prefix.endswith("/")):
             raise ValueError(f"prefix must start and end with '/', not {prefix!r}")
         self.nginx = nginx or find_nginx()
@@ -94,6 +102,7 @@ class NginxMediaServer:
             self.workdir.chmod(0o755)  # mkdtemp makes it 0700: the workers need its temp folders
         self.user = user
         self.server_config = server_config
+        self.listing = listing
         self._process = None
 
     # Addresses -------------------------------------------------------------------------
@@ -171,6 +180,15 @@ http {{
         if self.tls:
             cert, key = self.tls
             tls = f"ssl_certificate {_quote(cert)};\n        ssl_certificate_key {_quote(key)};"
+        listing = ""
+        if self.listing:
+            listing = f"""
+            # Folder URLs: a JSON listing, to trusted addresses only (see the include).
+            location ~ /$ {{
+                allow 127.0.0.1;
+                deny all;
+                include {_quote(LISTING_CONF)};
+            }}"""
         return f"""\
     server {{
         {listen}
@@ -184,11 +202,11 @@ http {{
                 allow 127.0.0.1;
                 deny all;
             }}
-            include {_quote(MEDIA_CONF)};
+            include {_quote(MEDIA_CONF)};{listing}
         }}
     }}"""
 
-    def start(self) -> "NginxMediaServer":
+    def start(self) -> NginxMediaServer:
         """Write nginx.conf and run nginx in the foreground; return once the port accepts TCP.
 
         Raise RuntimeError, with the end of nginx's error log, if it does not come up
@@ -232,7 +250,7 @@ http {{
         """Stop serving (connections are refused) but keep the files, port and workdir."""
         self._terminate()
 
-    def come_back(self) -> "NginxMediaServer":
+    def come_back(self) -> NginxMediaServer:
         """Serve again, on the same port, the same files."""
         return self.start()
 
@@ -274,7 +292,7 @@ http {{
                 return "\n".join(text.splitlines()[-lines:])
         return "(empty)"
 
-    def __enter__(self) -> "NginxMediaServer":
+    def __enter__(self) -> NginxMediaServer:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:

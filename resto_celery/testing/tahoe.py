@@ -166,7 +166,7 @@ class TahoeGrid:
         while pending:
             path = pending.pop()
             try:
-                kind, info = self._json(dircap, path)
+                _, info = self._json(dircap, path)
             except FileNotFoundError:
                 continue
             for name, (child_kind, _) in info.get("children", {}).items():

@@ -63,7 +63,7 @@ def _run(backend):
         use_memory_broker("django_suite")
     # As runtests.py: the app under test is installed once the others are ready, here
     # after the swap, so its models' storages are ours.
-    import django.contrib.staticfiles.storage  # noqa: F401 - Django's own subclasses stay as they are
+    import django.contrib.staticfiles.storage  # Django's own subclasses stay as they are
     import django.core.files.storage
     from django.utils.module_loading import import_string
 

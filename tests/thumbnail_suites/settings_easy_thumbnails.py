@@ -13,7 +13,7 @@ from .resto_settings import extend
 
 extend(globals())
 
-STORAGES = {  # noqa: F405
+STORAGES = {
     **STORAGES,  # noqa: F405
     "easy_thumbnails": {
         **STORAGES["easy_thumbnails"],  # noqa: F405

@@ -20,7 +20,8 @@ class Command(BaseCommand):
                             help="A STORAGES alias (repeat for several). Default: every storage with a master copy.")
         action = parser.add_mutually_exclusive_group()
         action.add_argument("--init", action="store_true",
-                            help="Make the marker where the site has no identity recorded yet (a new site, an upgrade).")
+                            help="Make the marker where the site has no identity recorded yet "
+                            "(a new site, an upgrade).")
         action.add_argument("--adopt", action="store_true",
                             help="This folder is the master: write the site's identity into its marker, "
                             "replacing a missing or foreign one. Check the folder first: replication trusts it.")
@@ -30,7 +31,8 @@ class Command(BaseCommand):
         for alias, location in self._masters(options["aliases"]):
             if options["adopt"]:
                 identity = marker.adopt(location)
-                self.stdout.write(self.style.SUCCESS(f"{alias}: {location} adopted as the master (identity {identity})."))
+                adopted = f"{alias}: {location} adopted as the master (identity {identity})."
+                self.stdout.write(self.style.SUCCESS(adopted))
                 continue
             try:
                 identity = marker.verify(location, record=False, create=options["init"])
@@ -47,7 +49,7 @@ class Command(BaseCommand):
         for alias in aliases or list(storages.backends):
             try:
                 storage = storages[alias]
-            except Exception as error:  # noqa: BLE001 - an unusable alias is the operator's to fix
+            except Exception as error:  # an unusable alias is the operator's to fix
                 raise CommandError(f"STORAGES[{alias!r}]: {error}") from error
             if hasattr(storage, "transport") and hasattr(storage, "location"):
                 found.append((alias, storage.location))

@@ -13,10 +13,11 @@ from resto_celery.models import Replica
 class Command(BaseCommand):
     help = (
         "Compare the master copy with each media host and upload what is missing or different "
-        "(a HEAD per file; --verify also compares SHA-256 of the contents). Replaces the rsync that "
-        "django-resto asked for after an outage or when adding a host. WebDAV and Tahoe-LAFS hosts are "
-        "listed once instead, and files that exist only on them are reported (--delete-extra deletes "
-        "them); plain HTTP hosts cannot list their files, so such files stay unseen. "
+        "(sizes; --verify also compares SHA-256 of the contents). Replaces the rsync that "
+        "django-resto asked for after an outage or when adding a host. Hosts that list their files "
+        "(WebDAV, Tahoe-LAFS, nginx serving its JSON autoindex) are listed once, folder by folder, and "
+        "files that exist only on them are reported (--delete-extra deletes them); other plain HTTP "
+        "hosts get a HEAD per file, and such files stay unseen. "
         "With --restore-from HOST it works the other way: it rebuilds a lost master copy from HOST. "
         "Exits with status 1 when anything failed."
     )
@@ -35,7 +36,8 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--delete-extra", action="store_true",
-            help="Also delete the files a listing host (WebDAV, Tahoe-LAFS) holds that the master has not.",
+            help="Also delete the files a listing host (WebDAV, Tahoe-LAFS, nginx with JSON listings) holds "
+            "that the master has not.",
         )
         parser.add_argument(
             "--allow-mass-delete", action="store_true",
@@ -70,7 +72,9 @@ class Command(BaseCommand):
             try:
                 ok = self._resync_host(storage, host, options)
             except MasterUnavailable as refusal:
-                raise CommandError(f"Refused: {refusal}. Nothing was compared, uploaded or deleted.", returncode=1)
+                raise CommandError(
+                    f"Refused: {refusal}. Nothing was compared, uploaded or deleted.", returncode=1,
+                ) from refusal
             if not ok:
                 failed.append(host)
         if failed:
@@ -95,7 +99,11 @@ class Command(BaseCommand):
         )
         delete_extra = options["delete_extra"]
         if not plan.can_list:
-            self.stdout.write("  This host cannot list its files over plain HTTP: files that exist only on it cannot be seen.")
+            self.stdout.write(
+                f"  This host does not list its folders ({plan.unlisted}): a HEAD per file, and files that exist "
+                f"only on it cannot be seen. nginx lists them with 'autoindex on; autoindex_format json;' "
+                f"for folder URLs (see the README)."
+            )
         elif plan.extra:
             what = "to delete" if delete_extra else "left alone (--delete-extra deletes them)"
             self.stdout.write(f"  {len(plan.extra)} file(s) only on the host, not in the master: {what}.")
@@ -151,7 +159,7 @@ class Command(BaseCommand):
             raise CommandError(
                 f"Refused: {refusal}. If this folder is where the master belongs (it lost its marker with its "
                 f"files), run 'manage.py resto_master --adopt' first.", returncode=1,
-            )
+            ) from refusal
         try:
             with self._bar(f"restoring from {host}", total=count) as bar:
                 restored, skipped, failures = resync.restore(
@@ -159,7 +167,7 @@ class Command(BaseCommand):
                     progress=lambda name: bar.update(1),
                 )
         except resync.HostDown as error:
-            raise CommandError(f"{error}. Nothing was restored.", returncode=1)
+            raise CommandError(f"{error}. Nothing was restored.", returncode=1) from error
         for name, reason in skipped:
             self.stdout.write(f"  kept {name}: {reason}")
         for name, error in failures:

@@ -78,8 +78,9 @@ class Command(BaseCommand):
         ]
         widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
         for row in [headers, *rows]:
-            line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-            style = self.style.ERROR if row is not headers and (row[3] != "0" or row[8] or row[7].startswith("DOWN")) else (lambda text: text)
+            line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            bad = row is not headers and (row[3] != "0" or row[8] or row[7].startswith("DOWN"))
+            style = self.style.ERROR if bad else (lambda text: text)
             self.stdout.write(style(line))
         self.stdout.write(
             f"\n{totals['hosts']} host(s): {totals['synced']} synced, {totals['pending']} pending, "

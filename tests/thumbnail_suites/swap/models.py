@@ -7,7 +7,7 @@ and ``STORAGES`` entries naming it. No model is defined here.
 """
 import os
 
-import django.contrib.staticfiles.storage  # noqa: F401 - Django's own subclasses stay as they are
+import django.contrib.staticfiles.storage  # Django's own subclasses stay as they are
 import django.core.files.storage
 from django.utils.module_loading import import_string
 

@@ -1,0 +1,169 @@
+"""Sending the web request's changes to the broker, off the request's path.
+
+``AsyncStorage.save()`` and ``delete()`` write the master, then hand the change to this
+process's publisher thread and return: the request does not wait for the broker. The
+thread sends whatever has accumulated since its last send in one go (``producer.batch()``:
+one pipeline on Redis), usually within a millisecond of the save. A change it cannot send
+is logged at ERROR and left to reconcile, as a failed publish always was; so is a change
+still queued when the process is killed. At a normal exit (``atexit``) the thread is given
+a few seconds to send what it holds; :func:`flush` waits for it explicitly (tests,
+management commands that must know the messages left).
+
+One thread per process, started on first use (after a fork, the child starts its own).
+"""
+import atexit
+import logging
+import os
+import threading
+from collections import deque
+from contextlib import nullcontext
+
+from .broker import publish_batch
+
+logger = logging.getLogger(__name__)
+
+#: How long a normal exit waits for the changes still to send (seconds).
+EXIT_FLUSH_TIMEOUT = 10.0
+
+
+#: A burst of changes for one queue goes out as messages of at most this many changes.
+MAX_CHANGES_PER_MESSAGE = 100
+
+#: Publishing gets one quick retry, no more: a broker outage must not hold the changes
+#: behind it (reconcile repairs what could not be sent).
+RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
+
+
+def publish(app, queue, changes, producer=None):
+    """Send ``changes`` (``(path, hosts, operation)`` each) to ``queue`` through ``app``: one
+    ``resto_celery.replicate`` message for one change, ``resto_celery.replicate_batch`` for
+    several (a worker treats each change as ``replicate`` would)."""
+    from . import tasks  # noqa: F401 - declares the shared tasks (they need the models: not at import)
+
+    if len(changes) == 1:
+        name, arguments = "resto_celery.replicate", tuple(changes[0])
+    else:
+        name, arguments = "resto_celery.replicate_batch", ([list(change) for change in changes],)
+    return app.tasks[name].apply_async(
+        arguments, queue=queue, producer=producer, retry=True, retry_policy=RETRY_POLICY,
+        argsrepr=repr(arguments), kwargsrepr="{}",  # Celery's saferepr of the same was a fifth of a publish
+    )
+
+
+def send_now(app, queue, changes, failed):
+    """Publish ``changes`` in this thread; ``failed(error)`` if the broker would not take them."""
+    try:
+        with app.producer_or_acquire() as producer:
+            publish(app, queue, changes, producer)
+    except Exception as error:  # noqa: BLE001 - the request never fails for replication: log, reconcile repairs
+        failed(error)
+
+
+class Publisher:
+    """A queue of changes and the daemon thread that publishes them in bursts.
+
+    ``submit(app, queue, change, failed)`` queues one change; the thread publishes what it
+    finds queued, per app and queue, as few messages as :data:`MAX_CHANGES_PER_MESSAGE`
+    allows, inside one ``producer.batch()``. ``failed(error)`` is called for a change the
+    broker would not take. The Celery app comes from the caller's thread: a new thread's
+    ``current_app`` is Celery's default app, not the project's.
+    """
+
+    def __init__(self):
+        self._reset()
+
+    def _reset(self):
+        self.pending = deque()
+        self.condition = threading.Condition()
+        self.in_flight = 0
+        self.thread = None
+        self.pid = os.getpid()
+
+    def submit(self, app, queue, change, failed):
+        """Queue ``change`` (``(path, hosts, operation)``) for ``queue`` of ``app``."""
+        with self.condition:
+            if self.pid != os.getpid():  # a forked child: the parent's thread is not here
+                self._reset()
+            self.pending.append((app, queue, change, failed))
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, daemon=True, name="resto-publisher")
+                self.thread.start()
+            self.condition.notify()
+
+    def flush(self, timeout=None):
+        """Wait until every change submitted so far was sent (or failed); False on timeout."""
+        with self.condition:
+            return self.condition.wait_for(lambda: not self.pending and not self.in_flight, timeout)
+
+    def _run(self):
+        while True:
+            with self.condition:
+                self.condition.wait_for(lambda: self.pending)
+                batch = list(self.pending)
+                self.pending.clear()
+                self.in_flight = len(batch)
+            try:
+                by_app = {}
+                for app, queue, change, failed in batch:
+                    queues = by_app.setdefault(id(app), (app, {}))[1]
+                    queues.setdefault(queue, []).append((change, failed))
+                for app, queues in by_app.values():
+                    _send_burst(app, queues)
+            finally:
+                with self.condition:
+                    self.in_flight = 0
+                    self.condition.notify_all()
+
+
+def _send_burst(app, queues):
+    """Publish ``{queue: [(change, failed)]}`` through ``app`` in one ``producer.batch()``."""
+    messages = [
+        (queue, items[start:start + MAX_CHANGES_PER_MESSAGE])
+        for queue, items in queues.items()
+        for start in range(0, len(items), MAX_CHANGES_PER_MESSAGE)
+    ]
+    handed_over, acquired = [], False
+    try:
+        with app.producer_or_acquire() as producer:
+            acquired = True
+            with publish_batch(producer) if len(messages) > 1 else nullcontext():
+                for queue, items in messages:
+                    try:
+                        publish(app, queue, [change for change, _ in items], producer)
+                    except Exception as error:  # noqa: BLE001 - this message is lost: say so, go on
+                        _fail(items, error)
+                    else:
+                        handed_over.append(items)
+    except Exception as error:  # noqa: BLE001 - no producer, or the batch could not be flushed
+        for items in handed_over if acquired else [items for _, items in messages]:
+            _fail(items, error)
+
+
+def _fail(items, error):
+    for _, failed in items:
+        try:
+            failed(error)
+        except Exception:
+            logger.exception("Could not report a change that was not sent")
+
+
+_publisher = Publisher()
+
+
+def submit(app, queue, change, failed):
+    """Queue ``change`` (``(path, hosts, operation)``) on this process's publisher thread
+    (see :class:`Publisher`); ``failed(error)`` if the broker would not take it."""
+    _publisher.submit(app, queue, change, failed)
+
+
+def flush(timeout=None):
+    """Wait until every change this process submitted was sent or failed; False on timeout."""
+    return _publisher.flush(timeout)
+
+
+@atexit.register
+def _flush_at_exit():
+    if _publisher.pending or _publisher.in_flight:
+        if not flush(EXIT_FLUSH_TIMEOUT):
+            logger.error("Exiting with %d change(s) not sent to the broker; reconcile will send them.",
+                         len(_publisher.pending) + _publisher.in_flight)

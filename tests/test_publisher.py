@@ -1,0 +1,72 @@
+"""The publisher thread: save() hands its change over and returns; bursts go out as few messages."""
+import base64
+import json
+
+import pytest
+import redis
+from django.core.files.base import ContentFile
+
+from resto_celery import publisher
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _messages(redis_url, queue="resto"):
+    """``(task name, arguments)`` of every message waiting in ``queue``, oldest first."""
+    found = []
+    for raw in reversed(redis.Redis.from_url(redis_url).lrange(queue, 0, -1)):
+        message = json.loads(raw)
+        found.append((message["headers"]["task"], json.loads(base64.b64decode(message["body"]))[0]))
+    return found
+
+
+def test_save_returns_before_the_message_is_sent_and_flush_waits_for_it(make_site):
+    site = make_site(host_count=2)
+    site.storage.save("a.txt", ContentFile(b"a"))
+    assert publisher.flush(timeout=10)
+    hosts = [host.url for host in site.hosts]
+    assert _messages(site.redis_url) == [("resto_celery.replicate", ["a.txt", hosts, "upload"])]
+
+
+def test_a_burst_of_changes_goes_out_as_one_message(make_site):
+    site = make_site(host_count=2)
+    hosts = [host.url for host in site.hosts]
+    with publisher._publisher.condition:  # the thread cannot take anything until the burst is queued
+        for index in range(20):
+            site.storage.save(f"{index}.txt", ContentFile(b"x"))
+        site.storage.delete("3.txt")
+    assert publisher.flush(timeout=10)
+    [(task, [changes])] = _messages(site.redis_url)
+    assert task == "resto_celery.replicate_batch"
+    assert changes == [[f"{index}.txt", hosts, "upload"] for index in range(20)] + [["3.txt", hosts, "delete"]]
+
+
+def test_a_burst_larger_than_a_message_holds_is_split(make_site):
+    site = make_site(host_count=1)
+    count = publisher.MAX_CHANGES_PER_MESSAGE + 5
+    with publisher._publisher.condition:
+        for index in range(count):
+            site.storage.save(f"{index}.txt", ContentFile(b"x"))
+    assert publisher.flush(timeout=10)
+    sizes = [len(arguments[0]) for _, arguments in _messages(site.redis_url)]
+    assert sizes == [publisher.MAX_CHANGES_PER_MESSAGE, 5]
+
+
+def test_a_worker_applies_every_change_of_a_batch_message(make_site):
+    site = make_site(host_count=2)
+    with publisher._publisher.condition:
+        for index in range(10):
+            site.storage.save(f"{index}.txt", ContentFile(str(index).encode()))
+        site.storage.delete("4.txt")
+    assert publisher.flush(timeout=10)
+    assert _messages(site.redis_url)[0][0] == "resto_celery.replicate_batch"
+    site.start_worker()
+    site.wait_until_drained_and_converged()
+    assert "4.txt" not in site.hosts[0].files()
+
+
+def test_the_inline_option_sends_before_save_returns(make_site):
+    site = make_site(host_count=1, publish="inline")
+    with publisher._publisher.condition:  # the thread is held: only an inline send gets through
+        site.storage.save("a.txt", ContentFile(b"a"))
+        assert _messages(site.redis_url) == [("resto_celery.replicate", ["a.txt", [site.hosts[0].url], "upload"])]
