@@ -154,11 +154,16 @@ def check_replicated(cases, saves, broker_url):
     ``AsyncStorage`` logs and goes on when the broker refuses a message, which would look
     fast; a benchmark of that would be wrong.
     """
-    # One message per save (a worker fans it out to the hosts), none without hosts.
+    # One change per save (a worker fans it out to the hosts), none without hosts; the
+    # publisher thread sends a burst of them as one message.
+    from resto_celery import publisher
+
+    if not publisher.flush(timeout=60):
+        raise AssertionError("the publisher thread did not send the round's changes within 60 s")
     expected = saves * sum(1 for case in cases if case.backend == "async" and case.servers)
-    found = common.queue_length(broker_url)
+    found = common.queued_changes(broker_url)
     if found != expected:
-        raise AssertionError(f"{found} messages in the queue, expected {expected}")
+        raise AssertionError(f"{found} changes in the queue, expected {expected}")
     puts = collections.Counter(server for case in cases if case.backend != "async" for server in case.servers)
     for server, count in puts.items():
         # django-resto's AsyncStorage PUTs from threads of its own: give them a moment to land.

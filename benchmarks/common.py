@@ -60,11 +60,34 @@ def flush_redis(url):
 
 
 def queue_length(url, queue="resto"):
-    """How many messages wait in ``queue`` on the Redis broker at ``url``."""
+    """How many messages wait in ``queue`` on the Redis broker at ``url`` (both lanes)."""
     import redis
 
+    from resto_celery import lanes
+
     with redis.Redis.from_url(url) as client:
-        return client.llen(queue)
+        return sum(client.llen(key) for key in lanes.queue_keys(queue))
+
+
+def queued_changes(url, queue="resto"):
+    """How many changes the messages waiting in ``queue`` carry (a ``replicate_batch`` carries
+    several; any other message one)."""
+    import base64
+
+    import redis
+
+    from resto_celery import lanes
+
+    changes = 0
+    with redis.Redis.from_url(url) as client:
+        for key in lanes.queue_keys(queue):
+            for raw in client.lrange(key, 0, -1):
+                message = json.loads(raw)
+                if message["headers"]["task"] == "resto_celery.replicate_batch":
+                    changes += len(json.loads(base64.b64decode(message["body"]))[0][0])
+                else:
+                    changes += 1
+    return changes
 
 
 def setup_django():

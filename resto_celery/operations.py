@@ -4,10 +4,12 @@ They enqueue the same ``(host, path)`` tasks as the storage; the master decides 
 """
 import logging
 
+from celery import current_app
 from django.utils import timezone
 
-from . import registry
+from . import lanes, registry
 from .models import Replica
+from .tasks import reconcile
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +37,9 @@ def mark_for_resync(host, *, user=None):
     Fingerprints are forgotten, so no transfer is skipped; files with no row were going to
     be sent anyway. Returns how many rows were marked.
     """
-    from .tasks import reconcile
-
     storage = registry.storage_for_host(host)  # refuses hosts that are not configured
     marked = Replica.objects.filter(host=host).update(fingerprint="", retry_at=timezone.now())
-    reconcile.apply_async(queue=storage.options.queue_for(host))
+    reconcile.apply_async(queue=storage.options.queue_for(host), priority=lanes.bulk_priority(current_app))
     logger.info("%s marked %s for a full resync (%d rows).", user or "An operator", host, marked)
     return marked
 
@@ -47,8 +47,7 @@ def mark_for_resync(host, *, user=None):
 def allow_deletes(host, *, user=None):
     """The operator's go-ahead for deletions the brake held on ``host``: queue a reconcile pass
     that may delete beyond the brake there (and nowhere else)."""
-    from .tasks import reconcile
-
     storage = registry.storage_for_host(host)
-    reconcile.apply_async(kwargs={"allow_deletes": [host]}, queue=storage.options.queue_for(host))
+    reconcile.apply_async(kwargs={"allow_deletes": [host]}, queue=storage.options.queue_for(host),
+                          priority=lanes.bulk_priority(current_app))
     logger.warning("%s allowed the held deletions on %s; a reconcile pass is queued.", user or "An operator", host)

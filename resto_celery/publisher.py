@@ -18,6 +18,7 @@ import threading
 from collections import deque
 from contextlib import nullcontext
 
+from . import lanes
 from .broker import publish_batch
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ def publish(app, queue, changes, producer=None):
         name, arguments = "resto_celery.replicate_batch", ([list(change) for change in changes],)
     return app.tasks[name].apply_async(
         arguments, queue=queue, producer=producer, retry=True, retry_policy=RETRY_POLICY,
+        priority=lanes.live_priority(app),
         argsrepr=repr(arguments), kwargsrepr="{}",  # Celery's saferepr of the same was a fifth of a publish
     )
 

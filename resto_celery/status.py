@@ -9,8 +9,9 @@ from datetime import datetime, timezone as dt_timezone
 
 from django.db.models import Count
 from django.utils import timezone
+from redis.exceptions import RedisError
 
-from . import marker, registry
+from . import lanes, marker, registry
 from .broker import coordinator_for
 from .exceptions import MasterUnavailable
 from .models import Hold, MasterCopy, Replica
@@ -36,6 +37,7 @@ class HostStatus:
     breaker_open_for: float | None = None  # seconds; None when Redis could not be asked
     down_since: datetime | None = None  # when the breaker opened, while the host is down
     back_at: datetime | None = None  # when the host last came back (within a day)
+    catch_up: dict | None = None  # the bulk lane's last pass for this host: sent, done, rate, eta
     held_deletes: int = 0  # deletions the brake holds back, waiting for an operator
     notes: list = field(default_factory=list)
 
@@ -66,7 +68,14 @@ class HostStatus:
         for key, value in data.items():
             if isinstance(value, datetime):
                 data[key] = value.isoformat()
+        if self.catch_up:
+            data["catch_up"] = {**self.catch_up, "since": self.catch_up["since"].isoformat()}
         return data
+
+    @property
+    def catching_up(self):
+        """Whether the host's last bulk pass still has transfers to do."""
+        return bool(self.catch_up and self.catch_up["left"])
 
 
 def configured_hosts():
@@ -183,13 +192,36 @@ def totals(statuses):
 def _read_breaker(status, storage):
     """The host's breaker: open for how long, down since when, back since when (one round trip)."""
     try:
-        open_for, down_since, back_at = coordinator_for(storage.options).breaker(status.host).health()
+        coordinator = coordinator_for(storage.options)
+        open_for, down_since, back_at = coordinator.breaker(status.host).health()
     except Exception as error:  # noqa: BLE001 - the dashboard must render without Redis
         logger.warning("Could not read the circuit breaker of %s: %s", status.host, error)
         return
     status.breaker_open_for = open_for
     status.down_since = _moment(down_since)
     status.back_at = _moment(back_at)
+    status.catch_up = _catch_up(coordinator.client, status.host)
+
+
+def _catch_up(client, host):
+    """Estimate how far the host is through the transfers its last bulk pass sent: done is
+    what the host has recorded since the pass started (one index range count)."""
+    try:
+        found = lanes.catch_up(client, host)
+    except RedisError:
+        return None
+    if found is None:
+        return None
+    sent, started_at = found
+    since = _moment(started_at)
+    done = min(sent, Replica.objects.filter(host=host, last_success_at__gte=since).count())
+    elapsed = max((timezone.now() - since).total_seconds(), 0.001)
+    rate = done / elapsed
+    left = sent - done
+    return {
+        "sent": sent, "done": done, "left": left, "since": since, "rate": rate,
+        "eta": (left / rate) if left and rate else (0.0 if not left else None),
+    }
 
 
 def _moment(unix_time):

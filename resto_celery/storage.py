@@ -17,7 +17,7 @@ from django.utils.encoding import filepath_to_uri
 from django.utils.functional import Promise, cached_property
 from redis.exceptions import RedisError
 
-from . import conf, marker, publisher, registry, replication
+from . import conf, lanes, marker, publisher, registry, replication
 from .broker import coordinator_for
 from .exceptions import ReplicationError
 from .freshness import DELETED, Unconfirmed
@@ -259,17 +259,20 @@ class AsyncStorage(HybridStorage):
         except RedisError as error:  # url() may then point at a host that lags: say so
             logger.error("Could not mark %s as on its way to the media hosts: %s", name, error)
 
-    def enqueue(self, operation, host, name, producer=None):
-        """Publish ``resto_celery.<operation>`` with ``(host, name)`` to the host's queue."""
-        from . import tasks
+    def enqueue(self, operation, host, name, producer=None, bulk=True):
+        """Publish ``resto_celery.<operation>`` with ``(host, name)`` to the host's queue, in
+        the bulk lane (reconcile, resync, the operators' actions: see :mod:`resto_celery.lanes`)
+        unless ``bulk`` is False."""
+        from . import tasks  # noqa: F401 - declares the shared tasks (they need the models: not at import)
 
-        task = tasks.upload if operation == "upload" else tasks.delete
-        return task.apply_async(
+        app = current_app
+        return app.tasks[f"resto_celery.{operation}"].apply_async(
             (host, name),
             queue=self.options.queue_for(host),
             producer=producer,
             retry=True,
             retry_policy=ENQUEUE_RETRY_POLICY,
+            priority=lanes.bulk_priority(app) if bulk else lanes.live_priority(app),
         )
 
 

@@ -16,14 +16,14 @@ state. The name says which change caused the task (the admin shows it).
     }
 """
 import logging
-from functools import partial
+import time
 
 from celery import current_app, shared_task
 from celery.signals import worker_process_shutdown, worker_ready
 from django.db import DatabaseError, connections
 from redis.exceptions import LockError, RedisError
 
-from . import marker, publisher, registry, replication
+from . import lanes, marker, publisher, registry, replication
 from .broker import coordinator_for, publish_batch
 from .exceptions import HostShortCircuited, MasterUnavailable
 from .models import Replica
@@ -91,7 +91,7 @@ def _replicate_change(task_id, path, hosts, operation):
 
     def retry(host, countdown, failures, exc=None):
         task.apply_async((host, path), kwargs={"failures": failures}, countdown=countdown,
-                         queue=storage.options.queue_for(host))
+                         queue=storage.options.queue_for(host), priority=lanes.live_priority(current_app))
 
     return _replicate_to(storage, list(hosts), path, operation, task_id, failures=0, waits=0, retry=retry)
 
@@ -213,7 +213,8 @@ def _schedule_probe(storage, host, coordinator):
     """Make sure one probe of the down ``host`` is coming (one message, however many changes wait)."""
     every = probe_interval(storage.options)
     if coordinator.breaker(host).schedule_probe(every):
-        probe.apply_async((host,), countdown=every, queue=storage.options.queue_for(host))
+        probe.apply_async((host,), countdown=every, queue=storage.options.queue_for(host),
+                          priority=lanes.live_priority(current_app))
 
 
 
@@ -234,20 +235,65 @@ def reconcile(allow_deletes=()):
             counts = {"skipped": 1}
         else:
             try:
-                with current_app.producer_or_acquire() as producer, publish_batch(producer):
+                with current_app.producer_or_acquire() as producer:
+                    pages = BulkPages(storage, producer, heartbeat=lock.reacquire)
                     counts = reconcile_storage(
-                        storage,
-                        partial(storage.enqueue, producer=producer),
+                        storage, pages.enqueue,
                         max_delete_share=storage.options.max_delete_share,
                         allow_deletes=tuple(allow_deletes),
                         heartbeat=lock.reacquire,
                     )
+                    pages.flush()
             finally:
                 _release(lock)
             logger.info("Reconciled %s: %s", storage.location, counts)
         for key, value in counts.items():
             totals[key] = value if isinstance(value, str) else totals.get(key, 0) + value
     return totals
+
+
+class BulkPages:
+    """Bulk messages published a page at a time, each page in one ``producer.batch()``; after
+    each page, while more than ``high_water`` bulk messages wait in the storage's queues
+    (Redis brokers), wait for the workers to drain them (calling ``heartbeat`` to keep the
+    pass's lock): a catch-up of a million files never holds a million messages in Redis."""
+
+    PAGE = 1000
+    HIGH_WATER = 10_000
+    POLL = 1.0  # seconds between two looks at the backlog
+
+    def __init__(self, storage, producer, heartbeat=None, page=PAGE, high_water=HIGH_WATER):
+        self.storage, self.producer, self.heartbeat = storage, producer, heartbeat or (lambda: None)
+        self.page, self.high_water = page, high_water
+        self.pending = []
+        self.waited = 0.0
+        self.queues = sorted({storage.options.queue_for(host) for host in storage.hosts})
+        self.started_at = time.time()
+        self.sent = dict.fromkeys(storage.hosts, 0)
+
+    def enqueue(self, operation, host, name):
+        self.pending.append((operation, host, name))
+        if len(self.pending) >= self.page:
+            self.flush()
+            self._wait_for_room()
+
+    def flush(self):
+        with publish_batch(self.producer):
+            for operation, host, name in self.pending:
+                self.storage.enqueue(operation, host, name, producer=self.producer)
+                self.sent[host] = self.sent.get(host, 0) + 1
+        self.pending = []
+        try:
+            lanes.record_catch_up(coordinator_for(self.storage.options).client, self.sent, self.started_at)
+        except RedisError as error:  # only the dashboard's estimate is lost
+            logger.warning("Could not record the catch-up's progress: %s", error)
+
+    def _wait_for_room(self):
+        started = time.monotonic()
+        while (lanes.bulk_backlog(current_app, self.queues) or 0) > self.high_water:
+            self.heartbeat()
+            time.sleep(self.POLL)
+        self.waited += time.monotonic() - started
 
 
 def _release(lock):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from django.db import connection
 
-from resto_celery import publisher
+from resto_celery import lanes, publisher
 from resto_celery.storage import AsyncStorage
 from resto_celery.testing.worker import CeleryWorker
 
@@ -118,7 +118,8 @@ class ReplicationSite:
             import redis
 
             client = redis.Redis.from_url(self.broker_url)
-            return client.llen(self.queue) == 0 and client.hlen("unacked") == 0
+            lanes_empty = all(client.llen(key) == 0 for key in lanes.queue_keys(self.queue))
+            return lanes_empty and client.hlen("unacked") == 0
         from tests.celery_app import app
 
         with app.connection_for_write() as connection:

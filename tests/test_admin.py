@@ -11,6 +11,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django_celery_results.models import TaskResult
 
+from resto_celery import lanes
 from resto_celery.models import Replica
 from tests.conftest import set_storages
 from tests.site import wait_until
@@ -53,9 +54,14 @@ def _rows(host, state, count, **fields):
     )
 
 
-def _queued(redis_url, queue="resto"):
+def _raw_queued(redis_url, queue="resto"):
+    """Every message waiting in ``queue``, both lanes (live first)."""
     client = redis.Redis.from_url(redis_url)
-    return [json.loads(raw)["headers"]["argsrepr"] for raw in client.lrange(queue, 0, -1)]
+    return [raw for key in lanes.queue_keys(queue) for raw in client.lrange(key, 0, -1)]
+
+
+def _queued(redis_url, queue="resto"):
+    return [json.loads(raw)["headers"]["argsrepr"] for raw in _raw_queued(redis_url, queue)]
 
 
 @pytest.mark.django_db
@@ -205,8 +211,7 @@ def test_full_resync_forgets_fingerprints_and_queues_a_reconcile(async_settings,
     response = operator.post(reverse("admin:resto_celery_resync"), {"host": async_hosts[0].url}, follow=True)
     assert "Marked 4 file(s)" in next(str(m) for m in response.context["messages"])
     assert set(Replica.objects.values_list("fingerprint", flat=True)) == {""}
-    client = redis.Redis.from_url(redis_url)
-    assert [json.loads(raw)["headers"]["task"] for raw in client.lrange("resto", 0, -1)] == ["resto_celery.reconcile"]
+    assert [json.loads(raw)["headers"]["task"] for raw in _raw_queued(redis_url)] == ["resto_celery.reconcile"]
 
 
 @pytest.mark.django_db

@@ -9,7 +9,7 @@ from django.core.files.base import ContentFile
 from django.utils import timezone
 from django_celery_results.models import TaskResult
 
-from resto_celery import publisher
+from resto_celery import lanes, publisher
 from resto_celery.models import Replica
 from tests.site import wait_until
 
@@ -103,7 +103,7 @@ def test_a_message_of_the_previous_release_one_per_host_is_still_handled(make_si
 def _publish(site, operation, name):
     """Publish a task by hand, as a late or duplicated delivery would."""
     for host in site.hosts:
-        site.storage.enqueue(operation, host.url, name)
+        site.storage.enqueue(operation, host.url, name, bulk=False)
 
 
 def test_a_slow_first_put_never_leaves_older_bytes_or_a_resurrected_file(make_site, broker_url):
@@ -274,7 +274,11 @@ def test_a_reconcile_pass_is_skipped_while_another_one_runs(make_site):
     registry.register(site.storage)  # this test's storage only, not earlier tests' ones
     site.storage.save("a.txt", ContentFile(b"x"))  # one message, and the master's marker
     assert publisher.flush(timeout=10)
-    queued = redis.Redis.from_url(site.redis_url).llen
+    client = redis.Redis.from_url(site.redis_url)
+
+    def queued(queue):  # both lanes
+        return sum(client.llen(key) for key in lanes.queue_keys(queue))
+
     running = coordinator_for(site.storage.options).pass_lock(f"reconcile:{site.storage.location}", 60)
     assert running.acquire()
     try:

@@ -6,6 +6,7 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
+from resto_celery import lanes
 from resto_celery.models import Replica
 from tests.conftest import set_storages
 
@@ -117,7 +118,9 @@ def test_via_queue_sends_tasks_and_forgets_stale_fingerprints(async_settings, as
     output = _resync("--host", host, "--via-queue")
     assert "1 task(s) queued" in output
     assert Replica.objects.get(host=host).fingerprint == ""
-    assert redis.Redis.from_url(redis_url).llen("resto") == 1
+    client = redis.Redis.from_url(redis_url)
+    assert client.llen("resto") == 0  # the live lane: saves only
+    assert client.llen(lanes.queue_keys("resto")[-1]) == 1  # the bulk lane
 
 
 @pytest.mark.django_db(transaction=True)  # the copying threads write rows on their own connections

@@ -100,4 +100,9 @@ def _host_state(host_status):
     if host_status.down:
         since = f" since {_ago(host_status.down_since)}" if host_status.down_since else ""
         return f"DOWN{since} (breaker open {host_status.breaker_open_for:.0f}s)"
-    return f"up, back {_ago(host_status.back_at)}" if host_status.back_at else "up"
+    state = f"up, back {_ago(host_status.back_at)}" if host_status.back_at else "up"
+    if host_status.catching_up:
+        catch_up = host_status.catch_up
+        eta = f", ~{catch_up['eta']:.0f}s left" if catch_up["eta"] is not None else ""
+        state += f"; catching up {catch_up['done']}/{catch_up['sent']}{eta}"
+    return state

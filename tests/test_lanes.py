@@ -1,0 +1,116 @@
+"""Fresh uploads first: live changes overtake a bulk backlog in the same queue (issue 16).
+
+The lanes are message priorities (see resto_celery.lanes): the same worker, consuming the
+same queue, takes a live message before any bulk one. Real worker, real media server.
+"""
+import os
+import time
+
+import pytest
+import redis
+from django.core.files.base import ContentFile
+
+from resto_celery import lanes, marker, publisher, registry
+from resto_celery.models import Replica
+from resto_celery.tasks import reconcile
+from tests.site import wait_until
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+BACKLOG = 200
+
+
+def _bulk_backlog(site):
+    client = redis.Redis.from_url(site.redis_url)
+    return sum(client.llen(key) for key in lanes.queue_keys(site.queue)[1:])
+
+
+def _master_files(site, count):
+    for index in range(count):
+        path = site.media_root / "old" / f"{index}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"old file")
+
+
+def test_reconcile_sends_its_work_in_the_bulk_lane_and_saves_in_the_live_lane(make_site):
+    site = make_site(host_count=1)
+    registry.clear()
+    registry.register(site.storage)
+    marker.verify(site.storage.location, create=True)
+    _master_files(site, 5)
+    reconcile.run()
+    site.storage.save("new.txt", ContentFile(b"new"))
+    assert publisher.flush(timeout=10)
+    client = redis.Redis.from_url(site.redis_url)
+    live, *bulk = (client.llen(key) for key in lanes.queue_keys(site.queue))
+    assert (live, sum(bulk)) == (1, 5)
+
+
+def test_a_save_made_during_a_catch_up_overtakes_the_backlog(make_site):
+    host_delay = 0.05  # a slow host: the backlog takes seconds
+    site = make_site(host_count=1)
+    registry.clear()
+    registry.register(site.storage)
+    marker.verify(site.storage.location, create=True)
+    _master_files(site, BACKLOG)
+    reconcile.run()  # BACKLOG uploads in the bulk lane
+    assert _bulk_backlog(site) == BACKLOG
+    site.hosts[0].set_delay(host_delay, count=10 * BACKLOG)
+    site.start_worker(concurrency=2)
+    wait_until(lambda: Replica.objects.filter(state="synced").count() >= 10, message="the catch-up to start")
+
+    site.storage.save("fresh.txt", ContentFile(b"a fresh upload"))
+    saved = time.monotonic()
+    wait_until(lambda: "fresh.txt" in site.hosts[0].files(), timeout=30, message="the fresh upload")
+    lag = time.monotonic() - saved
+    left = _bulk_backlog(site)
+
+    print(f"fresh upload on the host {lag:.2f}s after save(), {left} of {BACKLOG} bulk messages still queued")
+    assert left > BACKLOG // 4  # it did not wait for the backlog
+    site.wait_until_drained_and_converged(timeout=120)
+    assert os.path.exists(site.media_root / "fresh.txt")
+
+
+def test_a_large_catch_up_is_published_a_page_at_a_time_as_the_workers_drain_it(make_site):
+    """A million-file reconcile must not hold a million messages in Redis: pages of `page`
+    messages, and none while more than `high_water` wait."""
+    from celery import current_app
+
+    from resto_celery.tasks import BulkPages
+
+    site = make_site(host_count=1)
+    registry.clear()
+    registry.register(site.storage)
+    marker.verify(site.storage.location, create=True)
+    _master_files(site, 120)
+    site.start_worker(concurrency=2)
+    seen = []
+    with current_app.producer_or_acquire() as producer:
+        pages = BulkPages(site.storage, producer, page=10, high_water=20)
+        pages.POLL = 0.05
+        for index in range(120):
+            pages.enqueue("upload", site.hosts[0].url, f"old/{index}.txt")
+            seen.append(_bulk_backlog(site))
+        pages.flush()
+    site.wait_until_drained_and_converged(timeout=60)
+    assert max(seen) <= 20 + 10
+    assert pages.waited > 0  # it did wait for the workers at least once
+
+
+def test_the_dashboard_follows_a_hosts_catch_up_from_its_last_bulk_pass(make_site):
+    from resto_celery.status import host_statuses
+
+    site = make_site(host_count=1)
+    registry.clear()
+    registry.register(site.storage)
+    marker.verify(site.storage.location, create=True)
+    _master_files(site, 30)
+    reconcile.run()
+    [status] = [s for s in host_statuses() if s.host == site.hosts[0].url]
+    assert status.catching_up and (status.catch_up["sent"], status.catch_up["done"]) == (30, 0)
+
+    site.start_worker()
+    site.wait_until_drained_and_converged()
+    [status] = [s for s in host_statuses() if s.host == site.hosts[0].url]
+    assert not status.catching_up and status.catch_up["done"] == 30
+    assert status.as_dict()["catch_up"]["left"] == 0
