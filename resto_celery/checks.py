@@ -11,13 +11,12 @@ from django.db import DatabaseError
 from django.utils.module_loading import import_string
 
 from . import conf, status
+from .storage import ReplicatedStorageMixin
 
 
 @checks.register(checks.Tags.compatibility)
 def check_settings(app_configs=None, **kwargs):
     """Validate the global ``RESTO_*`` settings and every ``STORAGES`` entry using our backends."""
-    from .storage import ReplicatedStorageMixin
-
     errors = []
     try:
         # Leases are checked per storage, for the backends that take them (AsyncStorage).

@@ -43,6 +43,13 @@ SETTINGS = {
 
 PUBLISH_MODES = ("background", "inline")
 
+#: Options only AsyncStorage uses: the synchronous backends refuse them in their OPTIONS
+#: (as global settings they are shared by every backend, so they are not refused there).
+ASYNC_ONLY = (
+    "redis_url", "queue", "max_retries", "retry_backoff", "retry_backoff_max", "lease_ttl", "breaker_threshold",
+    "breaker_cooldown", "failed_retry_after", "master_url", "publish",
+)
+
 #: Options that are a number of seconds (> 0), and options that are a count (>= 0).
 SECONDS = ("timeout", "retry_backoff", "retry_backoff_max", "lease_ttl", "breaker_cooldown", "failed_retry_after")
 COUNTS = ("max_retries", "breaker_threshold")
@@ -128,7 +135,8 @@ def resolve(options=None, *, media_url=None, leases=True):
     """Resolve per-storage ``options`` over the global settings into :class:`Options`.
 
     ``leases`` says whether the storage takes leases (AsyncStorage): only then must
-    ``lease_ttl`` outlive ``timeout`` (see :func:`check_leases`).
+    ``lease_ttl`` outlive ``timeout`` (see :func:`check_leases`); the other backends refuse
+    the options only AsyncStorage uses (:data:`ASYNC_ONLY`).
     Raises :class:`~django.core.exceptions.ImproperlyConfigured` naming the option at fault;
     no message ever shows a credential (see :func:`describe_entry`).
     """
@@ -138,6 +146,11 @@ def resolve(options=None, *, media_url=None, leases=True):
         raise ImproperlyConfigured(
             f"Unknown resto_celery option(s) {', '.join(map(repr, unknown))}; "
             f"known options are {', '.join(sorted(SETTINGS))}."
+        )
+    unused = [key for key in ASYNC_ONLY if key in options]
+    if unused and not leases:
+        raise ImproperlyConfigured(
+            f"Option(s) {', '.join(map(repr, unused))} only apply to AsyncStorage; this backend would ignore them."
         )
     values = {
         key: options[key] if key in options else getattr(settings, setting, default)

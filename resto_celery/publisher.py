@@ -15,6 +15,7 @@ import atexit
 import logging
 import os
 import threading
+import time
 from collections import deque
 from contextlib import nullcontext
 
@@ -29,6 +30,11 @@ EXIT_FLUSH_TIMEOUT = 10.0
 
 #: A burst of changes for one queue goes out as messages of at most this many changes.
 MAX_CHANGES_PER_MESSAGE = 100
+
+#: In a burst, the thread waits this long (seconds) for more changes before it sends, so a
+#: loop of saves sends a message per few saves, not one each; after a quiet spell it sends
+#: at once.
+LINGER = 0.002
 
 #: Publishing gets one quick retry, no more: a broker outage must not hold the changes
 #: behind it (reconcile repairs what could not be sent).
@@ -98,9 +104,14 @@ class Publisher:
             return self.condition.wait_for(lambda: not self.pending and not self.in_flight, timeout)
 
     def _run(self):
+        last_sent = 0.0
         while True:
             with self.condition:
                 self.condition.wait_for(lambda: self.pending)
+                # In a burst (the last send just ended), linger a moment so that the changes
+                # coming behind share a message; a change after a quiet spell goes at once.
+                if time.monotonic() - last_sent < LINGER:
+                    self.condition.wait_for(lambda: len(self.pending) >= MAX_CHANGES_PER_MESSAGE, LINGER)
                 batch = list(self.pending)
                 self.pending.clear()
                 self.in_flight = len(batch)
@@ -112,6 +123,7 @@ class Publisher:
                 for app, queues in by_app.values():
                     _send_burst(app, queues)
             finally:
+                last_sent = time.monotonic()
                 with self.condition:
                     self.in_flight = 0
                     self.condition.notify_all()

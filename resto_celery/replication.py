@@ -16,7 +16,9 @@ from .exceptions import HostShortCircuited, MasterError, MasterReadError, Transp
 from .freshness import DELETED, Unconfirmed
 from .master import is_temporary
 from .models import Replica
+from .tahoe import TahoeTransport
 from .transport import HostTransport
+from .webdav import WebDAVTransport
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +45,10 @@ def transport_for(host, timeout):
 def _make_transport(host, timeout):
     common = {"name": host.name, "timeout": timeout, "verify": host.ca_bundle or True}
     if host.kind == "tahoe":
-        from .tahoe import TahoeTransport
-
         return TahoeTransport(
             host.base_url, dircap=host.dircap, readcap=host.readcap, public_url=host.public_url, **common
         )
     if host.kind == "webdav":
-        from .webdav import WebDAVTransport
-
         return WebDAVTransport(host.base_url, auth=host.auth, headers=host.headers, **common)
     return HostTransport(host.base_url, auth=host.auth, headers=host.headers, **common)
 

@@ -13,8 +13,10 @@ from django.core.exceptions import SuspiciousFileOperation
 from django.db import connections
 
 from . import marker, replication
+from .broker import coordinator_for
 from .exceptions import MasterError, MissingFile, TransportError
 from .master import is_temporary
+from .models import Replica
 from .names import clean_name
 from .reconcile import BRAKE_FLOOR
 
@@ -213,8 +215,6 @@ def apply_plan(storage, plan, *, workers=8, via_queue=False, delete_extra=False,
     if len(extra) > delete_limit(plan, max_delete_share) and not allow_mass_delete:
         outcome.held, extra = len(extra), []
     if via_queue:
-        from .models import Replica
-
         names = [name for name, _, _ in plan.upload]
         for start in range(0, len(names), 1000):
             Replica.objects.filter(host=plan.host, path__in=names[start : start + 1000]).update(fingerprint="")
@@ -288,8 +288,6 @@ def _copier(storage, host):
     transport = storage.transport(host)
     location = storage.location
     if getattr(storage, "replicated_by_celery", False):
-        from .tasks import coordinator_for
-
         coordinator = coordinator_for(storage.options)
         return lambda name: replication.sync(
             host, name, storage.path(name), transport, coordinator, location=location, force=True

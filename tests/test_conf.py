@@ -283,3 +283,19 @@ def test_bad_tahoe_and_kind_entries_are_refused_without_echoing_a_cap(entry, mes
 def test_a_storage_without_leases_accepts_a_timeout_longer_than_the_lease_ttl(backend):
     storages = {"default": {"BACKEND": f"resto_celery.storage.{backend}", "OPTIONS": {"hosts": ["m1:80"]}}}
     assert _check_ids(STORAGES=storages, RESTO_TIMEOUT=60) == []
+
+
+@pytest.mark.parametrize("option", ["queue", "redis_url", "lease_ttl", "publish", "master_url"])
+def test_a_synchronous_backend_refuses_an_option_only_async_storage_uses(option):
+    value = {"queue": "q", "redis_url": "redis://127.0.0.1:6379/0", "lease_ttl": 60, "publish": "inline",
+             "master_url": "/m/"}[option]
+    for backend in (HybridStorage, DistributedStorage):
+        with pytest.raises(ImproperlyConfigured, match=f"'{option}'.* only apply to AsyncStorage"):
+            backend(hosts=["http://127.0.0.1:1/"], **{option: value})
+
+
+def test_async_storage_takes_its_own_options():
+    from resto_celery.storage import AsyncStorage
+
+    storage = AsyncStorage(hosts=["http://127.0.0.1:1/"], queue="q", publish="inline")
+    assert (storage.options.queue, storage.options.publish) == ("q", "inline")
