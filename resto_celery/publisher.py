@@ -41,10 +41,11 @@ LINGER = 0.002
 RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
 
 
-def publish(app, queue, changes, producer=None):
+def publish(app, queue, changes, producer=None, bulk=False):
     """Send ``changes`` (``(path, hosts, operation)`` each) to ``queue`` through ``app``: one
     ``resto_celery.replicate`` message for one change, ``resto_celery.replicate_batch`` for
-    several (a worker treats each change as ``replicate`` would)."""
+    several (a worker treats each change as ``replicate`` would); in the live lane, or the
+    bulk one (:mod:`resto_celery.lanes`)."""
     from . import tasks  # noqa: F401 - declares the shared tasks (they need the models: not at import)
 
     if len(changes) == 1:
@@ -53,7 +54,7 @@ def publish(app, queue, changes, producer=None):
         name, arguments = "resto_celery.replicate_batch", ([list(change) for change in changes],)
     return app.tasks[name].apply_async(
         arguments, queue=queue, producer=producer, retry=True, retry_policy=RETRY_POLICY,
-        priority=lanes.live_priority(app),
+        priority=lanes.bulk_priority(app) if bulk else lanes.live_priority(app),
         argsrepr=repr(arguments), kwargsrepr="{}",  # Celery's saferepr of the same was a fifth of a publish
     )
 

@@ -278,10 +278,18 @@ class BulkPages:
             self._wait_for_room()
 
     def flush(self):
+        """Publish the page: the hosts that need the same change of one path share a message
+        (``resto_celery.replicate``, which a worker fans out), a lone host gets its own task."""
+        changes = {}
+        for operation, host, name in self.pending:
+            changes.setdefault((operation, name, self.storage.options.queue_for(host)), []).append(host)
+            self.sent[host] = self.sent.get(host, 0) + 1
         with publish_batch(self.producer):
-            for operation, host, name in self.pending:
-                self.storage.enqueue(operation, host, name, producer=self.producer)
-                self.sent[host] = self.sent.get(host, 0) + 1
+            for (operation, name, queue), hosts in changes.items():
+                if len(hosts) == 1:
+                    self.storage.enqueue(operation, hosts[0], name, producer=self.producer)
+                else:
+                    publisher.publish(current_app, queue, [(name, hosts, operation)], self.producer, bulk=True)
         self.pending = []
         try:
             lanes.record_catch_up(coordinator_for(self.storage.options).client, self.sent, self.started_at)
