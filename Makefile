@@ -42,9 +42,12 @@ test-oldest: $(OLDEST_STAMP)
 demo: $(STAMP)
 	$(PY) example/demo.py
 
-# The same, then the example site on http://127.0.0.1:8000/ to try uploads and the admin.
+# The same, then the example site on http://127.0.0.1:8000/ (DEMO_PORT) to try uploads, the
+# dashboard and a media host going down and coming back (/demo/hosts/); the worker runs beat,
+# so reconcile heals what the retries gave up on. Ctrl-C stops everything it started.
+DEMO_PORT ?= 8000
 demo-serve: $(STAMP)
-	$(PY) example/demo.py --serve
+	$(PY) example/demo.py --serve --port $(DEMO_PORT)
 
 # tahoe-lafs for the Tahoe host tests, in a virtualenv of its own (its pins are not ours);
 # resto_celery.testing.tahoe.find_tahoe() finds .venv-tahoe/bin/tahoe. .ci/run calls this.

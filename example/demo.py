@@ -7,11 +7,18 @@ each host holds and how long each change took to reach every host.
 
     python example/demo.py            # the scripted run (what `make demo` does)
     python example/demo.py --serve    # then keep everything up and run the site on :8000
+
+Everything it starts ends with it: on Ctrl-C, SIGTERM or SIGHUP it stops the worker, the
+hosts and Redis; if it is SIGKILLed, Linux ends them (PR_SET_PDEATHSIG, see
+resto_celery.testing). While it runs, var/demo-env.json tells the example project's
+manage.py where the demo's Redis and hosts are (demo_site/settings.py reads it).
 """
 import argparse
 import json
 import os
+import shlex
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -19,6 +26,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "demo_site.settings")
+DEFAULT_VAR = HERE / "var"
+ENV_FILE = "demo-env.json"  # in the var folder, while the demo runs
+
+
+def _exit_on_signal(signum, frame):
+    """SIGTERM or SIGHUP: leave through main()'s finally, which stops what the demo started."""
+    raise SystemExit(128 + signum)
 
 
 def wait_for(predicate, timeout=60):
@@ -41,26 +55,34 @@ def start_infrastructure(var):
         redis_server = RedisServer(workdir=var / "redis").start()
         redis_url = redis_server.url
     hosts = [MediaServer(var / f"media-{index}").start() for index in (1, 2)]
-    os.environ.update(
-        RESTO_DEMO_VAR=str(var),
-        RESTO_DEMO_REDIS_URL=redis_url,
-        RESTO_DEMO_HOSTS=json.dumps([host.url for host in hosts]),
-    )
+    environment = {
+        "RESTO_DEMO_VAR": str(var),
+        "RESTO_DEMO_REDIS_URL": redis_url,
+        "RESTO_DEMO_HOSTS": json.dumps([host.url for host in hosts]),
+    }
+    os.environ.update(environment)
+    # For manage.py in another terminal: the settings read it while this process lives.
+    (var / ENV_FILE).write_text(json.dumps({"pid": os.getpid(), **environment}, indent=2))
     return redis_server, hosts
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--serve", action="store_true", help="After the scripted run, serve the site on :8000.")
-    parser.add_argument("--var", default=str(HERE / "var"), help="Where the demo keeps its state (wiped first).")
+    parser.add_argument("--port", type=int, default=8000, help="The port of the site with --serve (8000).")
+    parser.add_argument("--var", default=str(DEFAULT_VAR), help="Where the demo keeps its state (wiped first).")
     args = parser.parse_args()
 
-    var = Path(args.var)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _exit_on_signal)  # SIGINT already raises KeyboardInterrupt
+    var = Path(args.var).resolve()
     shutil.rmtree(var, ignore_errors=True)
     var.mkdir(parents=True)
-    redis_server, hosts = start_infrastructure(var)
+    redis_server = None
+    hosts = []
     worker = None
     try:
+        redis_server, hosts = start_infrastructure(var)
         import django
 
         django.setup()
@@ -72,14 +94,21 @@ def main():
         for index, host in enumerate(hosts, 1):
             print(f"Media host {index}: {host.url} (files in {host.root})")
         call_command("migrate", verbosity=0)
+        # Serving, beat runs inside the worker (-B): the settings' reconcile every 10 s heals
+        # what the retries gave up on. The scripted run shows the retries alone.
+        beat = ["--beat", "--schedule", str(var / "celerybeat-schedule")] if args.serve else []
         worker = CeleryWorker(
-            "demo_site", concurrency=2, env={"PYTHONPATH": str(HERE)}, logfile=var / "worker.log"
+            "demo_site", concurrency=2, env={"PYTHONPATH": str(HERE)}, logfile=var / "worker.log",
+            extra_args=beat,
         ).start()
-        print(f"Celery worker: ready (log: {worker.logfile})\n")
-        run_scenario(hosts)
+        print(f"Celery worker{' with beat (reconcile every 10 s)' if beat else ''}: ready (log: {worker.logfile})\n")
+        run_scenario(hosts, serving=args.serve)
         if args.serve:
-            serve(worker)
+            serve(hosts, var, args.port)
+    except KeyboardInterrupt:
+        print("\nStopping.")
     finally:
+        (var / ENV_FILE).unlink(missing_ok=True)
         if worker is not None:
             worker.stop()
         for host in hosts:
@@ -88,7 +117,7 @@ def main():
             redis_server.stop()
 
 
-def run_scenario(hosts):
+def run_scenario(hosts, serving=False):
     from django.core.files.base import ContentFile
 
     from gallery.models import Document
@@ -181,23 +210,42 @@ def run_scenario(hosts):
     lags = sorted(lag for _, _, lag in timings)
     print(f"Replication lag over {len(lags)} changes: "
           f"median {lags[len(lags) // 2] * 1000:.0f} ms, max {lags[-1] * 1000:.0f} ms")
-    print("\nTry it by hand: `make demo-serve`, then open http://127.0.0.1:8000/ (uploads) and "
-          "http://127.0.0.1:8000/admin/resto_celery/replicationdashboard/ (user admin, password admin).")
+    if not serving:  # with --serve, serve() says what to try
+        print("\nTry it by hand: `make demo-serve` serves this site, with its dashboard and a page that "
+              "takes a media host down and brings it back.")
     if not same:
         raise SystemExit(1)
 
 
-def serve(worker):
+def manage_commands(var):
+    """The command lines that run the example project's manage.py against this demo."""
+    python = shlex.quote(sys.executable)
+    manage = shlex.quote(str(HERE / "manage.py"))
+    env = "" if var == DEFAULT_VAR else f"RESTO_DEMO_VAR={shlex.quote(str(var))} "
+    return [f"{env}{python} {manage} {command}" for command in ("resto_status", "resto_resync --dry-run")]
+
+
+def serve(hosts, var, port):
     from django.contrib.auth.models import User
     from django.core.management import call_command
 
+    from gallery import demo_hosts
+
     if not User.objects.filter(username="admin").exists():
         User.objects.create_superuser("admin", "admin@example.com", "admin")
-    print("\nServing the example site on http://127.0.0.1:8000/ (admin / admin). Ctrl-C to stop.")
-    try:
-        call_command("runserver", "127.0.0.1:8000", use_reloader=False)
-    except KeyboardInterrupt:
-        pass
+    demo_hosts.register(hosts)  # the site runs in this process: its hosts page can stop them
+    site = f"http://127.0.0.1:{port}"
+    print(f"\nServing the example site on {site}/ (user admin, password admin). Ctrl-C to stop.")
+    print(f"  uploads:          {site}/")
+    print(f"  dashboard:        {site}/admin/resto_celery/replicationdashboard/")
+    print(f"  the media hosts:  {site}/demo/hosts/  (take one down, upload, watch it fail; bring it back,"
+          " watch it heal)")
+    print(f"In another terminal, the example project's commands see this demo's Redis and hosts "
+          f"(through {var / ENV_FILE}, while the demo runs):")
+    for line in manage_commands(var):
+        print(f"  {line}")
+    print(flush=True)
+    call_command("runserver", f"127.0.0.1:{port}", use_reloader=False)
 
 
 if __name__ == "__main__":

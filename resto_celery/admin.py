@@ -10,6 +10,8 @@ from django.core.exceptions import PermissionDenied
 from django.http import HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
+from django.utils import timezone
+from django.utils.formats import date_format
 from django.utils.html import format_html
 from django.utils.text import Truncator
 from django.views.decorators.http import require_POST
@@ -44,17 +46,22 @@ class ReplicaAdmin(admin.ModelAdmin):
     show_full_result_count = False  # no COUNT(*) over millions of rows on every search
     actions = ["retry_selected"]
     readonly_fields = [
-        "host", "path", "state", "fingerprint", "attempts", "last_error", "last_error_at",
+        "host", "path", "state", "fingerprint", "attempts", "error", "last_error_at",
         "last_success_at", "pending_since", "retry_at", "task_id", "failed_task_id", "updated_at",
     ]
     fieldsets = [
         (None, {"fields": ["path", "host", "state", "attempts", "retry_at"]}),
-        ("Last error", {"fields": ["last_error", "last_error_at", "pending_since"]}),
+        ("Last error", {"fields": ["error", "last_error_at", "pending_since"]}),
         ("Last success", {"fields": ["last_success_at", "fingerprint", "task_id", "failed_task_id", "updated_at"]}),
     ]
 
     def has_add_permission(self, request):
         return False  # rows are written by workers only
+
+    def has_change_permission(self, request, obj=None):
+        # A row is a record, written by workers: its page is a view page (no Save buttons),
+        # whoever looks. Without an object (the list) "change" still gates the retry action.
+        return False if obj is not None else super().has_change_permission(request)
 
     @admin.display(description="state", ordering="state")
     def state_badge(self, replica):
@@ -62,8 +69,24 @@ class ReplicaAdmin(admin.ModelAdmin):
 
     @admin.display(description="last error")
     def short_error(self, replica):
-        # The host has its own column: keep the error's reason in view.
-        return Truncator(replica.last_error.replace(f" on {replica.host}", "")).chars(100)
+        # The host has its own column: keep the error's reason in view. A synced row's
+        # error is history: say so, so that no one reads it as the row's present state.
+        reason = Truncator(replica.last_error.replace(f" on {replica.host}", "")).chars(100)
+        if reason and _resolved(replica):
+            return format_html('<span class="resto-resolved">resolved since; was: {}</span>', reason)
+        return reason
+
+    @admin.display(description="last error")
+    def error(self, replica):
+        """The last error, labelled as history once a success followed it."""
+        if not replica.last_error:
+            return "none"
+        if _resolved(replica):
+            return format_html(
+                '<span class="resto-resolved">Resolved: synced at {}, after this error at {}:</span><br>{}',
+                _when(replica.last_success_at), _when(replica.last_error_at), replica.last_error,
+            )
+        return replica.last_error
 
     @admin.action(permissions=["change"], description="Retry selected replicas now")
     def retry_selected(self, request, queryset):
@@ -87,6 +110,19 @@ class ReplicaAdmin(admin.ModelAdmin):
             return None
         ids = {replica.task_id, replica.failed_task_id} - {""}
         return list(TaskResult.objects.filter(task_id__in=ids).order_by("-date_done"))
+
+
+def _when(value):
+    if value is None:
+        return "an unknown time"
+    return date_format(timezone.localtime(value) if timezone.is_aware(value) else value, "DATETIME_FORMAT")
+
+
+def _resolved(replica):
+    """Whether the row's last error is history: the row is synced, by a success after it."""
+    return replica.state == Replica.State.SYNCED and replica.last_success_at is not None and (
+        replica.last_error_at is None or replica.last_success_at >= replica.last_error_at
+    )
 
 
 @admin.register(ReplicationDashboard)

@@ -8,6 +8,7 @@ URL and a few connection settings, and speaks plain HTTP/1.1 ``PUT``, ``DELETE``
 import email.utils
 import json
 import logging
+import mimetypes
 import os
 import ssl
 from dataclasses import dataclass
@@ -109,12 +110,14 @@ class HostTransport:
         ``length`` defaults to the size of the file behind ``fileobj`` from its current
         position. The body is read in chunks as it is sent, never whole into memory.
         Returns the status code (200, 201 or 204); raises a ``TransportError`` otherwise.
+        The ``Content-Type`` is guessed from the name (:func:`content_type`): hosts that keep
+        the type they are given (WebDAV, Tahoe, object stores) then serve images as images.
         """
         if length is None:
             length = os.fstat(fileobj.fileno()).st_size - fileobj.tell()
         # requests sends an empty stream as chunked; an empty bytes body gets Content-Length: 0.
         body = fileobj if length else b""
-        headers = {"Content-Length": str(length), "Content-Type": "application/octet-stream"}
+        headers = {"Content-Length": str(length), "Content-Type": content_type(name)}
         response = self._request("PUT", name, data=body, headers=headers)
         return self._expect(response, "PUT", name, PUT_OK)
 
@@ -322,6 +325,23 @@ class HostTransport:
         if isinstance(exc, requests.ConnectionError):
             return HostUnreachable(self.name, method, name, f"connection failed: {_root_cause(exc)}", in_doubt=in_doubt)
         return HostUnreachable(self.name, method, name, f"{type(exc).__name__}: {exc}", in_doubt=in_doubt)
+
+
+#: What a compressed file is, when its name says so (``a.tar.gz``): as Django's FileResponse.
+_COMPRESSED_TYPES = {
+    "bzip2": "application/x-bzip", "gzip": "application/gzip", "xz": "application/x-xz",
+    "br": "application/x-brotli", "compress": "application/x-compress",
+}
+
+
+def content_type(name):
+    """The ``Content-Type`` of a file named ``name``, guessed from its extension with
+    :mod:`mimetypes`; ``application/octet-stream`` when the extension says nothing."""
+    # A "folder/" prefix: guess_type() takes a name such as "data:x.png" for a URL scheme.
+    guessed, encoding = mimetypes.guess_type("folder/" + name.rsplit("/", 1)[-1], strict=False)
+    if encoding:
+        return _COMPRESSED_TYPES.get(encoding, "application/octet-stream")
+    return guessed or "application/octet-stream"
 
 
 def _nginx_entries(response):

@@ -102,6 +102,8 @@ def test_dashboard_shows_a_host_whose_breaker_opened_as_down_since_then(async_se
     assert by_host[async_hosts[0].url].down and not by_host[async_hosts[1].url].down
     assert by_host[async_hosts[0].url].down_since <= timezone.now()
     assert b"down since" in response.content and b"circuit breaker open" in response.content
+    assert b"down since <span" in response.content and b"just now</span>" in response.content  # not "0 minutes ago"
+    assert b"0\xc2\xa0minutes ago" not in response.content
 
 
 @pytest.mark.django_db
@@ -294,3 +296,55 @@ def test_retry_from_the_dashboard_repairs_the_host_with_a_worker_running(make_si
     operator.post(reverse("admin:resto_celery_retry_failed"), {"host": broken.url})
     site.wait_until_converged()
     wait_until(lambda: Replica.objects.get(host=broken.url).state == "synced", message="the row to be synced")
+
+
+@pytest.mark.django_db
+def test_the_replica_page_is_a_view_page_without_save_buttons(async_settings, async_hosts, operator):
+    replica = Replica.objects.create(host=async_hosts[0].url, path="a.txt", state="failed", last_error="boom")
+    url = reverse("admin:resto_celery_replica_change", args=[replica.pk])
+    response = operator.get(url)  # an operator may change replicas, yet the row is a record
+    page = response.content.decode()
+    assert response.status_code == 200
+    assert "View replica" in page and "Change replica" not in page
+    assert 'name="_save"' not in page and 'name="_continue"' not in page
+    assert operator.post(url, {}).status_code == 403
+    # The list keeps its retry action for those who may change replicas.
+    assert "retry_selected" in operator.get(reverse(CHANGELIST)).content.decode()
+
+
+@pytest.mark.django_db
+def test_a_synced_rows_old_error_is_labelled_as_resolved(async_settings, async_hosts, viewer):
+    now = timezone.now()
+    host = async_hosts[0].url
+    synced = Replica.objects.create(
+        host=host, path="healed.txt", state="synced", last_error=f"PUT healed.txt failed: 503 on {host}",
+        last_error_at=now - timedelta(minutes=5), last_success_at=now,
+    )
+    failed = Replica.objects.create(
+        host=host, path="broken.txt", state="failed", last_error=f"PUT broken.txt failed: 403 on {host}",
+        last_error_at=now, last_success_at=now - timedelta(minutes=5),
+    )
+    page = viewer.get(reverse("admin:resto_celery_replica_change", args=[synced.pk])).content.decode()
+    assert "Resolved: synced at" in page and "after this error at" in page and "503" in page
+    page = viewer.get(reverse("admin:resto_celery_replica_change", args=[failed.pk])).content.decode()
+    assert "Resolved" not in page and "403" in page
+    listing = viewer.get(reverse(CHANGELIST)).content.decode()
+    assert "resolved since; was: PUT healed.txt failed: 503" in listing
+    assert "resolved since; was: PUT broken.txt" not in listing
+
+
+def test_times_under_a_minute_read_just_now():
+    from resto_celery.templatetags.resto_admin import age, ago
+
+    now = timezone.now()
+    assert ago(now) == "just now"
+    assert ago(now - timedelta(seconds=59)) == "just now"
+    assert ago(now - timedelta(minutes=3)) == "3\xa0minutes ago"
+    assert ago(None) == ""
+    assert (age(now), age(now - timedelta(minutes=3))) == ("under a minute", "3\xa0minutes")
+
+
+def test_host_urls_may_wrap_after_their_slashes():
+    from resto_celery.templatetags.resto_admin import breakable_url
+
+    assert breakable_url("http://m<1>:80/media/") == "http:/<wbr>/<wbr>m&lt;1&gt;:80/<wbr>media/<wbr>"

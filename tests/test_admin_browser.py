@@ -1,8 +1,11 @@
 """The failure dashboard end to end, in headless Chromium against a live server.
 
-A media host refuses an upload; an operator (staff, not a superuser) logs in, finds the
-failure on the dashboard, fixes the host, presses *Retry failed* and watches the host catch
-up, while a real Celery worker does the replication.
+A media host refuses an upload; an operator (staff, not a superuser) logs in on a 1280 px
+laptop, finds the failure on the dashboard with its buttons in view, fixes the host, presses
+*Retry failed* and watches the host catch up, while a real Celery worker does the
+replication. On the way: the replica's page is a view page, a healed row's old error is
+labelled as such, and the media hosts serve each file with the type of its name (an image
+opens in the browser instead of downloading).
 
 The test takes screenshots of the pages it visits. They go under the test's tmp_path, or,
 with ``RESTO_SCREENSHOTS=1``, to ``docs/`` (the README's pictures)::
@@ -41,7 +44,8 @@ CHROMIUM_ARGS = [
 ]
 DASHBOARD = "/admin/resto_celery/replicationdashboard/"
 CHANGELIST = "/admin/resto_celery/replica/"
-DESKTOP = {"width": 1440, "height": 900}
+LAPTOP = {"width": 1280, "height": 800}  # with the admin's navigation sidebar open
+WIDE = {"width": 1920, "height": 1080}
 NARROW = {"width": 390, "height": 844}
 
 #: What the site holds before the failure: replicated to both hosts.
@@ -143,6 +147,21 @@ def _totals(page):
     return page.locator(".resto-totals .figure").all_inner_texts()[:4]
 
 
+def _assert_fits(page, hosts):
+    """The dashboard needs no sideways scroll, and every host's buttons are in the first screen."""
+    overflow = page.evaluate("""() => {
+        const wrap = document.querySelector('.resto-table-wrap');
+        return {page: document.documentElement.scrollWidth - window.innerWidth,
+                table: wrap.scrollWidth - wrap.clientWidth};
+    }""")
+    assert overflow == {"page": 0, "table": 0}, f"sideways scroll needed: {overflow}"
+    for host in hosts:
+        for button in ("Retry failed", "Full resync"):
+            expect(page.locator(f'tr[data-host="{host}"] input[type=submit][value="{button}"]')).to_be_in_viewport(
+                ratio=1
+            )
+
+
 def _dashboard_in(browser, base_url, storage_state, **context_options):
     """The dashboard in a fresh browser context (colour scheme, viewport), logged in already."""
     context = browser.new_context(storage_state=storage_state, **context_options)
@@ -187,9 +206,10 @@ def test_an_operator_finds_a_failed_upload_on_the_dashboard_and_repairs_it(
 
     # From here on, only the browser looks at the site.
     browser = launch_browser()
-    context = browser.new_context(viewport=DESKTOP)
+    context = browser.new_context(viewport=LAPTOP)
     page = context.new_page()
     _log_in(page, live_server.url, username, password)
+    expect(page.locator("#nav-sidebar")).to_be_visible()  # the admin opens it on a laptop
 
     # The dashboard shows the failing host: one failed file, and why.
     expect(page.locator("#content h1")).to_have_text("Replication dashboard")  # Django 4.2 has a second h1
@@ -199,13 +219,21 @@ def test_an_operator_finds_a_failed_upload_on_the_dashboard_and_repairs_it(
     row = _host_row(page, broken.url)
     assert (row["synced"], row["pending"], row["failed"], row["up or down"]) == (len(EARLIER_FILES), 0, 1, "up")
     assert "403 Forbidden" in row["last_error"] and FAILING_NAME in row["last_error"]
+    assert row["last_error"].startswith("just now, ")  # never "0 minutes ago"
     assert _totals(page) == ["2", str(2 * len(EARLIER_FILES) + 1), "0", "1"]
+    # On a 1280 px laptop, sidebar open, the repair buttons are in view: no sideways scroll.
+    _assert_fits(page, [healthy.url, broken.url])
     page.screenshot(path=screenshots / "dashboard.png", full_page=True)
 
-    # The same page in the dark theme, and on a phone.
+    # The same page on a wide screen, in the dark theme, and on a phone.
     logged_in = context.storage_state()
-    dark, dark_page = _dashboard_in(browser, live_server.url, logged_in, viewport=DESKTOP, color_scheme="dark")
+    wide, wide_page = _dashboard_in(browser, live_server.url, logged_in, viewport=WIDE)
+    _assert_fits(wide_page, [healthy.url, broken.url])
+    wide_page.screenshot(path=screenshots / "dashboard-wide.png", full_page=True)
+    wide.close()
+    dark, dark_page = _dashboard_in(browser, live_server.url, logged_in, viewport=LAPTOP, color_scheme="dark")
     assert _host_row(dark_page, broken.url)["failed"] == 1
+    _assert_fits(dark_page, [healthy.url, broken.url])
     dark_page.screenshot(path=screenshots / "dashboard-dark.png", full_page=True)
     dark.close()
     narrow, narrow_page = _dashboard_in(
@@ -226,6 +254,16 @@ def test_an_operator_finds_a_failed_upload_on_the_dashboard_and_repairs_it(
         [f"PUT {FAILING_NAME} failed: 403 Forbidden"]
     )
     page.screenshot(path=screenshots / "replica-changelist.png", full_page=True)
+
+    # The failed row's page is a view page: its error, no Save buttons (the operator may change
+    # replicas, but a row is a record the workers write).
+    page.locator("#result_list tbody .field-path a").click()
+    page.wait_for_load_state()
+    expect(page.locator("#content h1")).to_have_text("View replica")
+    expect(page.locator('input[name="_save"], input[name="_continue"]')).to_have_count(0)
+    expect(page.locator(".field-error .readonly")).to_contain_text("403 Forbidden")
+    expect(page.locator(".field-error .resto-resolved")).to_have_count(0)
+    failed_row_page = page.url
 
     # The host is fixed; the operator presses "Retry failed" on its row.
     broken.read_only = False
@@ -256,3 +294,20 @@ def test_an_operator_finds_a_failed_upload_on_the_dashboard_and_repairs_it(
     # And the host really holds the bytes, like the master and the other host.
     assert broken.read(FAILING_NAME) == FAILING_BYTES
     assert broken.files() == healthy.files() == site.master_files()
+
+    # The healed row keeps its old error, labelled with when it happened and that it is over.
+    page.goto(failed_row_page)
+    expect(page.locator("#content h1")).to_have_text("View replica")
+    expect(page.locator(".field-error .resto-resolved")).to_contain_text("Resolved: synced at")
+    expect(page.locator(".field-error .readonly")).to_contain_text("403 Forbidden")
+    page.screenshot(path=screenshots / "replica-view.png", full_page=True)
+
+    # The media hosts serve each file with the type of its name: an image link opens in the
+    # browser instead of downloading (a download makes goto() raise), a PDF is a PDF.
+    for host in (healthy, broken):
+        response = page.goto(host.url + FAILING_NAME)
+        assert response.status == 200 and response.headers["content-type"] == "image/jpeg"
+        assert page.request.get(host.url + "menus/spring-menu.pdf").headers["content-type"] == "application/pdf"
+        assert [r.content_type for r in host.requests if r.method == "PUT" and r.name == FAILING_NAME][-1:] == [
+            "image/jpeg"
+        ]

@@ -1,6 +1,9 @@
 """Settings of the example site: SQLite, AsyncStorage, Celery on an embedded Redis.
 
-`demo.py` starts Redis and the media hosts and passes them in RESTO_DEMO_* variables.
+`demo.py` starts Redis and the media hosts and passes them in RESTO_DEMO_* variables to
+the processes it starts. While it runs it also writes them to var/demo-env.json, which
+these settings read when the variables are not set: `manage.py resto_status` in another
+terminal then sees the demo's Redis and hosts (never someone else's Redis on port 6379).
 """
 import json
 import os
@@ -8,6 +11,23 @@ from pathlib import Path
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR = Path(os.environ.get("RESTO_DEMO_VAR", BASE_DIR / "var"))
+
+
+def _running_demo_environment(path):
+    """The RESTO_DEMO_* variables of the demo that wrote ``path``, if it still runs."""
+    try:
+        written = json.loads(path.read_text())
+        os.kill(written.pop("pid"), 0)
+    except PermissionError:  # alive, as another user
+        pass
+    except (OSError, ValueError, KeyError, TypeError):  # no file, a bad one, or the demo is gone
+        return {}
+    return {name: value for name, value in written.items() if name.startswith("RESTO_DEMO_")}
+
+
+if "RESTO_DEMO_HOSTS" not in os.environ:
+    for _name, _value in _running_demo_environment(VAR / "demo-env.json").items():
+        os.environ.setdefault(_name, _value)
 
 SECRET_KEY = "resto-celery-demo-not-secret"
 DEBUG = True

