@@ -128,9 +128,9 @@ class Lease:
     """An exclusive, expiring claim on one ``(host, path)``.
 
     Acquired with ``SET NX PX``; released only by its holder (compare-and-delete). While
-    held inside :meth:`kept_alive`, the process's renewer thread renews it every third of
-    its TTL, so a long transfer keeps it; a killed worker stops renewing and the lease
-    expires.
+    held inside :meth:`PathLeases.kept_alive`, the process's renewer thread renews it every
+    third of its TTL, so a long transfer keeps it; a killed worker stops renewing and the
+    lease expires.
     """
 
     def __init__(self, client, host, path, ttl):
@@ -149,32 +149,10 @@ class Lease:
         ttl = self.client.pttl(self.key)
         return max(ttl, 0) / 1000
 
-    def held(self):
-        """Whether the lease is still ours (False if it expired or Redis lost it)."""
-        value = self.client.get(self.key)
-        return value is not None and value.decode() == self.token
-
     def release(self):
         """Give the lease back, if it is still ours."""
         _renewer.forget(self)
         self.client.eval(_RELEASE, 1, self.key, self.token)
-
-    def abandon(self):
-        """Stop renewing but keep the lease until it expires.
-
-        For an outcome in doubt (a timeout: the host may still apply the request), the
-        lease fences off the path on that host until whatever was sent has landed.
-        """
-        _renewer.forget(self)
-
-    @contextmanager
-    def kept_alive(self):
-        """Context manager: the process's renewer thread renews the lease while the block runs."""
-        _renewer.keep(self)
-        try:
-            yield self
-        finally:
-            _renewer.forget(self)
 
 
 class PathLeases:
@@ -256,7 +234,7 @@ class PathLeases:
 
 
 class _Renewer:
-    """One thread per process renews every lease held in :meth:`Lease.kept_alive`.
+    """One thread per process renews every lease held in :meth:`PathLeases.kept_alive`.
 
     A thread per transfer cost a thread start per task; this one wakes a few times a
     second and renews, in one pipeline per Redis, the leases due (a third of their TTL).

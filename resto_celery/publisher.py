@@ -46,13 +46,18 @@ def publish(app, queue, changes, producer=None, bulk=False):
     ``resto_celery.replicate`` message for one change, ``resto_celery.replicate_batch`` for
     several (a worker treats each change as ``replicate`` would); in the live lane, or the
     bulk one (:mod:`resto_celery.lanes`)."""
+    if len(changes) == 1:
+        return send(app, "resto_celery.replicate", tuple(changes[0]), queue, producer, bulk=bulk)
+    return send(app, "resto_celery.replicate_batch", ([list(change) for change in changes],), queue, producer,
+                bulk=bulk)
+
+
+def send(app, task, arguments, queue, producer=None, bulk=False):
+    """Publish the task named ``task`` with ``arguments`` to ``queue`` through ``app``, in the
+    live lane or the bulk one, with one quick retry (:data:`RETRY_POLICY`)."""
     from . import tasks  # noqa: F401 - declares the shared tasks (they need the models: not at import)
 
-    if len(changes) == 1:
-        name, arguments = "resto_celery.replicate", tuple(changes[0])
-    else:
-        name, arguments = "resto_celery.replicate_batch", ([list(change) for change in changes],)
-    return app.tasks[name].apply_async(
+    return app.tasks[task].apply_async(
         arguments, queue=queue, producer=producer, retry=True, retry_policy=RETRY_POLICY,
         priority=lanes.bulk_priority(app) if bulk else lanes.live_priority(app),
         argsrepr=repr(arguments), kwargsrepr="{}",  # Celery's saferepr of the same was a fifth of a publish

@@ -40,7 +40,7 @@ def lease_wait(wait, waits):
 
 def probe_interval(options):
     """Seconds between two probes of a down host."""
-    return min(PROBE_INTERVAL, options.breaker_cooldown) if options.breaker_cooldown else PROBE_INTERVAL
+    return min(PROBE_INTERVAL, options.breaker_cooldown)  # the cooldown is > 0 (conf checks it)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from django.utils.encoding import filepath_to_uri
 from django.utils.functional import Promise, cached_property
 from redis.exceptions import RedisError
 
-from . import conf, lanes, marker, publisher, registry, replication
+from . import conf, marker, publisher, registry, replication
 from .broker import coordinator_for
 from .exceptions import ReplicationError
 from .freshness import DELETED, Unconfirmed
@@ -152,11 +152,6 @@ class HybridStorage(ReplicatedStorageMixin, MasterStorage):
         return replication.push(self.path(name), self.transport(host), clean_name(name))
 
 
-#: Publishing a task gets one quick retry, no more: the request must not hang on a broker
-#: outage (reconcile repairs what could not be sent).
-ENQUEUE_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
-
-
 @deconstructible(path="resto_celery.storage.AsyncStorage")
 class AsyncStorage(HybridStorage):
     """Master copy in ``MEDIA_ROOT``, then one Celery task per host, run by workers.
@@ -220,14 +215,6 @@ class AsyncStorage(HybridStorage):
         """Send the task for ``operation`` on ``host`` alone (reconcile, operators' actions)."""
         self.enqueue(operation, host, name, producer=producer)
 
-    def enqueue_change(self, operation, name, hosts, producer=None, app=None):
-        """Publish ``resto_celery.replicate`` with ``(name, hosts, operation)`` to the hosts'
-        queue (they share one), through ``app`` (the current Celery app by default), now; a
-        worker syncs the hosts. (``save()`` and ``delete()`` hand their change to the
-        process's publisher thread instead: :mod:`resto_celery.publisher`.)"""
-        queue = self.options.queue_for(hosts[0])
-        return publisher.publish(app or current_app, queue, [(name, list(hosts), operation)], producer)
-
     def url(self, name):
         """The hosts' URL of ``name`` (``base_url``); with the ``master_url`` option, the master
         copy's URL while the newest change of ``name`` is not on every host yet.
@@ -263,16 +250,8 @@ class AsyncStorage(HybridStorage):
         """Publish ``resto_celery.<operation>`` with ``(host, name)`` to the host's queue, in
         the bulk lane (reconcile, resync, the operators' actions: see :mod:`resto_celery.lanes`)
         unless ``bulk`` is False."""
-        from . import tasks  # noqa: F401 - declares the shared tasks (they need the models: not at import)
-
-        app = current_app
-        return app.tasks[f"resto_celery.{operation}"].apply_async(
-            (host, name),
-            queue=self.options.queue_for(host),
-            producer=producer,
-            retry=True,
-            retry_policy=ENQUEUE_RETRY_POLICY,
-            priority=lanes.bulk_priority(app) if bulk else lanes.live_priority(app),
+        return publisher.send(
+            current_app, f"resto_celery.{operation}", (host, name), self.options.queue_for(host), producer, bulk=bulk
         )
 
 
