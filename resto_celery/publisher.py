@@ -91,13 +91,10 @@ class Publisher:
         self.condition = threading.Condition()
         self.in_flight = 0
         self.thread = None
-        self.pid = os.getpid()
 
     def submit(self, app, queue, change, failed):
         """Queue ``change`` (``(path, hosts, operation)``) for ``queue`` of ``app``."""
         with self.condition:
-            if self.pid != os.getpid():  # a forked child: the parent's thread is not here
-                self._reset()
             self.pending.append((app, queue, change, failed))
             if self.thread is None or not self.thread.is_alive():
                 self.thread = threading.Thread(target=self._run, daemon=True, name="resto-publisher")
@@ -168,6 +165,8 @@ def _fail(items, error):
 
 
 _publisher = Publisher()
+# A forked child (a prefork pool process) has none of its parent's thread, nor its changes.
+os.register_at_fork(after_in_child=_publisher._reset)
 
 
 def submit(app, queue, change, failed):

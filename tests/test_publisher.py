@@ -70,3 +70,20 @@ def test_the_inline_option_sends_before_save_returns(make_site):
     with publisher._publisher.condition:  # the thread is held: only an inline send gets through
         site.storage.save("a.txt", ContentFile(b"a"))
         assert _messages(site.redis_url) == [("resto_celery.replicate", ["a.txt", [site.hosts[0].url], "upload"])]
+
+
+def test_a_forked_child_has_none_of_its_parents_changes_nor_its_lock(make_site):
+    """A prefork pool process is forked from a worker: its publisher starts empty, so its
+    flush at shutdown does not wait for changes its parent holds (or for the parent's lock)."""
+    import os
+
+    site = make_site(host_count=1)
+    with publisher._publisher.condition:  # the parent holds its lock and a queued change
+        site.storage.save("a.txt", ContentFile(b"a"))
+        pid = os.fork()
+        if pid == 0:  # the child
+            os._exit(0 if publisher.flush(timeout=2) and not publisher._publisher.pending else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert publisher.flush(timeout=10)
+    assert len(_messages(site.redis_url)) == 1
