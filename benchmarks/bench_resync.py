@@ -234,9 +234,9 @@ def main(argv=None):
         finally:
             for server in servers.values():
                 server.stop()
-            from resto_celery import replication
+            from resto_celery import hosts
 
-            for transport in list(replication._transports.values()):
+            for transport in list(hosts._transports.values()):
                 transport.close()
 
     # Checks: the work was really done, and each way compared as it says.

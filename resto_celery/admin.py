@@ -5,6 +5,7 @@ is a POST with CSRF, says what it did (messages) and is logged.
 """
 import logging
 
+from django.apps import apps
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.http import HttpResponseRedirect
@@ -15,7 +16,6 @@ from django.utils.formats import date_format
 from django.utils.html import format_html
 from django.utils.text import Truncator
 from django.views.decorators.http import require_POST
-from django_celery_results.models import TaskResult
 
 from . import operations, status
 from .models import Replica, ReplicationDashboard
@@ -104,10 +104,13 @@ class ReplicaAdmin(admin.ModelAdmin):
     @staticmethod
     def _task_results(object_id):
         """The Celery results of the tasks this row names (the last one, the last failed one),
-        found by id: retries keep their task's id, and a successful task needs no result."""
+        found by id: retries keep their task's id, and a successful task needs no result.
+        None without django-celery-results in ``INSTALLED_APPS`` (a site of HybridStorage or
+        DistributedStorage only: no Celery task, no results)."""
         replica = Replica.objects.filter(pk=object_id).first()
-        if replica is None:
+        if replica is None or not apps.is_installed("django_celery_results"):
             return None
+        TaskResult = apps.get_model("django_celery_results", "TaskResult")
         ids = {replica.task_id, replica.failed_task_id} - {""}
         return list(TaskResult.objects.filter(task_id__in=ids).order_by("-date_done"))
 

@@ -31,10 +31,10 @@ for i = 1, n do
 end
 return out
 """
-# KEYS, five per host: the lease, the breaker's failures, open, down-since and back-at keys.
-# ARGV: the tokens ("" for a lease to keep), then per host "1" to close the breaker (a
-# success) or "0", then the time and how long to remember it. Returns per host 1 when the
-# breaker had counted failures: the host has just come back.
+# KEYS, five per (host, path) pair: its lease, then its host's breaker keys (failures, open,
+# down-since, back-at). ARGV: the tokens ("" for a lease to keep), then per pair "1" to
+# close the breaker (a success) or "0", then the time and how long to remember it. Returns
+# per pair 1 when it closed a breaker that had counted failures: the host has just come back.
 _RELEASE_MANY = """
 local n = #KEYS / 5
 local now = ARGV[2 * n + 1]
@@ -107,9 +107,9 @@ class Coordinator:
     def breaker(self, host):
         return CircuitBreaker(self.client, host, threshold=self.breaker_threshold, cooldown=self.breaker_cooldown)
 
-    def path_leases(self, hosts, path):
-        """The leases on ``path`` on each of ``hosts``, with the hosts' breakers (:class:`PathLeases`)."""
-        return PathLeases(self, hosts, path)
+    def leases(self, pairs):
+        """The leases on ``(host, path)`` pairs, with the hosts' breakers (:class:`Leases`)."""
+        return Leases(self, pairs)
 
     def first_to_tell(self, *change):
         """Whether this caller is the first to announce ``change`` (a tuple of strings) in a day."""
@@ -128,7 +128,7 @@ class Lease:
     """An exclusive, expiring claim on one ``(host, path)``.
 
     Acquired with ``SET NX PX``; released only by its holder (compare-and-delete). While
-    held inside :meth:`PathLeases.kept_alive`, the process's renewer thread renews it every
+    held inside :meth:`Leases.kept_alive`, the process's renewer thread renews it every
     third of its TTL, so a long transfer keeps it; a killed worker stops renewing and the
     lease expires.
     """
@@ -155,86 +155,88 @@ class Lease:
         self.client.eval(_RELEASE, 1, self.key, self.token)
 
 
-class PathLeases:
-    """The leases on one path on several hosts: taken, checked and given back in one round
-    trip each, whatever the number of hosts (a fan-out task syncs them together)."""
+class Leases:
+    """The leases on several ``(host, path)`` pairs, with their hosts' breakers: taken, checked
+    and given back in one round trip each, whatever the number of pairs (a task syncs a
+    path on several hosts, or a batch of paths, together)."""
 
-    def __init__(self, coordinator, hosts, path):
+    def __init__(self, coordinator, pairs):
         self.client = coordinator.client
-        self.leases = {host: coordinator.lease(host, path) for host in hosts}
-        self.breakers = {host: coordinator.breaker(host) for host in hosts}
+        self.leases = {pair: coordinator.lease(*pair) for pair in pairs}
+        self.breakers = {host: coordinator.breaker(host) for host, _ in self.leases}
         self.ours = set()
 
     def acquire(self):
         """Take every free lease and read every host's breaker in one round trip.
 
-        Returns ``{host: (acquired, wait)}``: with the lease, ``wait`` is how long the host's
+        Returns ``{pair: (acquired, wait)}``: with the lease, ``wait`` is how long the host's
         breaker stays open (0 when closed); without it, how long the holder's lease lasts.
         """
-        hosts = list(self.leases)
-        if not hosts:
+        pairs = list(self.leases)
+        if not pairs:
             return {}
-        keys = [self.leases[host].key for host in hosts] + [self.breakers[host].open_key for host in hosts]
-        tokens = [self.leases[host].token for host in hosts]
-        ttl_ms = self.leases[hosts[0]].ttl_ms
+        keys = [self.leases[pair].key for pair in pairs] + [self.breakers[host].open_key for host, _ in pairs]
+        tokens = [self.leases[pair].token for pair in pairs]
+        ttl_ms = self.leases[pairs[0]].ttl_ms
         answers = self.client.eval(_ACQUIRE_MANY, len(keys), *keys, *tokens, ttl_ms)
         states = {}
-        for host, (acquired, ttl) in zip(hosts, answers, strict=True):
+        for pair, (acquired, ttl) in zip(pairs, answers, strict=True):
             if acquired:
-                self.ours.add(host)
-                if not self.breakers[host].threshold:
+                self.ours.add(pair)
+                if not self.breakers[pair[0]].threshold:
                     ttl = 0
-            states[host] = (bool(acquired), max(ttl, 0) / 1000)
+            states[pair] = (bool(acquired), max(ttl, 0) / 1000)
         return states
 
     @contextmanager
-    def kept_alive(self, hosts):
-        """Context manager: the leases of ``hosts`` are renewed while the block runs."""
-        for host in hosts:
-            _renewer.keep(self.leases[host])
+    def kept_alive(self, pairs):
+        """Context manager: the leases of ``pairs`` are renewed while the block runs."""
+        for pair in pairs:
+            _renewer.keep(self.leases[pair])
         try:
             yield self
         finally:
-            for host in hosts:
-                _renewer.forget(self.leases[host])
+            for pair in pairs:
+                _renewer.forget(self.leases[pair])
 
-    def held(self, hosts):
-        """The hosts among ``hosts`` whose lease is still ours (one ``MGET``)."""
-        hosts = list(hosts)
-        if not hosts:
+    def held(self, pairs):
+        """The pairs among ``pairs`` whose lease is still ours (one ``MGET``)."""
+        pairs = list(pairs)
+        if not pairs:
             return set()
-        values = self.client.mget([self.leases[host].key for host in hosts])
+        values = self.client.mget([self.leases[pair].key for pair in pairs])
         return {
-            host for host, value in zip(hosts, values, strict=True)
-            if value is not None and value.decode() == self.leases[host].token
+            pair for pair, value in zip(pairs, values, strict=True)
+            if value is not None and value.decode() == self.leases[pair].token
         }
 
     def release(self, succeeded=(), keep=()):
         """Give back every lease we took, except those of ``keep`` (outcomes in doubt: they
-        expire), and close the breakers of the hosts that ``succeeded``: one round trip.
+        expire), and close the breakers of the hosts of the pairs that ``succeeded``: one
+        round trip.
 
-        Returns the hosts among ``succeeded`` whose breaker had counted failures: they have
+        Returns the hosts whose breaker had counted failures and is closed now: they have
         just come back.
         """
-        hosts = sorted(self.ours)
+        pairs = sorted(self.ours)
         self.ours = set()
-        if not hosts:
+        if not pairs:
             return set()
         keys, tokens, closes = [], [], []
-        for host in hosts:
-            lease, breaker = self.leases[host], self.breakers[host]
+        for pair in pairs:
+            lease, breaker = self.leases[pair], self.breakers[pair[0]]
             _renewer.forget(lease)
             keys += [lease.key, breaker.failures_key, breaker.open_key, breaker.down_since_key, breaker.back_at_key]
-            tokens.append("" if host in keep else lease.token)
-            closes.append("1" if host in succeeded else "0")
+            tokens.append("" if pair in keep else lease.token)
+            closes.append("1" if pair in succeeded else "0")
         answers = self.client.eval(
             _RELEASE_MANY, len(keys), *keys, *tokens, *closes, f"{time.time():.3f}", BACK_AT_KEPT * 1000
         )
-        return {host for host, came_back in zip(hosts, answers, strict=True) if came_back}
+        return {host for (host, _), came_back in zip(pairs, answers, strict=True) if came_back}
 
 
 class _Renewer:
-    """One thread per process renews every lease held in :meth:`PathLeases.kept_alive`.
+    """One thread per process renews every lease held in :meth:`Leases.kept_alive`.
 
     A thread per transfer cost a thread start per task; this one wakes a few times a
     second and renews, in one pipeline per Redis, the leases due (a third of their TTL).
@@ -301,7 +303,7 @@ class CircuitBreaker:
     ``threshold`` consecutive retryable failures within ``cooldown`` seconds open the
     breaker for ``cooldown`` seconds; tasks for the host then wait instead of spending a
     worker slot on a timeout. The first attempt after that is the probe: one more failure
-    re-opens it at once, a success closes it (:meth:`PathLeases.release`, in the same round trip
+    re-opens it at once, a success closes it (:meth:`Leases.release`, in the same round trip
     as the lease).
     """
 
@@ -326,7 +328,7 @@ class CircuitBreaker:
         """Count a retryable failure; return True if the breaker is now open.
 
         Failures are counted even with the breaker disabled (threshold 0): the count is how
-        a success (:meth:`PathLeases.release`) knows that the host has just come back.
+        a success (:meth:`Leases.release`) knows that the host has just come back.
         """
         remembered = max(self.cooldown_ms * 2, RECOVERY_WINDOW_MS)
         pipe = self.client.pipeline()

@@ -8,17 +8,16 @@ from django.utils import timezone
 
 
 class ReplicaQuerySet(models.QuerySet):
-    def record_success(self, hosts, path, fingerprint, task_id=""):
-        """Each of ``hosts`` (a host name, or several) now holds the master's bytes with ``fingerprint``.
+    def record_synced(self, rows, task_id=""):
+        """Each ``(host, path, fingerprint)`` of ``rows``: the host now holds the master's bytes
+        with that fingerprint.
 
         One ``INSERT ... ON CONFLICT DO UPDATE`` for all (it runs for every file on every host:
         ``update_or_create``'s transaction of three queries was 40% of a worker's time).
         """
-        hosts = [hosts] if isinstance(hosts, str) else list(hosts)
         now = timezone.now()
         values = {
             "state": Replica.State.SYNCED,
-            "fingerprint": fingerprint,
             "attempts": 0,
             "last_success_at": now,
             "pending_since": None,
@@ -27,20 +26,34 @@ class ReplicaQuerySet(models.QuerySet):
             "updated_at": now,
         }
         self.bulk_create(
-            [Replica(host=host, path=path, **values) for host in hosts],
-            update_conflicts=True, unique_fields=["host", "path"], update_fields=list(values),
+            [Replica(host=host, path=path, fingerprint=fingerprint, **values) for host, path, fingerprint in rows],
+            update_conflicts=True, unique_fields=["host", "path"], update_fields=["fingerprint", *values],
         )
 
-    def record_gone(self, hosts, path):
-        """``hosts`` (a host name, or several) no longer hold ``path`` (nor does the master):
-        forget their rows. Returns ``{host: the fingerprint its row had, "" if none}``.
+    def record_gone(self, pairs):
+        """The hosts of ``(host, path)`` pairs no longer hold the path (nor does the master):
+        forget their rows. Returns ``{pair: the fingerprint its row had, "" if none}``.
         """
-        hosts = [hosts] if isinstance(hosts, str) else list(hosts)
-        rows = self.filter(host__in=hosts, path=path)
-        gone = dict.fromkeys(hosts, "")
-        gone.update((host, fingerprint) for host, fingerprint in rows.values_list("host", "fingerprint"))
-        rows.delete()
+        pairs = list(pairs)
+        gone = dict.fromkeys(pairs, "")
+        if not pairs:
+            return gone
+        rows = self.filter(host__in={host for host, _ in pairs}, path__in={path for _, path in pairs})
+        found = {(host, path): (pk, fingerprint) for pk, host, path, fingerprint
+                 in rows.values_list("pk", "host", "path", "fingerprint") if (host, path) in gone}
+        gone.update((pair, fingerprint) for pair, (_, fingerprint) in found.items())
+        self.filter(pk__in=[pk for pk, _ in found.values()]).delete()
         return gone
+
+    def synced_fingerprints(self, pairs):
+        """``{(host, path): fingerprint}`` of the pairs whose row says the host holds those bytes."""
+        pairs = set(pairs)
+        if not pairs:
+            return {}
+        rows = self.filter(
+            host__in={host for host, _ in pairs}, path__in={path for _, path in pairs}, state=Replica.State.SYNCED,
+        ).values_list("host", "path", "fingerprint")
+        return {(host, path): fingerprint for host, path, fingerprint in rows if (host, path) in pairs}
 
     def record_waiting(self, host, path, error, *, retry_at, task_id=""):
         """The host is down (its breaker open): the change waits, with no message of its own,

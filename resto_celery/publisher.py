@@ -52,6 +52,15 @@ def publish(app, queue, changes, producer=None, bulk=False):
                 bulk=bulk)
 
 
+def publish_in_messages(app, queue, changes, producer=None, bulk=False):
+    """:func:`publish` ``changes`` as messages of at most :data:`MAX_CHANGES_PER_MESSAGE`
+    changes each (a worker syncs one message's changes together). Returns the number of
+    messages."""
+    for start in range(0, len(changes), MAX_CHANGES_PER_MESSAGE):
+        publish(app, queue, changes[start:start + MAX_CHANGES_PER_MESSAGE], producer, bulk=bulk)
+    return -(-len(changes) // MAX_CHANGES_PER_MESSAGE)
+
+
 def send(app, task, arguments, queue, producer=None, bulk=False):
     """Publish the task named ``task`` with ``arguments`` to ``queue`` through ``app``, in the
     live lane or the bulk one, with one quick retry (:data:`RETRY_POLICY`)."""

@@ -3,6 +3,7 @@ import io
 import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -12,46 +13,12 @@ from django.utils import timezone
 from redis.exceptions import RedisError
 
 from . import marker, signals
-from .exceptions import HostShortCircuited, MasterError, MasterReadError, TransportError
+from .exceptions import HostShortCircuited, HostUnreachable, MasterError, MasterReadError, TransportError
 from .freshness import DELETED, Unconfirmed
 from .master import is_temporary
 from .models import Replica
-from .tahoe import TahoeTransport
-from .transport import HostTransport
-from .webdav import WebDAVTransport
 
 logger = logging.getLogger(__name__)
-
-_transports = {}
-_transports_lock = threading.Lock()
-# A forked child (a Celery prefork worker) must not reuse its parent's sockets.
-os.register_at_fork(after_in_child=_transports.clear)
-
-
-def transport_for(host, timeout):
-    """Return the process-wide :class:`HostTransport` for a :class:`~resto_celery.conf.MediaHost`.
-
-    Transports are shared so that every storage instance and every task in a process
-    reuses the same keep-alive connections to a host.
-    """
-    key = (host, timeout)
-    with _transports_lock:
-        transport = _transports.get(key)
-        if transport is None:
-            transport = _transports[key] = _make_transport(host, timeout)
-        return transport
-
-
-def _make_transport(host, timeout):
-    common = {"name": host.name, "timeout": timeout, "verify": host.ca_bundle or True}
-    if host.kind == "tahoe":
-        return TahoeTransport(
-            host.base_url, dircap=host.dircap, readcap=host.readcap, public_url=host.public_url, **common
-        )
-    if host.kind == "webdav":
-        return WebDAVTransport(host.base_url, auth=host.auth, headers=host.headers, **common)
-    return HostTransport(host.base_url, auth=host.auth, headers=host.headers, **common)
-
 
 def open_master(master_path, location, name):
     """Open the master file of ``name`` for reading; None when the master has no such file.
@@ -123,33 +90,42 @@ class LeaseBusy(Exception):
 
 
 @dataclass
-class HostOutcome:
-    """What :func:`sync_hosts` did on one host.
+class Outcome:
+    """What :func:`sync_pairs` did for one ``(host, name)``.
 
     ``action`` is ``"upload"``, ``"delete"`` or ``"skip"`` on success, "" otherwise;
     ``error`` the failure (:class:`LeaseBusy`, a
     :class:`~resto_celery.exceptions.TransportError` or a
     :class:`~resto_celery.exceptions.MasterError`); ``host_down`` whether the host's
-    breaker is open after it (the change now waits for the host's probe).
+    breaker is open after it (the change now waits for the host's probe); ``version`` the
+    fingerprint the host holds now (what was sent, or what a deleted row had); ``nbytes``
+    the bytes sent and ``seconds`` how long the transfer took.
     """
 
     host: str
+    name: str
     action: str = ""
     error: Exception | None = None
     host_down: bool = False
     version: str = ""
+    nbytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def pair(self):
+        return self.host, self.name
 
 
 def sync(host, name, master_path, transport, coordinator, *, location=None, on_failure=None, on_arrival=None,
          on_recovery=None, task_id="", force=False, probe=False):
-    """Bring ``name`` on one ``host`` in line with the master copy: :func:`sync_hosts` for one
-    host. Returns ``"upload"``, ``"delete"`` or ``"skip"``, or raises the failure
+    """Bring ``name`` on one ``host`` in line with the master copy: :func:`sync_pairs` for one
+    pair. Returns ``"upload"``, ``"delete"`` or ``"skip"``, or raises the failure
     (:class:`LeaseBusy`, a ``TransportError``, a ``MasterError``) after ``on_failure(error)``.
     """
-    (outcome,) = sync_hosts(
-        [host], name, master_path, {host: transport}, coordinator, location=location,
-        on_failure=(lambda _host, error, _down: on_failure(error)) if on_failure else None,
-        on_arrival=(lambda _host, action, version: on_arrival(action, version)) if on_arrival else None,
+    (outcome,) = sync_pairs(
+        [(host, name)], lambda _name: master_path, {host: transport}, coordinator, location=location,
+        on_failure=(lambda _host, _name, error, _down: on_failure(error)) if on_failure else None,
+        on_arrival=(lambda _host, _name, action, version: on_arrival(action, version)) if on_arrival else None,
         on_recovery=on_recovery, task_id=task_id, force=force, probe=probe,
     )
     if outcome.error is not None:
@@ -157,153 +133,159 @@ def sync(host, name, master_path, transport, coordinator, *, location=None, on_f
     return outcome.action
 
 
-def sync_hosts(hosts, name, master_path, transports, coordinator, *, location=None, on_failure=None,
+def sync_pairs(pairs, master_path, transports, coordinator, *, location=None, on_failure=None,
                on_arrival=None, on_recovery=None, task_id="", force=False, probe=False):
-    """Bring ``name`` in line with the master copy on each of ``hosts``; return a
-    :class:`HostOutcome` per host, in order. The protocol of DESIGN.md, in the order it runs:
+    """Bring each ``(host, name)`` of ``pairs`` in line with the master copy; return an
+    :class:`Outcome` per pair, in order. ``master_path(name)`` is the master file's path,
+    ``transports`` maps each host to its transport. A path on several hosts (a fan-out) and
+    a batch of paths are synced together: every step below costs one round trip or one
+    query for all the pairs. The protocol of DESIGN.md, in the order it runs:
 
     1. When ``location`` (the master folder) is given, check that it is the site's master
-       (:func:`resto_celery.marker.verify`); if not, every host fails with
+       (:func:`resto_celery.marker.verify`); if not, every pair fails with
        :class:`~resto_celery.exceptions.MasterUnavailable` and nothing is sent.
-    2. Take the lease on ``(host, name)`` of every host and read their breakers, in one
-       round trip. A lease another worker holds: :class:`LeaseBusy` for that host. An open
-       breaker: :class:`~resto_celery.exceptions.HostShortCircuited` (unless ``probe``:
-       the caller is the breaker's probe, the half-open attempt).
-    3. Read the master's *current* state, once. Present: PUT those bytes (streamed) to
-       every host whose ``Replica`` row does not hold this fingerprint already (one query;
-       ``force`` sends anyway: resync). Absent (and the master still verified): DELETE.
-       The hosts are sent to in parallel.
+    2. Take the lease on every pair and read the hosts' breakers. A lease another worker
+       holds: :class:`LeaseBusy` for that pair. An open breaker:
+       :class:`~resto_celery.exceptions.HostShortCircuited` (unless ``probe``: the caller
+       is the breaker's probe, the half-open attempt).
+    3. For each pair, read the master's *current* state. Present: PUT those bytes
+       (streamed) unless the ``Replica`` row holds this fingerprint already (one query for
+       all; ``force`` sends anyway: resync). Absent (and the master still verified): DELETE.
+       The pairs are sent in parallel; once a host is unreachable, its other pairs fail
+       without another try.
     4. Record: the successes in one statement, each failure in its row
-       (``on_failure(host, error, host_down)``, still under the lease). A host whose lease
-       was lost meanwhile (Redis restarted, a stall past the TTL) gets a pending row instead:
-       another worker may have sent a newer state.
-    5. Give the leases back and close the breakers of the hosts that succeeded, in one
-       round trip; a lease whose outcome is in doubt (a timeout: the host may still apply
-       what was sent) is left to expire, fencing off the path until then.
+       (``on_failure(host, name, error, host_down)``, still under the lease). A pair whose
+       lease was lost meanwhile (Redis restarted, a stall past the TTL) gets a pending row
+       instead: another worker may have sent a newer state.
+    5. Give the leases back and close the breakers of the hosts that succeeded; a lease
+       whose outcome is in doubt (a timeout: the host may still apply what was sent) is
+       left to expire, fencing off the pair until then.
     6. ``on_recovery(host)`` for each host that had been failing (its backlog can go now),
-       ``on_arrival(host, action, fingerprint)`` for each transfer (:func:`announce`).
+       ``on_arrival(host, name, action, fingerprint)`` for each transfer (:func:`announce`).
     """
-    outcomes = {host: HostOutcome(host) for host in hosts}
+    outcomes = {pair: Outcome(*pair) for pair in pairs}
 
-    def fail(host, error, host_down=False):
-        outcome = outcomes[host]
+    def fail(pair, error, host_down=False):
+        outcome = outcomes[pair]
         outcome.error, outcome.host_down = error, host_down
         if on_failure is not None:
-            on_failure(host, error, host_down)
+            on_failure(*pair, error, host_down)
 
     try:
-        if location:
-            marker.verify(location, name)
+        if location and outcomes:
+            marker.verify(location, next(iter(outcomes))[1])
     except MasterError as error:
-        for host in hosts:
-            fail(host, error)
+        for pair in outcomes:
+            fail(pair, error)
         return list(outcomes.values())
 
-    leases = coordinator.path_leases(hosts, name)
+    leases = coordinator.leases(list(outcomes))
     active = []
     succeeded, in_doubt = set(), set()
     try:
-        for host, (acquired, wait) in leases.acquire().items():
+        for pair, (acquired, wait) in leases.acquire().items():
+            host, name = pair
             if not acquired:
-                outcomes[host].error = LeaseBusy(host, name, wait)
+                outcomes[pair].error = LeaseBusy(host, name, wait)
             elif wait and not probe:
-                fail(host, HostShortCircuited(
+                fail(pair, HostShortCircuited(
                     host, "PUT/DELETE", name,
                     f"circuit breaker open after repeated failures; next try in {wait:.1f}s", wait=wait,
                 ), host_down=True)
             else:
-                active.append(host)
+                active.append(pair)
         if active:
             with leases.kept_alive(active):
-                _transfer(active, name, master_path, transports, coordinator, location, force, outcomes)
-            done = [host for host in active if outcomes[host].error is None]
-            _record(done, name, leases, outcomes, task_id)
+                _transfer(active, master_path, transports, coordinator, location, force, outcomes)
+            done = [pair for pair in active if outcomes[pair].error is None]
+            _record(done, leases, outcomes, task_id)
             succeeded = set(done)
-            for host in active:
-                error = outcomes[host].error
+            for pair in active:
+                error = outcomes[pair].error
                 if isinstance(error, TransportError):
                     down = False
                     if error.retryable:
-                        down = leases.breakers[host].record_failure()
+                        down = leases.breakers[pair[0]].record_failure()
                     if error.in_doubt:
-                        in_doubt.add(host)
-                    fail(host, error, down)
+                        in_doubt.add(pair)
+                    fail(pair, error, down)
                 elif isinstance(error, MasterError):
-                    fail(host, error)
+                    fail(pair, error)
                 # LeaseBusy (a directory another worker is making): no failure, try again soon
     finally:
         came_back = leases.release(succeeded, keep=in_doubt)
-    for host in hosts:
+    for host in dict.fromkeys(host for host, _ in outcomes):
         if host in came_back:
             host_recovered(host)
             if on_recovery is not None:
                 on_recovery(host)
     if on_arrival is not None:
-        for host in hosts:
-            outcome = outcomes[host]
+        for outcome in outcomes.values():
             if outcome.action in ("upload", "delete"):
-                on_arrival(host, outcome.action, outcome.version)
-    return [outcomes[host] for host in hosts]
+                on_arrival(outcome.host, outcome.name, outcome.action, outcome.version)
+    return list(outcomes.values())
 
 
-def _transfer(hosts, name, master_path, transports, coordinator, location, force, outcomes):
-    """Send the master's current state of ``name`` to ``hosts`` (their leases held); fill in
-    each outcome's ``action`` and ``version``, or its ``error``."""
-    try:
-        source = open_master(master_path, location, name)
-        if source is None and location:
-            marker.verify(location, name)  # absent from a master that is (still) there
-    except MasterError as error:
-        for host in hosts:
-            outcomes[host].error = error
-        return
-    if source is None:
-        for host, error in _hosts_in_parallel(lambda host: transports[host].delete(name), hosts):
-            outcomes[host].action, outcomes[host].error = ("delete", None) if error is None else ("", error)
-        return
-    with source:
-        stat = os.fstat(source.fileno())
-        size, current = stat.st_size, fingerprint(stat)
-        has_it = set() if force else set(
-            Replica.objects.filter(host__in=hosts, path=name, state=Replica.State.SYNCED, fingerprint=current)
-            .values_list("host", flat=True)
-        )
-        sending = [host for host in hosts if host not in has_it]
-        for host in has_it:
-            outcomes[host].action, outcomes[host].version = "skip", current
+def _transfer(pairs, master_path, transports, coordinator, location, force, outcomes):
+    """Send the master's current state of each pair's name to its host (the leases held);
+    fill in each outcome's ``action`` and ``version``, or its ``error``."""
+    has = {} if force else Replica.objects.synced_fingerprints(pairs)
+    unreachable = {}
 
-        def put(host):
-            _make_directories(host, name, transports[host], coordinator)
-            transports[host].put(name, _PositionalReader(source.fileno(), size), size)
+    def bring_in_line(pair):
+        host, name = pair
+        outcome, transport = outcomes[pair], transports[host]
+        if host in unreachable:
+            raise unreachable[host]
+        started = time.perf_counter()
+        try:
+            source = open_master(master_path(name), location, name)
+            if source is None:
+                if location:
+                    marker.verify(location, name)  # absent from a master that is (still) there
+                transport.delete(name)
+                outcome.action = "delete"
+                return
+            with source:
+                stat = os.fstat(source.fileno())
+                outcome.version = fingerprint(stat)
+                if has.get(pair) != outcome.version:
+                    _make_directories(host, name, transport, coordinator)
+                    transport.put(name, _PositionalReader(source.fileno(), stat.st_size), stat.st_size)
+                    outcome.action, outcome.nbytes = "upload", stat.st_size
+                else:
+                    outcome.action = "skip"
+        except HostUnreachable as error:
+            unreachable.setdefault(host, error)
+            raise
+        finally:
+            outcome.seconds = time.perf_counter() - started
 
-        for host, error in _hosts_in_parallel(put, sending):
-            outcome = outcomes[host]
-            if error is None:
-                outcome.action, outcome.version = "upload", current
-            else:
-                outcome.error = error
+    for pair, error in _hosts_in_parallel(bring_in_line, pairs):
+        if error is not None:
+            outcomes[pair].action, outcomes[pair].error = "", error
 
 
-def _record(hosts, name, leases, outcomes, task_id):
-    """Write the rows of the hosts that succeeded, if nobody else could have worked on the
-    path meanwhile (their leases still ours): one statement for all."""
-    changed = [host for host in hosts if outcomes[host].action != "skip"]
+def _record(pairs, leases, outcomes, task_id):
+    """Write the rows of the pairs that succeeded, if nobody else could have worked on them
+    meanwhile (their leases still ours): one statement for all the uploads, one for all
+    the deletes."""
+    changed = [pair for pair in pairs if outcomes[pair].action != "skip"]
     if not changed:
         return
     exclusive = leases.held(changed)
-    for host in changed:
-        if host not in exclusive:
+    for host, name in changed:
+        if (host, name) not in exclusive:
             Replica.objects.record_failure(
                 host, name, "lease lost during the transfer; reconcile will check this path again",
                 final=False, retry_at=None, task_id=task_id,
             )
-    uploaded = [host for host in changed if host in exclusive and outcomes[host].action == "upload"]
-    deleted = [host for host in changed if host in exclusive and outcomes[host].action == "delete"]
+    uploaded = [outcomes[pair] for pair in changed if pair in exclusive and outcomes[pair].action == "upload"]
+    deleted = [pair for pair in changed if pair in exclusive and outcomes[pair].action == "delete"]
     if uploaded:
-        Replica.objects.record_success(uploaded, name, outcomes[uploaded[0]].version, task_id=task_id)
-    if deleted:
-        for host, version in Replica.objects.record_gone(deleted, name).items():
-            outcomes[host].version = version
+        Replica.objects.record_synced([(o.host, o.name, o.version) for o in uploaded], task_id=task_id)
+    for pair, version in Replica.objects.record_gone(deleted).items():
+        outcomes[pair].version = version
 
 
 class _PositionalReader(io.RawIOBase):
@@ -355,8 +337,10 @@ def _reset_pool():
 
 os.register_at_fork(after_in_child=_reset_pool)
 
-#: Transfers to the other hosts of a fan-out run on this many threads per process.
-TRANSFER_THREADS = 32
+#: A task's transfers (a fan-out's hosts, a batch's pairs) run on this many threads per
+#: process: as many as a host's transport keeps connections (``HostTransport`` pool_size),
+#: so that a batch to one host reuses its connections rather than opening more.
+TRANSFER_THREADS = 16
 
 
 def in_parallel(function, items):
@@ -471,7 +455,8 @@ def announce(storage, host, name, action, version, coordinator):
     try:
         _announce(storage, host, name, action, version, coordinator, fresh)
     except (RedisError, DatabaseError) as error:  # the transfer stands; only the news is lost
-        logger.error("Could not announce the %s of %s on %s: %s", action, name, host, error)
+        logger.error("Could not announce the %s of %s on %s: %s", action, name, host, error,
+                     extra={"host": host, "path": name})
 
 
 def _announce(storage, host, name, action, version, coordinator, fresh):

@@ -72,24 +72,24 @@ def decide(error, failures, options, host_down=False):
 
 
 class FailureRecorder:
-    """``on_failure`` for :func:`resto_celery.replication.sync_hosts`: decides and records, in
-    each host's ``Replica`` row (under its lease), what comes after the failure.
+    """``on_failure`` for :func:`resto_celery.replication.sync_pairs`: decides and records, in
+    each pair's ``Replica`` row (under its lease), what comes after the failure.
 
-    ``decisions`` maps each failed host to its :class:`Decision`. ``failures`` is how many
-    failures in a row came before (a retried task's count).
+    ``decisions`` maps each failed ``(host, path)`` to its :class:`Decision`. ``failures``
+    is how many failures in a row came before (a retried task's count).
     """
 
-    def __init__(self, path, options, task_id, failures=0):
-        self.path, self.options, self.task_id, self.failures = path, options, task_id, failures
+    def __init__(self, options, task_id, failures=0):
+        self.options, self.task_id, self.failures = options, task_id, failures
         self.decisions = {}
 
-    def __call__(self, host, error, host_down):
-        decision = self.decisions[host] = decide(error, self.failures, self.options, host_down)
+    def __call__(self, host, path, error, host_down):
+        decision = self.decisions[(host, path)] = decide(error, self.failures, self.options, host_down)
         retry_at = timezone.now() + timedelta(seconds=decision.delay)
         if decision.kind == WAIT_FOR_HOST:
             # The delay is the safety net: reconcile sends it then, should no probe ever succeed.
-            Replica.objects.record_waiting(host, self.path, error, retry_at=retry_at, task_id=self.task_id)
+            Replica.objects.record_waiting(host, path, error, retry_at=retry_at, task_id=self.task_id)
         else:
             Replica.objects.record_failure(
-                host, self.path, error, final=decision.kind == FINAL, retry_at=retry_at, task_id=self.task_id,
+                host, path, error, final=decision.kind == FINAL, retry_at=retry_at, task_id=self.task_id,
             )

@@ -17,7 +17,7 @@ from django.utils.encoding import filepath_to_uri
 from django.utils.functional import Promise, cached_property
 from redis.exceptions import RedisError
 
-from . import conf, marker, publisher, registry, replication
+from . import conf, hosts, marker, publisher, registry, replication
 from .broker import coordinator_for
 from .exceptions import ReplicationError
 from .freshness import DELETED, Unconfirmed
@@ -43,7 +43,7 @@ class ReplicatedStorageMixin:
 
     def transport(self, host):
         """Return the :class:`~resto_celery.transport.HostTransport` for the host named ``host``."""
-        return replication.transport_for(self.options.host(host), self.options.timeout)
+        return hosts.transport_for(self.options.host(host), self.options.timeout)
 
     def execute(self, operation, name, **kwargs):
         """Run ``execute_one(operation, host, name, **kwargs)`` on every host, in parallel.

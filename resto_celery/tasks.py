@@ -57,43 +57,53 @@ def replicate(self, path, hosts, operation="upload"):
 
     ``operation`` names the change that caused it (``"upload"`` or ``"delete"``); the
     master's current state decides what is sent. The hosts are synced together, each under
-    its own lease (:func:`resto_celery.replication.sync_hosts`). A host whose lease another
+    its own lease (:func:`resto_celery.replication.sync_pairs`). A host whose lease another
     worker holds, or that fails with a retryable error, gets a ``resto_celery.upload``/
     ``delete`` task of its own for the retries, so a slow or failing host never holds back
     the others; a host that is down (its breaker open) gets no task at all: the change
     waits in its row for the host's probe.
     """
-    return _replicate_change(self.request.id or "", path, hosts, operation)
+    done = _replicate_changes(self, [(path, hosts, operation)])
+    return {host: action for (host, _), action in done.items()}
 
 
 @shared_task(name="resto_celery.replicate_batch", **TASK_OPTIONS)
 def replicate_batch(self, changes):
-    """Several changes in one message (a burst of saves in one app process): each
-    ``(path, hosts, operation)`` is handled as :func:`replicate` handles one. A final
-    failure is raised once every change was tried."""
-    failure = None
-    for path, hosts, operation in changes:
-        try:
-            _replicate_change(self.request.id or "", path, hosts, operation)
-        except Exception as error:  # noqa: BLE001 - the other changes of the batch go on
-            if failure is None:
-                failure = error
-            else:
-                logger.error("Failed to %s %s: %s", operation, path, error)
-    if failure is not None:
-        raise failure
+    """Several changes in one message (a burst of saves in one app process, a page of
+    reconcile's): each ``(path, hosts, operation)`` as :func:`replicate` handles one, all
+    synced together (one lease round trip, one query, one row write for the batch). A
+    final failure is raised once every change was tried."""
+    _replicate_changes(self, changes)
     return len(changes)
 
 
-def _replicate_change(task_id, path, hosts, operation):
-    storage = registry.storage_for_host(hosts[0])
-    task = upload if operation == "upload" else delete
+def _replicate_changes(task, changes):
+    """Sync the ``(path, hosts, operation)`` changes, storage by storage; a pair that must be
+    tried again gets a ``resto_celery.upload``/``delete`` task of its own, in the lane of
+    the message that brought it."""
+    by_storage = {}
+    for path, hosts, operation in changes:
+        operations = by_storage.setdefault(registry.storage_for_host(hosts[0]), {})
+        for host in hosts:
+            operations[(host, path)] = operation
+    priority = (task.request.delivery_info or {}).get("priority")
+    if priority is None:
+        priority = lanes.live_priority(current_app)
+    done, final = {}, None
+    for storage, operations in by_storage.items():
 
-    def retry(host, countdown, failures, exc=None):
-        task.apply_async((host, path), kwargs={"failures": failures}, countdown=countdown,
-                         queue=storage.options.queue_for(host), priority=lanes.live_priority(current_app))
+        def retry(host, path, countdown, failures, exc=None, storage=storage, operations=operations):
+            per_host = upload if operations[(host, path)] == "upload" else delete
+            per_host.apply_async((host, path), kwargs={"failures": failures}, countdown=countdown,
+                                 queue=storage.options.queue_for(host), priority=priority)
 
-    return _replicate_to(storage, list(hosts), path, operation, task_id, failures=0, waits=0, retry=retry)
+        try:
+            done.update(_replicate_to(storage, operations, task.request.id or "", failures=0, waits=0, retry=retry))
+        except Exception as error:  # noqa: BLE001 - the other storages' changes go on
+            final = final or error
+    if final is not None:
+        raise final
+    return done
 
 
 @shared_task(name="resto_celery.upload", **TASK_OPTIONS)
@@ -111,12 +121,13 @@ def delete(self, host, path, failures=0):
 def _replicate_one(task, operation, host, path, failures):
     """The per-host tasks' body: retries are this task's own (``task.retry`` keeps its id)."""
 
-    def retry(host, countdown, failures, exc=None):
+    def retry(host, path, countdown, failures, exc=None):
         raise task.retry(countdown=countdown, kwargs={"failures": failures}, exc=exc)
 
     storage = registry.storage_for_host(host)
-    return _replicate_to(storage, [host], path, operation, task.request.id or "",
+    done = _replicate_to(storage, {(host, path): operation}, task.request.id or "",
                          failures=failures, waits=task.request.retries - failures, retry=retry)
+    return {host: done[(host, path)]}
 
 
 @shared_task(name="resto_celery.probe", **TASK_OPTIONS)
@@ -138,32 +149,36 @@ def probe(self, host):
     if path is None:
         return {host: "nothing waits"}
 
-    def retry(host, countdown, failures, exc=None):  # another worker has the path: probe again soon
+    def retry(host, path, countdown, failures, exc=None):  # another worker has the path: probe again soon
         _schedule_probe(storage, host, coordinator)
 
-    return _replicate_to(storage, [host], path, "upload", self.request.id or "",
+    done = _replicate_to(storage, {(host, path): "upload"}, self.request.id or "",
                          failures=0, waits=0, retry=retry, probe=True)
+    return {host: done[(host, path)]}
 
 
-def _replicate_to(storage, hosts, path, operation, task_id, *, failures, waits, retry, probe=False):
-    """Bring ``path`` in line on ``hosts`` (:func:`resto_celery.replication.sync_hosts`), then act
-    on each host's failure: ``retry(host, countdown, failures, exc)`` for a busy lease or a
-    retryable error (a task of its own, or this task's retry), the host's probe when the host
-    is down. A final failure is raised once every host was tried (the result backend keeps it).
+def _replicate_to(storage, operations, task_id, *, failures, waits, retry, probe=False):
+    """Bring each ``(host, path)`` of ``operations`` (which maps it to the operation that caused
+    it) in line (:func:`resto_celery.replication.sync_pairs`), then act on each failure:
+    ``retry(host, path, countdown, failures, exc)`` for a busy lease or a retryable error (a
+    task of its own, or this task's retry), the host's probe when the host is down. A final
+    failure is raised once every pair was tried (the result backend keeps it). Returns
+    ``{(host, path): action}``, ``"wait"`` for a pair that failed.
     """
     options = storage.options
     coordinator = coordinator_for(options)
-    recorder = FailureRecorder(path, options, task_id, failures)
+    recorder = FailureRecorder(options, task_id, failures)
     released = set()
 
     def host_back(host):
         released.add(host)
         release_backlog(storage, host)
 
-    outcomes = replication.sync_hosts(
-        hosts, path, storage.path(path), {host: storage.transport(host) for host in hosts}, coordinator,
+    hosts = dict.fromkeys(host for host, _ in operations)
+    outcomes = replication.sync_pairs(
+        list(operations), storage.path, {host: storage.transport(host) for host in hosts}, coordinator,
         location=storage.location, on_failure=recorder, task_id=task_id, probe=probe,
-        on_arrival=lambda host, action, version: replication.announce(
+        on_arrival=lambda host, path, action, version: replication.announce(
             storage, host, path, action, version, coordinator
         ),
         on_recovery=host_back,
@@ -171,42 +186,54 @@ def _replicate_to(storage, hosts, path, operation, task_id, *, failures, waits, 
     if probe:
         # The host answered. Whoever closed its breaker released what waited then; changes
         # that came to wait while it was closing are sent now.
-        for outcome in outcomes:
-            if outcome.error is None and outcome.host not in released:
-                release_backlog(storage, outcome.host)
+        for host in {outcome.host for outcome in outcomes if outcome.error is None} - released:
+            release_backlog(storage, host)
     final = None
+    told_down = set()
     for outcome in outcomes:
-        host, error = outcome.host, outcome.error
+        host, path, error = outcome.host, outcome.name, outcome.error
+        about = log_fields(host, path, task_id, failures + 1)
         if error is None:
+            logger.debug("%s of %s on %s: %s", operations[outcome.pair], path, host, outcome.action, extra=about)
             continue
+        operation = operations[outcome.pair]
         if isinstance(error, replication.LeaseBusy):
             if waits >= MAX_LEASE_WAITS:
                 final = final or error
             else:
-                retry(host, lease_wait(error.wait, waits), failures)
+                retry(host, path, lease_wait(error.wait, waits), failures)
             continue
-        decision = recorder.decisions[host]
+        decision = recorder.decisions[outcome.pair]
         if decision.kind == WAIT_FOR_HOST:
             if isinstance(error, HostShortCircuited):
-                logger.debug("%s waits for %s to come back: %s", path, host, error.reason)
-            else:
+                logger.debug("%s waits for %s to come back: %s", path, host, error.reason, extra=about)
+            elif host not in told_down:
                 logger.warning("%s is down (%s); changes wait for it, and it is probed every %.0fs.",
-                               host, error.reason, probe_interval(options))
-            _schedule_probe(storage, host, coordinator)
+                               host, error.reason, probe_interval(options), extra=about)
+            if host not in told_down:
+                told_down.add(host)
+                _schedule_probe(storage, host, coordinator)
         elif decision.kind == RETRY:
             logger.warning("Will retry to %s %s on %s in %.1fs: %s",
-                           operation, path, host, decision.delay, error.reason)
-            retry(host, decision.delay, failures + 1, error)
+                           operation, path, host, decision.delay, error.reason, extra=about)
+            retry(host, path, decision.delay, failures + 1, error)
         else:
             if isinstance(error, MasterUnavailable):
                 logger.error("Failed to %s %s on %s: %s; reconcile sends it once the master is back.",
-                             operation, path, host, error)
+                             operation, path, host, error, extra=about)
             else:
-                logger.error("Failed to %s %s on %s: %s", operation, path, host, error.reason)
+                logger.error("Failed to %s %s on %s: %s", operation, path, host, error.reason, extra=about)
             final = final or error
     if final is not None:
         raise final
-    return {outcome.host: outcome.action or "wait" for outcome in outcomes}
+    return {outcome.pair: outcome.action or "wait" for outcome in outcomes}
+
+
+def log_fields(host, path, task_id, attempt):
+    """What every replication log record carries as ``extra=`` attributes, so that a log
+    pipeline (a JSON formatter, Sentry, journald) can group by host: ``host``, ``path``,
+    ``task_id`` and ``attempt`` (1 for a first try)."""
+    return {"host": host, "path": path, "task_id": task_id, "attempt": attempt}
 
 
 def _schedule_probe(storage, host, coordinator):
@@ -253,10 +280,11 @@ def reconcile(allow_deletes=()):
 
 
 class BulkPages:
-    """Bulk messages published a page at a time, each page in one ``producer.batch()``; after
-    each page, while more than ``high_water`` bulk messages wait in the storage's queues
-    (Redis brokers), wait for the workers to drain them (calling ``heartbeat`` to keep the
-    pass's lock): a catch-up of a million files never holds a million messages in Redis."""
+    """Bulk changes published a page at a time, each page in one ``producer.batch()`` as
+    messages of many changes; after each page, while more than ``high_water`` changes may
+    wait in the storage's queues (Redis brokers; every bulk message counted as a full one),
+    wait for the workers to drain them (calling ``heartbeat`` to keep the pass's lock): a
+    catch-up of a million files never holds a million changes in Redis."""
 
     PAGE = 1000
     HIGH_WATER = 10_000
@@ -278,18 +306,19 @@ class BulkPages:
             self._wait_for_room()
 
     def flush(self):
-        """Publish the page: the hosts that need the same change of one path share a message
-        (``resto_celery.replicate``, which a worker fans out), a lone host gets its own task."""
+        """Publish the page: the hosts that need the same change of one path share a change,
+        and a queue's changes go in messages of many (``resto_celery.replicate_batch``, which
+        a worker syncs together)."""
         changes = {}
         for operation, host, name in self.pending:
             changes.setdefault((operation, name, self.storage.options.queue_for(host)), []).append(host)
             self.sent[host] = self.sent.get(host, 0) + 1
+        by_queue = {}
+        for (operation, name, queue), hosts in changes.items():
+            by_queue.setdefault(queue, []).append((name, hosts, operation))
         with publish_batch(self.producer):
-            for (operation, name, queue), hosts in changes.items():
-                if len(hosts) == 1:
-                    self.storage.enqueue(operation, hosts[0], name, producer=self.producer)
-                else:
-                    publisher.publish(current_app, queue, [(name, hosts, operation)], self.producer, bulk=True)
+            for queue, queued in by_queue.items():
+                publisher.publish_in_messages(current_app, queue, queued, self.producer, bulk=True)
         self.pending = []
         try:
             lanes.record_catch_up(coordinator_for(self.storage.options).client, self.sent, self.started_at)
@@ -298,7 +327,7 @@ class BulkPages:
 
     def _wait_for_room(self):
         started = time.monotonic()
-        while (lanes.bulk_backlog(current_app, self.queues) or 0) > self.high_water:
+        while (lanes.bulk_backlog(current_app, self.queues) or 0) * publisher.MAX_CHANGES_PER_MESSAGE > self.high_water:
             self.heartbeat()
             time.sleep(self.POLL)
         self.waited += time.monotonic() - started
@@ -316,18 +345,18 @@ def release_backlog(storage, host, limit=BACKLOG_RELEASE_LIMIT):
     waits for (``retry_at``, a retry's backoff countdown: a retry that comes later finds the
     fingerprint recorded and skips).
 
-    At most ``limit`` messages; the rest are due at the next reconcile (their rows were
-    made due by :func:`resto_celery.replication.host_recovered`). Returns how many were sent.
+    At most ``limit`` changes, in messages of many (a worker syncs a message's changes
+    together); the rest are due at the next reconcile (their rows were made due by
+    :func:`resto_celery.replication.host_recovered`). Returns how many changes were sent.
     """
     behind = (*Replica.UNSCHEDULED, Replica.State.PENDING)
     paths = Replica.objects.filter(host=host, state__in=behind).values_list("path", flat=True)[:limit]
-    sent = 0
+    changes = [(path, [host], "upload") for path in paths]
     with current_app.producer_or_acquire() as producer, publish_batch(producer):
-        for path in paths.iterator():
-            storage.enqueue("upload", host, path, producer=producer)
-            sent += 1
+        publisher.publish_in_messages(current_app, storage.options.queue_for(host), changes, producer, bulk=True)
+    sent = len(changes)
     if sent:
-        logger.info("%s answers again: sent the %d change(s) it was behind on.", host, sent)
+        logger.info("%s answers again: sent the %d change(s) it was behind on.", host, sent, extra={"host": host})
     return sent
 
 

@@ -1,5 +1,6 @@
 """The admin failure dashboard, the Replica list and the repair actions."""
 import json
+import os
 from datetime import timedelta
 
 import pytest
@@ -114,9 +115,9 @@ def test_dashboard_says_when_a_host_came_back(async_settings, async_hosts, viewe
     storage = AsyncStorage(hosts=[async_hosts[0].url], redis_url=redis_url, breaker_threshold=1)
     coordinator = coordinator_for(storage.options)
     coordinator.breaker(async_hosts[0].url).record_failure()
-    leases = coordinator.path_leases([async_hosts[0].url], "a.txt")
+    leases = coordinator.leases([(async_hosts[0].url, "a.txt")])
     leases.acquire()
-    assert leases.release(succeeded={async_hosts[0].url}) == {async_hosts[0].url}  # a success: it is back
+    assert leases.release(succeeded={(async_hosts[0].url, "a.txt")}) == {async_hosts[0].url}  # a success: it is back
     response = viewer.get(reverse(DASHBOARD))
     status = {status.host: status for status in response.context["statuses"]}[async_hosts[0].url]
     assert not status.down and status.back_at <= timezone.now()
@@ -348,3 +349,26 @@ def test_host_urls_may_wrap_after_their_slashes():
     from resto_celery.templatetags.resto_admin import breakable_url
 
     assert breakable_url("http://m<1>:80/media/") == "http:/<wbr>/<wbr>m&lt;1&gt;:80/<wbr>media/<wbr>"
+
+
+def test_the_admin_works_without_django_celery_results_installed(tmp_path):
+    """A HybridStorage site lists no django_celery_results app: the admin loads, checks pass,
+    and a Replica page simply has no task history."""
+    import subprocess
+    import sys
+
+    script = (
+        "import django; django.setup();"
+        "from django.contrib import admin; admin.autodiscover();"
+        "from django.core.management import call_command; call_command('check');"
+        "call_command('migrate', verbosity=0);"
+        "from resto_celery.models import Replica; row = Replica.objects.create(host='h', path='a', task_id='t');"
+        "from resto_celery.admin import ReplicaAdmin; print(ReplicaAdmin._task_results(row.pk))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings_without_results",
+             "RESTO_TEST_DATABASE": "sqlite", "RESTO_TEST_DB_NAME": str(tmp_path / "db.sqlite3")},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("None")

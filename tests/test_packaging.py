@@ -58,8 +58,21 @@ def test_the_wheel_ships_the_type_marker_the_license_and_the_package_data(distri
     assert not [c for c in fields.get_all("Classifier") if c.startswith("License ::")]
 
 
-def test_the_sdist_ships_the_license_and_the_type_marker(distributions):
+def test_the_sdist_ships_the_license_the_changelog_and_the_type_marker(distributions):
     sdist, _ = distributions
     with tarfile.open(sdist) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
-    assert {"LICENSE", "README.md", "pyproject.toml", "resto_celery/py.typed"} <= names
+    assert {"LICENSE", "README.md", "CHANGELOG.md", "pyproject.toml", "resto_celery/py.typed"} <= names
+
+
+def test_the_stable_api_is_importable_from_the_package():
+    import resto_celery
+    from resto_celery import exceptions, signals, storage
+
+    assert resto_celery.AsyncStorage is storage.AsyncStorage
+    assert resto_celery.ReplicationError is exceptions.ReplicationError
+    assert resto_celery.replicated_everywhere is signals.replicated_everywhere
+    assert sorted(resto_celery.__all__) == sorted(resto_celery._PUBLIC)
+    assert all(getattr(resto_celery, name) is not None for name in resto_celery.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
+        resto_celery.Nothing  # noqa: B018

@@ -1,4 +1,5 @@
 """replication.sync: the state-based transfer of one (host, path), under a Redis lease."""
+import io
 import time
 
 import pytest
@@ -182,3 +183,70 @@ def test_a_lease_lost_during_the_transfer_leaves_the_row_pending_for_reconcile(m
     wipe.join()
     row = Replica.objects.get(host="h1", path="a.txt")
     assert row.state == "pending" and "lease lost" in row.last_error
+
+
+# A batch: several paths (and hosts) synced together by one task (replicate_batch).
+
+
+def _sync_pairs(master, servers, coordinator, pairs, **kwargs):
+    transports = {name: HostTransport(server.url, name=name, timeout=2) for name, server in servers.items()}
+    return replication.sync_pairs(pairs, master.path, transports, coordinator, **kwargs)
+
+
+def test_a_batch_brings_every_path_in_line_on_every_host(master, make_media_server, coordinator):
+    servers = {"h1": make_media_server(), "h2": make_media_server()}
+    for index in range(20):
+        master.save(f"b/{index}.txt", ContentFile(f"file {index}".encode()))
+    HostTransport(servers["h1"].url).put("gone.txt", io.BytesIO(b"deleted from the master"), 23)
+    pairs = [(host, f"b/{index}.txt") for index in range(20) for host in servers] + [("h1", "gone.txt")]
+
+    outcomes = _sync_pairs(master, servers, coordinator, pairs, task_id="batch")
+
+    assert [(o.host, o.name) for o in outcomes] == pairs  # one outcome per pair, in order
+    assert {o.action for o in outcomes} == {"upload", "delete"} and not any(o.error for o in outcomes)
+    for server in servers.values():
+        assert server.files() == {f"b/{index}.txt": f"file {index}".encode() for index in range(20)}
+    assert Replica.objects.filter(state="synced", task_id="batch").count() == 40
+
+
+def test_a_batch_costs_the_same_queries_whatever_its_size(master, make_media_server, coordinator):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    servers = {"h1": make_media_server(), "h2": make_media_server()}
+    for index in range(60):
+        master.save(f"q/{index}.txt", ContentFile(b"x"))
+    counts = []
+    for names in (range(5), range(5, 60)):
+        with CaptureQueriesContext(connection) as queries:
+            _sync_pairs(master, servers, coordinator, [(host, f"q/{i}.txt") for i in names for host in servers])
+        counts.append(len(queries))
+    assert counts[0] == counts[1]  # a fingerprint query and one row write, for 10 pairs or 110
+
+
+def test_a_batch_stops_trying_a_host_once_it_is_unreachable(master, make_media_server, coordinator):
+    up, down = make_media_server(), make_media_server()
+    down.stop()
+    for index in range(200):
+        master.save(f"u/{index}.txt", ContentFile(b"x"))
+    pairs = [(host, f"u/{index}.txt") for index in range(200) for host in ("up", "down")]
+
+    outcomes = _sync_pairs(master, {"up": up, "down": down}, coordinator, pairs)
+
+    failed = [o for o in outcomes if o.host == "down"]
+    assert all(isinstance(o.error, HostUnreachable) for o in failed), {type(o.error) for o in failed}
+    tried = len({id(o.error) for o in failed})
+    assert tried < 100, f"{tried} of 200 tried"  # the host's first refusal answered for the others
+    assert len(up.files()) == 200 and all(o.error is None for o in outcomes if o.host == "up")
+
+
+def test_a_busy_pair_in_a_batch_waits_and_the_others_go_on(master, host, coordinator):
+    master.save("a.txt", ContentFile(b"a"))
+    master.save("b.txt", ContentFile(b"b"))
+    other_worker = coordinator.lease("h1", "a.txt")
+    assert other_worker.acquire()
+
+    busy, free = _sync_pairs(master, {"h1": host}, coordinator, [("h1", "a.txt"), ("h1", "b.txt")])
+
+    assert isinstance(busy.error, replication.LeaseBusy) and busy.action == ""
+    assert free.action == "upload" and host.files() == {"b.txt": b"b"}

@@ -466,6 +466,9 @@ def _drain(chunks):
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False  # MediaServer.stop() waits for the connections itself
+    # socketserver's listen backlog is 5: a worker's burst of parallel transfers would see
+    # refused connections that a real server (nginx: 511) never gives.
+    request_queue_size = 128
 
     def __init__(self, media):
         self.media = media
