@@ -31,6 +31,11 @@ EXIT_FLUSH_TIMEOUT = 10.0
 #: A burst of changes for one queue goes out as messages of at most this many changes.
 MAX_CHANGES_PER_MESSAGE = 100
 
+#: Bulk work (reconcile, a returning host's backlog) goes out in messages of at most this
+#: many changes: enough to share a message's fixed cost (leases, a query, a row write), few
+#: enough that a worker slot busy with one frees up soon for a live change.
+BULK_CHANGES_PER_MESSAGE = 10
+
 #: In a burst, the thread waits this long (seconds) for more changes before it sends, so a
 #: loop of saves sends a message per few saves, not one each; after a quiet spell it sends
 #: at once.
@@ -54,11 +59,12 @@ def publish(app, queue, changes, producer=None, bulk=False):
 
 def publish_in_messages(app, queue, changes, producer=None, bulk=False):
     """:func:`publish` ``changes`` as messages of at most :data:`MAX_CHANGES_PER_MESSAGE`
-    changes each (a worker syncs one message's changes together). Returns the number of
-    messages."""
-    for start in range(0, len(changes), MAX_CHANGES_PER_MESSAGE):
-        publish(app, queue, changes[start:start + MAX_CHANGES_PER_MESSAGE], producer, bulk=bulk)
-    return -(-len(changes) // MAX_CHANGES_PER_MESSAGE)
+    changes each, :data:`BULK_CHANGES_PER_MESSAGE` in the bulk lane (a worker syncs one
+    message's changes together). Returns the number of messages."""
+    size = BULK_CHANGES_PER_MESSAGE if bulk else MAX_CHANGES_PER_MESSAGE
+    for start in range(0, len(changes), size):
+        publish(app, queue, changes[start:start + size], producer, bulk=bulk)
+    return -(-len(changes) // size)
 
 
 def send(app, task, arguments, queue, producer=None, bulk=False):

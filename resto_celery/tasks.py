@@ -327,7 +327,8 @@ class BulkPages:
 
     def _wait_for_room(self):
         started = time.monotonic()
-        while (lanes.bulk_backlog(current_app, self.queues) or 0) * publisher.MAX_CHANGES_PER_MESSAGE > self.high_water:
+        per_message = publisher.BULK_CHANGES_PER_MESSAGE
+        while (lanes.bulk_backlog(current_app, self.queues) or 0) * per_message > self.high_water:
             self.heartbeat()
             time.sleep(self.POLL)
         self.waited += time.monotonic() - started
