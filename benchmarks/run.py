@@ -16,7 +16,7 @@ from benchmarks import common
 
 BENCHMARKS = [
     "bench_save", "bench_replication", "bench_reconcile", "bench_reconcile_hosts", "bench_dashboard", "bench_resync",
-    "bench_url", "bench_upload_view", "bench_outage", "bench_catchup",
+    "bench_url", "bench_upload_view", "bench_outage", "bench_catchup", "bench_s3",
 ]
 RESULTS = Path(__file__).resolve().parent / "results"
 TIMEOUT = 3 * 3600  # seconds: a hung benchmark must not hang `make bench` forever

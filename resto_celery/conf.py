@@ -13,6 +13,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.functional import Promise
 
+from .storage_host import build_storage
 from .tahoe import WRITE_CAP, redact as redact_write_caps
 
 #: option name -> (global setting, default). The documentation of each is in the README.
@@ -56,12 +57,20 @@ COUNTS = ("max_retries", "breaker_threshold")
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
-HOST_ENTRY_KEYS = {"url", "name", "auth", "headers", "ca_bundle", "kind", "dircap", "readcap", "public_url"}
+HOST_ENTRY_KEYS = {
+    "url", "name", "auth", "headers", "ca_bundle", "kind", "dircap", "readcap", "public_url",
+    "storage", "alias", "options", "checksum",
+}
 
 #: Kinds of media host: plain HTTP PUT/DELETE (nginx's dav module), WebDAV (collections
-#: made with MKCOL, listed with PROPFIND) and a Tahoe-LAFS grid (its node's web API).
-HOST_KINDS = ("http", "webdav", "tahoe")
+#: made with MKCOL, listed with PROPFIND), a Tahoe-LAFS grid (its node's web API) and any
+#: Django storage (an S3 bucket through django-storages...: :mod:`resto_celery.storage_host`).
+HOST_KINDS = ("http", "webdav", "tahoe", "storage")
 TAHOE_ONLY_KEYS = ("dircap", "readcap", "public_url")
+#: The keys of a ``"storage"`` host entry; it has no URL, credentials or headers of its own
+#: (the storage's options hold them).
+STORAGE_ENTRY_KEYS = ("kind", "name", "storage", "alias", "options", "public_url", "checksum")
+STORAGE_ONLY_KEYS = ("storage", "alias", "options", "checksum")
 TAHOE_WRITE_CAPS = ("URI:DIR2:", "URI:DIR2-MDMF:")
 TAHOE_READ_CAPS = ("URI:DIR2-RO:", "URI:DIR2-MDMF-RO:")
 
@@ -71,8 +80,9 @@ class MediaHost:
     """One media server, as resolved from a host entry.
 
     ``name`` identifies the host in logs, task messages and ``Replica`` rows; ``base_url``
-    is where files live (ends with ``/``). Neither ever contains credentials: those stay
-    in ``auth`` and ``headers``, which are left out of ``repr()``.
+    is where files live (ends with ``/``; empty for a ``"storage"`` host). Neither ever
+    contains credentials: those stay in ``auth``, ``headers`` and ``storage_options``, which
+    are left out of ``repr()``.
     """
 
     name: str
@@ -87,7 +97,15 @@ class MediaHost:
     #: Tahoe: the read-only cap of the same directory (asked of the node when not given).
     readcap: str | None = None
     #: Tahoe: the base URL of the gateway that serves downloads (default: ``base_url``).
+    #: Storage: the base URL that ``url()`` hands out (the bucket's public URL or a CDN's).
     public_url: str | None = None
+    #: Storage: the dotted path of the storage class, or (``alias``) a ``STORAGES`` alias.
+    storage: str | None = None
+    alias: str | None = None
+    #: Storage: the class's options; they hold credentials (never in ``repr()``, logs or messages).
+    storage_options: dict = field(default_factory=dict, repr=False, hash=False)
+    #: Storage: send a checksum of the master's bytes with each upload, for the store to check.
+    checksum: bool = True
 
     @property
     def scheme(self):
@@ -232,6 +250,14 @@ def parse_host(entry, *, media_url="/media/", ca_bundle=None):
     directory cap the files go under, and may give ``readcap`` (its read-only cap) and
     ``public_url`` (the gateway that serves downloads, default ``url``).
 
+    A ``"storage"`` host is any Django storage (:mod:`resto_celery.storage_host`): the entry
+    gives ``storage``, the dotted path of its class, with ``options`` (keyword arguments,
+    e.g. django-storages' S3Storage ``bucket_name``, ``endpoint_url``, ``access_key``...), or
+    ``alias``, a ``STORAGES`` alias; ``name`` (required with ``storage``; default the alias),
+    ``public_url`` (the base URL that ``url()`` hands out: the bucket's or a CDN's; default the
+    storage's own ``url()``) and ``checksum`` (default True: each upload carries a checksum of
+    the master's bytes that the store checks).
+
     A bad entry raises :class:`ImproperlyConfigured` naming it by :func:`describe_entry`,
     so the message never shows a password, header, cap or any other value that may be one.
     """
@@ -250,7 +276,7 @@ def parse_host(entry, *, media_url="/media/", ca_bundle=None):
 
 #: The values of a dict host entry that :func:`describe_entry` shows (URLs redacted); it
 #: shows the others by their key only.
-SHOWN_ENTRY_KEYS = ("url", "name", "kind", "public_url", "ca_bundle")
+SHOWN_ENTRY_KEYS = ("url", "name", "kind", "public_url", "ca_bundle", "storage", "alias")
 
 
 def describe_entry(entry):
@@ -304,16 +330,24 @@ def _parse_dict_entry(entry, media_url, ca_bundle):
             f"Media host entry {describe_entry(entry)} has unknown key(s) {', '.join(map(describe_entry, unknown))}; "
             f"known keys are {', '.join(sorted(HOST_ENTRY_KEYS))}."
         )
+    if entry.get("kind") == "storage":
+        return _parse_storage_entry(entry)
+    misplaced = [key for key in STORAGE_ONLY_KEYS if key in entry]
+    if misplaced:
+        raise ImproperlyConfigured(
+            f"Media host entry {describe_entry(entry)}: {', '.join(map(repr, misplaced))} only apply to kind 'storage'."
+        )
     url = entry.get("url")
-    if not isinstance(url, str):
-        raise ImproperlyConfigured(f"Media host entry {describe_entry(entry)} needs a 'url' string.")
-    where = describe_url(url.strip())
     kind = entry.get("kind", "http")
     if kind not in HOST_KINDS:
+        where = describe_url(url.strip()) if isinstance(url, str) else describe_entry(entry)
         raise ImproperlyConfigured(
             f"The 'kind' of media host {where} must be one of {', '.join(map(repr, HOST_KINDS))}, "
             f"not {describe_entry(kind)}."
         )
+    if not isinstance(url, str):
+        raise ImproperlyConfigured(f"Media host entry {describe_entry(entry)} needs a 'url' string.")
+    where = describe_url(url.strip())
     ca_bundle = entry.get("ca_bundle", ca_bundle)
     if ca_bundle is not None and not isinstance(ca_bundle, str):
         raise ImproperlyConfigured(f"The 'ca_bundle' of media host {where} must be a path to a PEM file or None.")
@@ -385,6 +419,61 @@ def _parse_tahoe_entry(entry, ca_bundle):
         name=label, base_url=node.base_url, ca_bundle=node.ca_bundle, kind="tahoe",
         dircap=dircap, readcap=readcap, public_url=public_url,
     )
+
+
+def _parse_storage_entry(entry):
+    """Any Django storage as a media host: a class and its options, or a ``STORAGES`` alias.
+
+    The storage is built here once, so that a bad class, option or alias is reported by
+    ``manage.py check`` (:func:`resto_celery.storage_host.build_storage`); its options are
+    never shown (they hold the credentials).
+    """
+    shown = describe_entry(entry)
+    extra = [key for key in entry if key not in STORAGE_ENTRY_KEYS]
+    if extra:
+        raise ImproperlyConfigured(
+            f"Media host entry {shown} of kind 'storage' cannot have {', '.join(map(describe_entry, extra))}: "
+            f"the storage's own options hold its address and credentials."
+        )
+    path, alias = entry.get("storage"), entry.get("alias")
+    if (path is None) == (alias is None):
+        raise ImproperlyConfigured(
+            f"Media host entry {shown} of kind 'storage' needs either 'storage' (the dotted path of a storage class, "
+            f"e.g. 'storages.backends.s3.S3Storage') or 'alias' (a STORAGES alias), not both."
+        )
+    for key, value in (("storage", path), ("alias", alias)):
+        if value is not None and not (isinstance(value, str) and value):
+            raise ImproperlyConfigured(f"The {key!r} of media host entry {shown} must be a non-empty string.")
+    options = entry.get("options", {})
+    if not isinstance(options, dict) or not all(isinstance(key, str) for key in options):
+        raise ImproperlyConfigured(f"The 'options' of media host entry {shown} must be a dict of keyword arguments.")
+    if alias is not None and options:
+        raise ImproperlyConfigured(
+            f"Media host entry {shown}: 'options' go with 'storage'; an alias takes the OPTIONS of STORAGES[{alias!r}]."
+        )
+    name = entry.get("name", alias)
+    if not isinstance(name, str) or not name.strip():
+        raise ImproperlyConfigured(
+            f"Media host entry {shown} of kind 'storage' needs a 'name' (what logs, tasks and Replica rows call it, "
+            f"e.g. 's3-eu'): never derived from its options, which may hold credentials."
+        )
+    public_url = entry.get("public_url")
+    if public_url is not None:
+        if not isinstance(public_url, str):
+            raise ImproperlyConfigured(f"The 'public_url' of media host {name} must be a URL string.")
+        try:
+            public_url = _parse_url_entry(public_url.strip(), None).base_url
+        except ImproperlyConfigured as error:
+            raise ImproperlyConfigured(f"The 'public_url' of media host {name}: {error}") from None
+    checksum = entry.get("checksum", True)
+    if not isinstance(checksum, bool):
+        raise ImproperlyConfigured(f"The 'checksum' of media host {name} must be True or False.")
+    host = MediaHost(
+        name=name, base_url="", kind="storage", public_url=public_url, storage=path, alias=alias,
+        storage_options=dict(options), checksum=checksum,
+    )
+    build_storage(host)  # raises ImproperlyConfigured, naming the host, for a bad class, option or alias
+    return host
 
 
 def _parse_url_entry(entry, ca_bundle):

@@ -2,6 +2,7 @@
 import os
 import threading
 
+from .storage_host import StorageTransport
 from .tahoe import TahoeTransport
 from .transport import HostTransport
 from .webdav import WebDAVTransport
@@ -27,7 +28,9 @@ def transport_for(host, timeout):
 
 
 def make_transport(host, timeout):
-    """A new transport for ``host``, by its kind (``http``, ``webdav`` or ``tahoe``)."""
+    """A new transport for ``host``, by its kind (``http``, ``webdav``, ``tahoe`` or ``storage``)."""
+    if host.kind == "storage":
+        return StorageTransport(host, timeout=timeout)
     common = {"name": host.name, "timeout": timeout, "verify": host.ca_bundle or True}
     if host.kind == "tahoe":
         return TahoeTransport(

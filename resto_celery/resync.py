@@ -6,6 +6,7 @@ import hashlib
 import os
 import queue
 import threading
+import zlib
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -39,6 +40,11 @@ class Plan:
     extra: list = field(default_factory=list)  # (name, size): on the host, not in the master
     listed: int = 0  # files the host listed (hosts that can list)
     unlisted: str | None = None  # why a plain HTTP host was not listed (its answer to a listing)
+    # --verify: files whose contents were compared by what the host keeps (no download), and
+    # files downloaded to compare them, with the bytes that cost.
+    by_digest: int = 0
+    downloaded: int = 0
+    downloaded_bytes: int = 0
 
     @property
     def upload_bytes(self):
@@ -116,19 +122,104 @@ def _sha256_file(path):
     return digest.hexdigest()
 
 
-def _sha256_remote(transport, name):
-    digest = hashlib.sha256()
+class _Hasher:
+    """A sink for :meth:`~resto_celery.transport.Transport.download` that keeps only a SHA-256."""
 
-    class _Sink:
-        def write(self, chunk):
-            digest.update(chunk)
+    def __init__(self):
+        self.digest = hashlib.sha256()
 
-    transport.download(name, _Sink())
-    return digest.hexdigest()
+    def write(self, chunk):
+        self.digest.update(chunk)
+
+
+class _PartsMD5:
+    """The MD5 of the MD5s of consecutive parts of ``part_size`` bytes, ``hex-<parts>``: an
+    S3 multipart ETag, computed from the master file."""
+
+    def __init__(self, part_size):
+        self.part_size, self.filled, self.current, self.parts = part_size, 0, hashlib.md5(usedforsecurity=False), []
+
+    def update(self, chunk):
+        view = memoryview(chunk)
+        while view:
+            take = min(len(view), self.part_size - self.filled)
+            self.current.update(view[:take])
+            self.filled += take
+            view = view[take:]
+            if self.filled == self.part_size:
+                self.parts.append(self.current.digest())
+                self.current, self.filled = hashlib.md5(usedforsecurity=False), 0
+
+    def hexdigest(self):
+        parts = self.parts + ([self.current.digest()] if self.filled or not self.parts else [])
+        return f"{hashlib.md5(b''.join(parts), usedforsecurity=False).hexdigest()}-{len(parts)}"
+
+
+class _CRC32:
+    def __init__(self):
+        self.value = 0
+
+    def update(self, chunk):
+        self.value = zlib.crc32(chunk, self.value)
+
+    def hexdigest(self):
+        return self.value.to_bytes(4, "big").hex()
+
+
+def _local_hasher(algorithm):
+    """A hasher for ``algorithm`` as :meth:`~resto_celery.transport.Transport.digests` names
+    them, or None for one this does not know."""
+    if algorithm in ("md5", "sha1", "sha256"):
+        return hashlib.new(algorithm, usedforsecurity=False)  # comparing contents, not securing them
+    if algorithm == "crc32":
+        return _CRC32()
+    kind, _, part_size = algorithm.partition("/")
+    if kind == "md5-parts" and part_size.isdigit() and int(part_size) > 0:
+        return _PartsMD5(int(part_size))
+    return None
+
+
+def _matches(path, digests):
+    """Whether the master file at ``path`` has ``digests`` (``{algorithm: hex}``), read once:
+    True, False, or None when no algorithm is one this knows."""
+    hashers = {algorithm: _local_hasher(algorithm) for algorithm in digests}
+    hashers = {algorithm: hasher for algorithm, hasher in hashers.items() if hasher is not None}
+    if not hashers:
+        return None
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(CHUNK), b""):
+            for hasher in hashers.values():
+                hasher.update(chunk)
+    return all(hasher.hexdigest() == digests[algorithm].lower() for algorithm, hasher in hashers.items())
+
+
+def same_content(transport, name, remote, path):
+    """``(same, downloaded bytes)``: whether the host's ``name`` has the bytes of the master
+    file at ``path``.
+
+    Where the host vouches for a hash of its bytes (:meth:`~resto_celery.transport.Transport.digests`:
+    an object store's MD5 ETag or stored checksum, from its listing or a ``HEAD``), that
+    hash of the master file decides and nothing is downloaded. A listing's ETag that does
+    not match is checked once more with a ``HEAD`` (which tells whether encryption makes the
+    ETag something else than an MD5). Otherwise the file is downloaded and SHA-256s compared.
+    """
+    digests = transport.digests(name, remote)
+    verdict = _matches(path, digests) if digests else None
+    if verdict is False and remote is not None and not remote.digests:
+        digests = transport.digests(name)
+        verdict = _matches(path, digests) if digests else None
+    if verdict is not None:
+        return verdict, 0
+    sink = _Hasher()
+    downloaded = transport.download(name, sink)
+    return sink.digest.hexdigest() == _sha256_file(path), downloaded
 
 
 def make_plan(storage, host, *, verify=False, workers=8, progress=None):
-    """Compare every master file with ``host``: its size, and with ``verify`` a SHA-256 of both.
+    """Compare every master file with ``host``: its size, and with ``verify`` its contents
+    (:func:`same_content`: by the hash the host keeps where it keeps one, else a download and
+    a SHA-256 of both; ``plan.by_digest``, ``plan.downloaded`` and ``plan.downloaded_bytes``
+    say which it took).
 
     A host that lists its files is listed once (its folders by ``workers`` threads) instead
     of asked with a HEAD per file, and the files it holds that the master has not go to
@@ -175,16 +266,22 @@ def make_plan(storage, host, *, verify=False, workers=8, progress=None):
             else:
                 remote = listing.get(name)
             if remote is None:
-                return name, size, "missing", None
+                return name, size, "missing", None, None
             if remote.size != size:
-                return name, size, f"size {remote.size} on the host, {size} in the master", None
-            if verify and _sha256_remote(transport, name) != _sha256_file(storage.path(name)):
-                return name, size, "different content", None
-            return name, size, None, None
+                return name, size, f"size {remote.size} on the host, {size} in the master", None, None
+            if verify:
+                same, downloaded = same_content(transport, name, remote, storage.path(name))
+                return name, size, None if same else "different content", None, downloaded
+            return name, size, None, None, None
         except (TransportError, OSError) as error:
-            return name, size, None, error
+            return name, size, None, error, None
 
-    for name, size, reason, error in _parallel(check, master, workers):
+    for name, size, reason, error, downloaded in _parallel(check, master, workers):
+        if downloaded == 0:
+            plan.by_digest += 1
+        elif downloaded is not None:
+            plan.downloaded += 1
+            plan.downloaded_bytes += downloaded
         if error is not None:
             plan.errors.append((name, error))
         elif reason is not None:
@@ -251,8 +348,12 @@ def _walk(transport, workers):
     """``{name: RemoteFile}`` for every file ``transport`` lists, its folders listed by ``workers`` threads.
 
     A folder that is gone when its turn comes (404) holds nothing; any other error is raised
-    once the folders being listed are done.
+    once the folders being listed are done. A host whose flat listing is cheaper
+    (``lists_flat``: an S3 bucket) is listed in one go.
     """
+    if getattr(transport, "lists_flat", False):
+        return dict(transport.walk())
+
     def list_folder(path):
         try:
             return path, transport.list_directory(path)

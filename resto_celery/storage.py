@@ -259,10 +259,12 @@ class AsyncStorage(HybridStorage):
 class DistributedStorage(ReplicatedStorageMixin, Storage):
     """Files on the media hosts only, no master copy.
 
-    Reads (``open``, ``exists``, ``size``, ``get_modified_time``) ask the hosts in order
-    and use the first that answers. Beware the race conditions: two uploads of the same
-    name at the same time may leave one version on some hosts and the other elsewhere,
-    and ``exists()`` costs an HTTP request. Keep ``fatal_exceptions`` on, or a failed
+    Reads (``open``, ``exists``, ``size``, ``get_modified_time``, ``listdir``) ask the hosts
+    in order and use the first that has the file (:meth:`_first_answer`: one policy for
+    every read). Hosts may be of any kind, an S3 bucket (kind ``"storage"``) included.
+    Beware the race conditions: two uploads of the same name at the same time may leave
+    one version on some hosts and the other elsewhere, and ``exists()`` costs a request
+    to a host. Keep ``fatal_exceptions`` on, or a failed
     upload can lose a file silently.
 
     A host that fails a read is logged at ERROR in django-resto's words (``Failed to
@@ -319,7 +321,7 @@ class DistributedStorage(ReplicatedStorageMixin, Storage):
             transport.download(name, spool)
 
         try:
-            self._read_from_hosts(download, name, "Failed to download %s from %s: %s")
+            self._first_answer(download, name, "read", "Failed to download %s from %s: %s")
         except BaseException:
             spool.close()
             raise
@@ -328,75 +330,79 @@ class DistributedStorage(ReplicatedStorageMixin, Storage):
 
     def exists(self, name):
         name = clean_name(name)
-        failures = {}
-        for host in self.hosts:
-            try:
-                if self.transport(host).exists(name):
-                    return True
-            except Exception as error:  # noqa: BLE001
-                failures[host] = error
-                self._log_read_failure("Failed to check if %s exists on %s: %s", name, host, error)
-        if len(failures) == len(self.hosts):
-            raise ReplicationError("check", name, failures, len(self.hosts))
-        return False
+
+        def has(transport):
+            if not transport.exists(name):
+                raise FileNotFoundError(name)
+            return True
+
+        try:
+            return self._first_answer(has, name, "check", "Failed to check if %s exists on %s: %s")
+        except FileNotFoundError:
+            return False
 
     def size(self, name):
         name = clean_name(name)
-        return self._read_from_hosts(
-            lambda transport: transport.size(name), name, "Failed to get the size of %s from %s: %s"
+        return self._first_answer(
+            lambda transport: transport.size(name), name, "read", "Failed to get the size of %s from %s: %s"
         )
 
     def get_modified_time(self, name):
         name = clean_name(name)
-        return self._read_from_hosts(
-            lambda transport: transport.modified_time(name), name, "Failed to get the modified time of %s from %s: %s"
+        return self._first_answer(
+            lambda transport: transport.modified_time(name), name, "read",
+            "Failed to get the modified time of %s from %s: %s",
         )
 
     def url(self, name):
-        """``base_url`` + name; with no ``base_url`` option and a Tahoe-LAFS first host, the
-        gateway's link through the directory's read-only cap (never the write cap)."""
+        """``base_url`` + name. With no ``base_url`` option and a first host that hands out its
+        own links, that host's link: a Tahoe-LAFS gateway's, through the directory's read-only
+        cap (never the write cap); a storage host's ``public_url`` (the bucket's public address
+        or a CDN's) + name, or else its storage's own ``url()`` (S3: a signed URL)."""
         name = clean_name(name)
         first = self.options.hosts[0]
-        if self._base_url is None and first.kind == "tahoe":
+        if self._base_url is None and first.kind in ("tahoe", "storage"):
             return self.transport(first.name).public_link(name)
         return self.base_url + filepath_to_uri(name)
 
     def listdir(self, path):
-        """List ``path`` on the first host that can list (WebDAV, Tahoe-LAFS) and answers."""
+        """List ``path`` on the first host that can list (WebDAV, Tahoe-LAFS, storages) and has it."""
         path = clean_name(path).strip("/") if path else ""
         listing = [host for host in self.hosts if self.transport(host).can_list]
         if not listing:
             raise NotImplementedError(
                 "DistributedStorage cannot list directories: plain HTTP PUT/DELETE hosts have no listing "
-                "(WebDAV and Tahoe-LAFS hosts do)."
+                "(WebDAV, Tahoe-LAFS and storage hosts do)."
             )
-        failures = {}
-        for host in listing:
-            try:
-                return self.transport(host).listdir(path)
-            except FileNotFoundError:
-                return [], []
-            except Exception as error:  # noqa: BLE001 - try the next host
-                failures[host] = error
-        raise ReplicationError("list", path, failures, len(listing))
+        try:
+            return self._first_answer(
+                lambda transport: transport.listdir(path), path, "list", "Failed to list %s on %s: %s", hosts=listing,
+            )
+        except FileNotFoundError:
+            return [], []
 
-    def _read_from_hosts(self, read, name, failure_message):
-        """Return ``read(transport)`` from the first host that answers it.
+    def _first_answer(self, read, name, operation, failure_message, hosts=None):
+        """Return ``read(transport)`` from the first of ``hosts`` (default: all) that has ``name``.
 
-        A host without the file is no failure; any other error is logged at ERROR with
-        ``failure_message % (name, host, reason)`` and the next host is asked.
+        The one policy of every read: a host without it (``read`` raises
+        ``FileNotFoundError``) is no failure, and the next host is asked; so it is after any
+        other error, which is logged at ERROR as ``failure_message % (name, host, reason)``.
+        When no host has it, ``FileNotFoundError`` if a host said so, else (every host
+        failed) :class:`~resto_celery.exceptions.ReplicationError` for ``operation``.
         """
-        failures = {}
-        for host in self.hosts:
+        hosts = self.hosts if hosts is None else hosts
+        failures, answered = {}, False
+        for host in hosts:
             try:
                 return read(self.transport(host))
+            except FileNotFoundError:
+                answered = True
             except Exception as error:  # noqa: BLE001 - try the next host
                 failures[host] = error
-                if not isinstance(error, FileNotFoundError):
-                    self._log_read_failure(failure_message, name, host, error)
-        if all(isinstance(error, FileNotFoundError) for error in failures.values()):
+                self._log_read_failure(failure_message, name, host, error)
+        if answered:
             raise FileNotFoundError(f"{name} is on none of the media hosts.")
-        raise ReplicationError("read", name, failures, len(self.hosts))
+        raise ReplicationError(operation, name, failures, len(hosts))
 
     def _log_read_failure(self, message, name, host, error):
         reason = getattr(error, "reason", None) or f"{type(error).__name__}: {error}"

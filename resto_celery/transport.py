@@ -4,6 +4,9 @@ Knows nothing of Django models or Celery: a :class:`HostTransport` is built from
 URL and a few connection settings, and speaks plain HTTP/1.1 ``PUT``, ``DELETE``,
 ``HEAD`` and ``GET``. A plain HTTP host served by nginx may also list its folders as JSON
 (``autoindex_format json``): see :meth:`HostTransport.lists_folders`.
+
+:class:`Transport` is what every kind of host offers replication, resync and the storages
+(HTTP here, WebDAV, Tahoe-LAFS, any Django storage in :mod:`resto_celery.storage_host`).
 """
 import email.utils
 import json
@@ -47,14 +50,125 @@ NGINX_FILE, NGINX_DIRECTORY = "file", "directory"
 
 @dataclass(frozen=True)
 class RemoteFile:
-    """What a ``HEAD`` tells about a file on a host."""
+    """What a ``HEAD`` (or a listing) tells about a file on a host.
+
+    ``digests`` are hashes of the file's bytes that the host vouches for, as
+    :meth:`Transport.digests` gives them: empty unless the host keeps such a thing (an
+    object store's MD5 ETag or stored checksum; nginx's ETag is its mtime and size).
+    """
 
     size: int | None
     modified: datetime | None
     etag: str | None
+    digests: tuple = ()
 
 
-class HostTransport:
+def check_name(name):
+    """Refuse a storage name that could leave the host's root (absolute, ``..``, NUL)."""
+    if name.startswith("/") or ".." in name.split("/") or "\x00" in name:
+        raise ValueError(f"Refusing unsafe file name {name!r}.")
+    return name
+
+
+class Transport:
+    """What replication, resync and the storages ask of a media host, whatever its kind.
+
+    :class:`HostTransport` speaks HTTP (and :mod:`resto_celery.webdav`,
+    :mod:`resto_celery.tahoe` extend it); :class:`resto_celery.storage_host.StorageTransport`
+    wraps a Django storage. Each implements :meth:`put`, :meth:`delete`, :meth:`head`,
+    :meth:`download` and :meth:`list_directory`; the rest is built on those here.
+    Failures raise :class:`~resto_celery.exceptions.TransportError` (retryable or final).
+    """
+
+    #: Whether :meth:`walk` can always list the files the host holds; for a plain HTTP
+    #: host, :meth:`lists_folders` tells.
+    can_list = False
+    name = None
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.name}>"
+
+    def exists(self, name):
+        """Return whether the host has ``name``."""
+        return self.head(name) is not None
+
+    def size(self, name):
+        """Return the size of ``name`` in bytes; raises :class:`MissingFile` if absent."""
+        remote = self._require(name)
+        if remote.size is None:
+            raise UnexpectedStatus(self.name, "HEAD", name, "no Content-Length in the answer", 200)
+        return remote.size
+
+    def modified_time(self, name):
+        """Return the ``Last-Modified`` time of ``name`` as an aware UTC datetime."""
+        remote = self._require(name)
+        if remote.modified is None:
+            raise UnexpectedStatus(self.name, "HEAD", name, "no Last-Modified in the answer", 200)
+        return remote.modified
+
+    def digests(self, name, remote=None):
+        """``{algorithm: hex digest}`` of ``name``'s bytes that the host keeps and tells without
+        sending them (``remote``: what a listing or :meth:`head` already said, if anything).
+
+        Empty for hosts that keep none (plain HTTP, WebDAV, Tahoe-LAFS): ``resto_resync
+        --verify`` then downloads the file. Algorithms are ``md5``, ``sha1``, ``sha256``,
+        ``crc32`` and ``md5-parts/<part size>`` (an object store's multipart ETag: the MD5
+        of the parts' MD5s, ``hex-<part count>``).
+        """
+        return dict(remote.digests) if remote is not None else {}
+
+    def lists_folders(self):
+        """``(True, None)`` if :meth:`walk` works on this host, else ``(False, reason)``."""
+        return (True, None) if self.can_list else (False, "this kind of host has no listing")
+
+    def listing_hides(self, name):
+        """Whether a listing of this host (:meth:`walk`) leaves ``name`` out even when the host has it.
+
+        nginx's autoindex never shows a file or folder whose name starts with a dot; WebDAV,
+        Tahoe-LAFS and storage listings (``can_list``) show every name.
+        """
+        return not self.can_list and any(part.startswith(".") for part in name.split("/"))
+
+    def listdir(self, path=""):
+        """``(directories, file names)`` in ``path``, as Django's ``Storage.listdir``."""
+        directories, files = self.list_directory(path)
+        return directories, sorted(files)
+
+    def walk(self):
+        """Yield ``(name, RemoteFile)`` for every file on the host, depth first (see :meth:`lists_folders`)."""
+        pending = [""]
+        while pending:
+            path = pending.pop()
+            try:
+                directories, files = self.list_directory(path)
+            except MissingFile:
+                continue  # removed while we walked
+            for name, remote in sorted(files.items()):
+                yield (f"{path}/{name}" if path else name), remote
+            pending.extend(f"{path}/{d}" if path else d for d in reversed(directories))
+
+    def directories_to_create(self, name):
+        """The parent directories of ``name`` that must be made, one at a time, before a PUT.
+
+        Empty for hosts that make parents themselves or where concurrent creation is safe;
+        see :class:`resto_celery.tahoe.TahoeTransport`.
+        """
+        return []
+
+    def ensure_directory(self, path):
+        """Make the directory ``path`` exist on the host (for :meth:`directories_to_create`)."""
+
+    def close(self):
+        """Close the pooled connections."""
+
+    def _require(self, name):
+        remote = self.head(name)
+        if remote is None:
+            raise MissingFile(self.name, "HEAD", name, "404 Not Found", 404)
+        return remote
+
+
+class HostTransport(Transport):
     """HTTP operations on one media host.
 
     ``base_url`` ends with ``/``; a storage name is appended to it, percent-encoded with
@@ -75,10 +189,6 @@ class HostTransport:
     :meth:`lists_folders` asks it once.
     """
 
-    #: Whether :meth:`walk` can always list the files the host holds (WebDAV, Tahoe-LAFS);
-    #: for a plain HTTP host, :meth:`lists_folders` tells.
-    can_list = False
-
     def __init__(self, base_url, *, name=None, timeout=2, auth=None, headers=None, verify=True, pool_size=16):
         if not base_url.endswith("/"):
             base_url += "/"
@@ -95,14 +205,9 @@ class HostTransport:
         self.session.mount("https://", adapter)
         self._lists_folders = None  # None: not asked yet (or no clear answer); else (bool, reason)
 
-    def __repr__(self):
-        return f"<{type(self).__name__} {self.name}>"
-
     def url(self, name):
         """Return the URL of ``name`` on this host (no credentials in it)."""
-        if name.startswith("/") or ".." in name.split("/") or "\x00" in name:
-            raise ValueError(f"Refusing unsafe file name {name!r}.")
-        return self.base_url + quote(name, safe="/")
+        return self.base_url + quote(check_name(name), safe="/")
 
     def put(self, name, fileobj, length=None):
         """Upload ``fileobj`` (opened in binary mode) as ``name``, streaming it.
@@ -148,24 +253,6 @@ class HostTransport:
             modified=email.utils.parsedate_to_datetime(modified).astimezone(timezone.utc) if modified else None,
             etag=response.headers.get("ETag"),
         )
-
-    def exists(self, name):
-        """Return whether the host has ``name``."""
-        return self.head(name) is not None
-
-    def size(self, name):
-        """Return the size of ``name`` in bytes; raises :class:`MissingFile` if absent."""
-        remote = self._require(name)
-        if remote.size is None:
-            raise UnexpectedStatus(self.name, "HEAD", name, "no Content-Length in the answer", 200)
-        return remote.size
-
-    def modified_time(self, name):
-        """Return the ``Last-Modified`` time of ``name`` as an aware UTC datetime."""
-        remote = self._require(name)
-        if remote.modified is None:
-            raise UnexpectedStatus(self.name, "HEAD", name, "no Last-Modified in the answer", 200)
-        return remote.modified
 
     def download(self, name, fileobj):
         """Write the bytes of ``name`` into ``fileobj`` in chunks; return the byte count."""
@@ -245,52 +332,9 @@ class HostTransport:
         self._lists_folders = answer
         return answer
 
-    def listing_hides(self, name):
-        """Whether a listing of this host (:meth:`walk`) leaves ``name`` out even when the host has it.
-
-        nginx's autoindex never shows a file or folder whose name starts with a dot; WebDAV
-        and Tahoe-LAFS listings (``can_list``) show every name.
-        """
-        return not self.can_list and any(part.startswith(".") for part in name.split("/"))
-
-    def listdir(self, path=""):
-        """``(directories, file names)`` in ``path``, as Django's ``Storage.listdir``."""
-        directories, files = self.list_directory(path)
-        return directories, sorted(files)
-
-    def walk(self):
-        """Yield ``(name, RemoteFile)`` for every file on the host, depth first (see :meth:`lists_folders`)."""
-        pending = [""]
-        while pending:
-            path = pending.pop()
-            try:
-                directories, files = self.list_directory(path)
-            except MissingFile:
-                continue  # removed while we walked
-            for name, remote in sorted(files.items()):
-                yield (f"{path}/{name}" if path else name), remote
-            pending.extend(f"{path}/{d}" if path else d for d in reversed(directories))
-
-    def directories_to_create(self, name):
-        """The parent directories of ``name`` that must be made, one at a time, before a PUT.
-
-        Empty for hosts that make parents themselves or where concurrent creation is safe;
-        see :class:`resto_celery.tahoe.TahoeTransport`.
-        """
-        return []
-
-    def ensure_directory(self, path):
-        """Make the directory ``path`` exist on the host (for :meth:`directories_to_create`)."""
-
     def close(self):
         """Close the pooled connections."""
         self.session.close()
-
-    def _require(self, name):
-        remote = self.head(name)
-        if remote is None:
-            raise MissingFile(self.name, "HEAD", name, "404 Not Found", 404)
-        return remote
 
     def _request(self, method, name, **kwargs):
         try:

@@ -254,3 +254,21 @@ def async_settings(settings, async_hosts, redis_url, project_celery_app, media_r
         "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
     })
     return settings
+
+
+@pytest.fixture
+def make_s3_host():
+    """Start S3 buckets as media hosts (kind "storage", django-storages' S3Storage): each on a
+    moto server of its own on 127.0.0.1 (resto_celery.testing.s3), so faults stay its own."""
+    from resto_celery.testing.s3 import S3Bucket, S3Server
+
+    servers = []
+
+    def make(**kwargs):
+        server = S3Server().start()
+        servers.append(server)
+        return S3Bucket(server, **kwargs)
+
+    yield make
+    for server in servers:
+        server.stop()

@@ -13,7 +13,8 @@ from resto_celery.models import Replica
 class Command(BaseCommand):
     help = (
         "Compare the master copy with each media host and upload what is missing or different "
-        "(sizes; --verify also compares SHA-256 of the contents). Replaces the rsync that "
+        "(sizes; --verify also compares contents, by the hash an object store keeps or by a download). "
+        "Replaces the rsync that "
         "django-resto asked for after an outage or when adding a host. Hosts that list their files "
         "(WebDAV, Tahoe-LAFS, nginx serving its JSON autoindex) are listed once, folder by folder, and "
         "files that exist only on them are reported (--delete-extra deletes them); other plain HTTP "
@@ -28,7 +29,11 @@ class Command(BaseCommand):
             "--host", action="append", dest="hosts", metavar="HOST",
             help="A media host (its name, as in RESTO_MEDIA_HOSTS); repeat for several. Default: all.",
         )
-        parser.add_argument("--verify", action="store_true", help="Also compare contents (downloads every file).")
+        parser.add_argument(
+            "--verify", action="store_true",
+            help="Also compare contents: by the hash the host keeps where it keeps one (an S3 bucket's MD5 ETag or "
+            "stored checksum: no download), else by downloading the file (SHA-256).",
+        )
         parser.add_argument("--dry-run", action="store_true", help="Print the plan; change nothing.")
         parser.add_argument(
             "--via-queue", action="store_true",
@@ -97,6 +102,11 @@ class Command(BaseCommand):
             f"  {checked} file(s) checked: {plan.unchanged} identical, {len(plan.upload)} to upload "
             f"({_size(plan.upload_bytes)}), {len(plan.errors)} could not be checked."
         )
+        if options["verify"]:
+            self.stdout.write(
+                f"  Contents compared: {plan.by_digest} by the host's checksums (nothing downloaded), "
+                f"{plan.downloaded} by download ({_size(plan.downloaded_bytes)} downloaded)."
+            )
         delete_extra = options["delete_extra"]
         if not plan.can_list:
             self.stdout.write(
