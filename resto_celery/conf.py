@@ -26,6 +26,10 @@ SETTINGS = {
     # AsyncStorage: the Celery protocol.
     "redis_url": ("RESTO_REDIS_URL", None),
     "queue": ("RESTO_QUEUE", "resto"),
+    # Bulk work (reconcile, resync --via-queue, the dashboard's actions, a returning host's
+    # backlog): None shares the queue of live changes, behind them (resto_celery.lanes); a
+    # queue of its own lets a worker of its own, at a lower CPU priority, take it.
+    "bulk_queue": ("RESTO_BULK_QUEUE", None),
     "max_retries": ("RESTO_MAX_RETRIES", 6),
     "retry_backoff": ("RESTO_RETRY_BACKOFF", 2),
     "retry_backoff_max": ("RESTO_RETRY_BACKOFF_MAX", 300),
@@ -47,8 +51,8 @@ PUBLISH_MODES = ("background", "inline")
 #: Options only AsyncStorage uses: the synchronous backends refuse them in their OPTIONS
 #: (as global settings they are shared by every backend, so they are not refused there).
 ASYNC_ONLY = (
-    "redis_url", "queue", "max_retries", "retry_backoff", "retry_backoff_max", "lease_ttl", "breaker_threshold",
-    "breaker_cooldown", "failed_retry_after", "master_url", "publish",
+    "redis_url", "queue", "bulk_queue", "max_retries", "retry_backoff", "retry_backoff_max", "lease_ttl",
+    "breaker_threshold", "breaker_cooldown", "failed_retry_after", "master_url", "publish",
 )
 
 #: Options that are a number of seconds (> 0), and options that are a count (>= 0).
@@ -123,6 +127,7 @@ class Options:
     ca_bundle: str | None
     redis_url: str | None
     queue: object
+    bulk_queue: object
     max_retries: int
     retry_backoff: float
     retry_backoff_max: float
@@ -147,6 +152,16 @@ class Options:
         if isinstance(self.queue, dict):
             return self.queue.get(host, SETTINGS["queue"][1])
         return self.queue.replace("{host}", host)
+
+    def bulk_queue_for(self, host):
+        """The Celery queue for the bulk work of ``host``: ``bulk_queue`` as ``queue`` is read
+        (a name with ``{host}``, or a dict); when it is None, or a dict without the host, the
+        host's :meth:`queue_for` (the bulk lane then rides behind the live one)."""
+        if isinstance(self.bulk_queue, dict):
+            return self.bulk_queue.get(host) or self.queue_for(host)
+        if self.bulk_queue is None:
+            return self.queue_for(host)
+        return self.bulk_queue.replace("{host}", host)
 
 
 def resolve(options=None, *, media_url=None, leases=True):
@@ -195,11 +210,13 @@ def resolve(options=None, *, media_url=None, leases=True):
     redis_url = values["redis_url"]
     if redis_url is not None and not (isinstance(redis_url, str) and redis_url.startswith(REDIS_SCHEMES)):
         raise ImproperlyConfigured(f"{_label('redis_url')} must be a redis:// URL, not {describe_entry(redis_url)}.")
-    queue = values["queue"]
-    if not (isinstance(queue, str) and queue) and not (
-        isinstance(queue, dict) and all(isinstance(k, str) and isinstance(v, str) and v for k, v in queue.items())
-    ):
+    if not _queue_setting(values["queue"]):
         raise ImproperlyConfigured(f"{_label('queue')} must be a queue name or a dict of host names to queues.")
+    if values["bulk_queue"] is not None and not _queue_setting(values["bulk_queue"]):
+        raise ImproperlyConfigured(
+            f"{_label('bulk_queue')} must be None (bulk work shares the live queue), a queue name or a dict of "
+            f"host names to queues."
+        )
     if values["publish"] not in PUBLISH_MODES:
         raise ImproperlyConfigured(
             f"{_label('publish')} must be one of {', '.join(map(repr, PUBLISH_MODES))}, not {values['publish']!r}."
@@ -223,6 +240,13 @@ def resolve(options=None, *, media_url=None, leases=True):
     for key in SECONDS:
         values[key] = float(values[key])
     return Options(**values)
+
+
+def _queue_setting(value):
+    """Whether ``value`` is a queue name or a dict of host names to queue names."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and isinstance(v, str) and v for k, v in value.items())
+    return isinstance(value, str) and bool(value)
 
 
 def check_leases(lease_ttl, timeout):

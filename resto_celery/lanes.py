@@ -12,6 +12,11 @@ bulk lane only when the live lane is empty, with no extra worker or setting:
 - RabbitMQ: priorities count only in a queue declared with ``x-max-priority``; live
   messages have priority 5, bulk ones 0. Without the argument both lanes share one FIFO, as
   before (see the README).
+
+With the ``bulk_queue`` option the bulk lane has a queue of its own instead
+(:meth:`resto_celery.conf.Options.bulk_queue_for`): a worker of its own takes it, which can
+run at a lower CPU priority (``nice``) than the workers of live changes, so that a catch-up
+uses only the CPU they leave.
 """
 from .conf import REDIS_SCHEMES
 from .coordination import redis_client

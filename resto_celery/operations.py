@@ -39,7 +39,7 @@ def mark_for_resync(host, *, user=None):
     """
     storage = registry.storage_for_host(host)  # refuses hosts that are not configured
     marked = Replica.objects.filter(host=host).update(fingerprint="", retry_at=timezone.now())
-    reconcile.apply_async(queue=storage.options.queue_for(host), priority=lanes.bulk_priority(current_app))
+    reconcile.apply_async(queue=storage.options.bulk_queue_for(host), priority=lanes.bulk_priority(current_app))
     logger.info("%s marked %s for a full resync (%d rows).", user or "An operator", host, marked)
     return marked
 
@@ -48,6 +48,6 @@ def allow_deletes(host, *, user=None):
     """The operator's go-ahead for deletions the brake held on ``host``: queue a reconcile pass
     that may delete beyond the brake there (and nowhere else)."""
     storage = registry.storage_for_host(host)
-    reconcile.apply_async(kwargs={"allow_deletes": [host]}, queue=storage.options.queue_for(host),
+    reconcile.apply_async(kwargs={"allow_deletes": [host]}, queue=storage.options.bulk_queue_for(host),
                           priority=lanes.bulk_priority(current_app))
     logger.warning("%s allowed the held deletions on %s; a reconcile pass is queued.", user or "An operator", host)

@@ -251,7 +251,8 @@ class AsyncStorage(HybridStorage):
         the bulk lane (reconcile, resync, the operators' actions: see :mod:`resto_celery.lanes`)
         unless ``bulk`` is False."""
         return publisher.send(
-            current_app, f"resto_celery.{operation}", (host, name), self.options.queue_for(host), producer, bulk=bulk
+            current_app, f"resto_celery.{operation}", (host, name),
+            self.options.bulk_queue_for(host) if bulk else self.options.queue_for(host), producer, bulk=bulk,
         )
 
 

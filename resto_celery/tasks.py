@@ -89,13 +89,15 @@ def _replicate_changes(task, changes):
     priority = (task.request.delivery_info or {}).get("priority")
     if priority is None:
         priority = lanes.live_priority(current_app)
+    bulk = priority == lanes.bulk_priority(current_app)
     done, final = {}, None
     for storage, operations in by_storage.items():
 
         def retry(host, path, countdown, failures, exc=None, storage=storage, operations=operations):
             per_host = upload if operations[(host, path)] == "upload" else delete
+            queue = storage.options.bulk_queue_for(host) if bulk else storage.options.queue_for(host)
             per_host.apply_async((host, path), kwargs={"failures": failures}, countdown=countdown,
-                                 queue=storage.options.queue_for(host), priority=priority)
+                                 queue=queue, priority=priority)
 
         try:
             done.update(_replicate_to(storage, operations, task.request.id or "", failures=0, waits=0, retry=retry))
@@ -295,7 +297,7 @@ class BulkPages:
         self.page, self.high_water = page, high_water
         self.pending = []
         self.waited = 0.0
-        self.queues = sorted({storage.options.queue_for(host) for host in storage.hosts})
+        self.queues = sorted({storage.options.bulk_queue_for(host) for host in storage.hosts})
         self.started_at = time.time()
         self.sent = dict.fromkeys(storage.hosts, 0)
 
@@ -311,7 +313,7 @@ class BulkPages:
         a worker syncs together)."""
         changes = {}
         for operation, host, name in self.pending:
-            changes.setdefault((operation, name, self.storage.options.queue_for(host)), []).append(host)
+            changes.setdefault((operation, name, self.storage.options.bulk_queue_for(host)), []).append(host)
             self.sent[host] = self.sent.get(host, 0) + 1
         by_queue = {}
         for (operation, name, queue), hosts in changes.items():
@@ -354,7 +356,7 @@ def release_backlog(storage, host, limit=BACKLOG_RELEASE_LIMIT):
     paths = Replica.objects.filter(host=host, state__in=behind).values_list("path", flat=True)[:limit]
     changes = [(path, [host], "upload") for path in paths]
     with current_app.producer_or_acquire() as producer, publish_batch(producer):
-        publisher.publish_in_messages(current_app, storage.options.queue_for(host), changes, producer, bulk=True)
+        publisher.publish_in_messages(current_app, storage.options.bulk_queue_for(host), changes, producer, bulk=True)
     sent = len(changes)
     if sent:
         logger.info("%s answers again: sent the %d change(s) it was behind on.", host, sent, extra={"host": host})

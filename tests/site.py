@@ -56,6 +56,7 @@ class ReplicationSite:
             options["queue"] = RABBITMQ_QUEUE
         self.options = {**FAST_OPTIONS, "hosts": [host_entry(h) for h in hosts], "redis_url": redis_url, **options}
         self.queue = self.options.get("queue", "resto")
+        self.queues = list(dict.fromkeys([self.queue, self.options.get("bulk_queue") or self.queue]))
         self.storage = AsyncStorage(location=str(self.media_root), **self.options)
         self.workers = []
         self.signal_log = self.tmp_path / "signals.jsonl"
@@ -75,10 +76,10 @@ class ReplicationSite:
             "RESTO_TEST_SIGNAL_LOG": str(self.signal_log),
         }
 
-    def start_worker(self, concurrency=2, pool="prefork", visibility_timeout=5, wrapper=()):
+    def start_worker(self, concurrency=2, pool="prefork", visibility_timeout=5, wrapper=(), queues=None):
         worker = CeleryWorker(
             "tests.celery_app",
-            queues=(self.queue,),
+            queues=tuple(queues or self.queues),
             concurrency=concurrency,
             pool=pool,
             env=self.worker_env(visibility_timeout),
@@ -118,7 +119,7 @@ class ReplicationSite:
             import redis
 
             client = redis.Redis.from_url(self.broker_url)
-            lanes_empty = all(client.llen(key) == 0 for key in lanes.queue_keys(self.queue))
+            lanes_empty = all(client.llen(key) == 0 for queue in self.queues for key in lanes.queue_keys(queue))
             return lanes_empty and client.hlen("unacked") == 0
         from tests.celery_app import app
 

@@ -188,6 +188,8 @@ def test_check_asks_for_a_redis_url_when_the_broker_is_not_redis():
         ("max_retries", -1, "whole number"),
         ("redis_url", "http://x", "redis:// URL"),
         ("queue", "", "queue name"),
+        ("bulk_queue", "", "queue name"),
+        ("bulk_queue", {"m1": 3}, "queue name"),
     ],
 )
 def test_bad_async_options_are_refused(option, value, message):
@@ -217,6 +219,13 @@ def test_check_reports_an_async_storage_whose_lease_ttl_does_not_outlive_its_tim
                            RESTO_REDIS_URL="redis://127.0.0.1:1/0"):
         messages = check_settings()
     assert [(m.id, "must be longer than" in m.msg) for m in messages] == [("resto_celery.E002", True)]
+
+
+def test_bulk_work_shares_the_live_queue_unless_it_has_a_queue_of_its_own():
+    assert conf.resolve({"queue": "resto-{host}"}).bulk_queue_for("m1") == "resto-m1"
+    assert conf.resolve({"bulk_queue": "bulk-{host}"}).bulk_queue_for("m1") == "bulk-m1"
+    options = conf.resolve({"queue": "live", "bulk_queue": {"m1": "slow"}})
+    assert (options.bulk_queue_for("m1"), options.bulk_queue_for("m2")) == ("slow", "live")
 
 
 def test_queue_may_name_one_queue_per_host():

@@ -125,3 +125,24 @@ def test_the_dashboard_follows_a_hosts_catch_up_from_its_last_bulk_pass(make_sit
     [status] = [s for s in host_statuses() if s.host == site.hosts[0].url]
     assert not status.catching_up and status.catch_up["done"] == 30
     assert status.as_dict()["catch_up"]["left"] == 0
+
+
+def test_with_a_bulk_queue_of_its_own_reconcile_goes_there_and_saves_stay_live(make_site):
+    """``bulk_queue``: the bulk lane in a queue of its own, for a worker of its own (which an
+    operator can run at a lower CPU priority); a worker on each queue, and everything converges."""
+    site = make_site(host_count=1, bulk_queue="resto-bulk")
+    registry.clear()
+    registry.register(site.storage)
+    marker.verify(site.storage.location, create=True)
+    _master_files(site, 5)
+    reconcile.run()
+    site.storage.save("new.txt", ContentFile(b"new"))
+    assert publisher.flush(timeout=10)
+    client = redis.Redis.from_url(site.redis_url)
+    bulk_changes = sum(_changes_in(raw) for key in lanes.queue_keys("resto-bulk") for raw in client.lrange(key, 0, -1))
+    assert (client.llen(site.queue), _bulk_backlog(site), bulk_changes) == (1, 0, 5)
+
+    site.start_worker(queues=[site.queue])
+    site.start_worker(queues=["resto-bulk"], wrapper=["nice", "-n", "19"])
+    site.wait_until_drained_and_converged()
+    assert Replica.objects.filter(state="synced").count() == 6
