@@ -21,11 +21,18 @@ def coordinator_for(options):
     )
 
 
+def redis_url_of(broker_url):
+    """The Redis URL in a Celery ``broker_url`` (the first of a failover list), or None when
+    the broker is not a Redis server resto_celery can talk to (RabbitMQ, Sentinel...)."""
+    url = (broker_url or "").split(";")[0]
+    return url if url.startswith(REDIS_SCHEMES) else None
+
+
 def redis_broker_url():
     """The Celery broker's URL when it is Redis (the first of a failover list); else an error."""
-    url = current_app.conf.broker_url or ""
-    if url.startswith(REDIS_SCHEMES):
-        return url.split(";")[0]
+    url = redis_url_of(current_app.conf.broker_url)
+    if url is not None:
+        return url
     raise RuntimeError(
         "resto_celery needs Redis for its leases: set RESTO_REDIS_URL (the Celery broker is not Redis)."
     )

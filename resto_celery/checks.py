@@ -11,6 +11,7 @@ from django.db import DatabaseError
 from django.utils.module_loading import import_string
 
 from . import conf, status
+from .broker import redis_url_of
 from .storage import ReplicatedStorageMixin
 
 
@@ -67,8 +68,9 @@ def _check_celery_storage(storage, alias, where, replicated, errors):
                     id="resto_celery.E004",
                 )
             )
+    # The Django setting, not the Celery app's conf: checks run before a worker's app is set up.
     broker = getattr(settings, "CELERY_BROKER_URL", None) or ""
-    if storage.options.redis_url is None and broker and not broker.startswith(conf.REDIS_SCHEMES):
+    if storage.options.redis_url is None and broker and redis_url_of(broker) is None:
         errors.append(
             checks.Error(
                 f"{where}: AsyncStorage keeps its leases in Redis, and the Celery broker ({broker.split('://')[0]}) "

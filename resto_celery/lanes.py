@@ -18,6 +18,7 @@ With the ``bulk_queue`` option the bulk lane has a queue of its own instead
 run at a lower CPU priority (``nice``) than the workers of live changes, so that a catch-up
 uses only the CPU they leave.
 """
+from .broker import redis_url_of
 from .conf import REDIS_SCHEMES
 from .coordination import redis_client
 
@@ -49,9 +50,10 @@ def queue_keys(queue):
 def bulk_backlog(app, queues):
     """How many bulk messages wait in ``queues`` on a Redis broker; None on other brokers
     (RabbitMQ keeps long queues on disk: nothing to spare there)."""
-    if not _on_redis(app):
+    url = redis_url_of(app.conf.broker_url)
+    if url is None:
         return None
-    client = redis_client(app.conf.broker_url.split(";")[0])
+    client = redis_client(url)
     pipe = client.pipeline(transaction=False)
     for queue in queues:
         for key in queue_keys(queue)[1:]:

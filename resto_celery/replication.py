@@ -47,15 +47,30 @@ def push(master_path, transport, name, location=None):
     With ``location`` (the master folder), an absent file is deleted only from a verified
     master (:func:`resto_celery.marker.verify`). No lease, no row: HybridStorage's path.
     """
+    return _send_current_state(master_path, transport, name, location)[0]
+
+
+def _send_current_state(master_path, transport, name, location, has=None, before_put=None):
+    """The one rule of :func:`push` and :func:`sync_pairs`: the master's current state of
+    ``name`` goes to the host. Absent (from a master verified when ``location`` is given):
+    DELETE. Present: PUT, streamed, unless ``has`` is its fingerprint already (the host's
+    row says it holds those bytes); ``before_put()`` first. Returns ``(action, fingerprint,
+    bytes sent)``, the action ``"upload"``, ``"delete"`` or ``"skip"``."""
     source = open_master(master_path, location, name)
     if source is None:
         if location:
-            marker.verify(location, name)
+            marker.verify(location, name)  # absent from a master that is (still) there
         transport.delete(name)
-        return "delete"
+        return "delete", "", 0
     with source:
-        transport.put(name, source, os.fstat(source.fileno()).st_size)
-    return "upload"
+        stat = os.fstat(source.fileno())
+        version = fingerprint(stat)
+        if has == version:
+            return "skip", version, 0
+        if before_put is not None:
+            before_put()
+        transport.put(name, _PositionalReader(source.fileno(), stat.st_size), stat.st_size)
+        return "upload", version, stat.st_size
 
 
 class Fingerprint(NamedTuple):
@@ -239,22 +254,10 @@ def _transfer(pairs, master_path, transports, coordinator, location, force, outc
             raise unreachable[host]
         started = time.perf_counter()
         try:
-            source = open_master(master_path(name), location, name)
-            if source is None:
-                if location:
-                    marker.verify(location, name)  # absent from a master that is (still) there
-                transport.delete(name)
-                outcome.action = "delete"
-                return
-            with source:
-                stat = os.fstat(source.fileno())
-                outcome.version = fingerprint(stat)
-                if has.get(pair) != outcome.version:
-                    _make_directories(host, name, transport, coordinator)
-                    transport.put(name, _PositionalReader(source.fileno(), stat.st_size), stat.st_size)
-                    outcome.action, outcome.nbytes = "upload", stat.st_size
-                else:
-                    outcome.action = "skip"
+            outcome.action, outcome.version, outcome.nbytes = _send_current_state(
+                master_path(name), transport, name, location, has=has.get(pair),
+                before_put=lambda: _make_directories(host, name, transport, coordinator),
+            )
         except HostUnreachable as error:
             unreachable.setdefault(host, error)
             raise
