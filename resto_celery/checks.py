@@ -7,10 +7,11 @@ import os
 from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
+from django.core.files.storage import storages
 from django.db import DatabaseError
 from django.utils.module_loading import import_string
 
-from . import conf, status
+from . import conf, registry, status
 from .broker import redis_url_of
 from .storage import ReplicatedStorageMixin
 
@@ -34,7 +35,7 @@ def check_settings(app_configs=None, **kwargs):
             continue
         where = f"STORAGES[{alias!r}]"
         try:
-            storage = backend(**entry.get("OPTIONS", {}))
+            storage = storages[alias]  # the site's own instance: no throwaway copy registered
         except ImproperlyConfigured as exc:
             errors.append(checks.Error(f"{where}: {exc}", id="resto_celery.E002"))
             continue
@@ -47,7 +48,7 @@ def check_settings(app_configs=None, **kwargs):
                 )
             )
         _check_options(storage.options, where, errors)
-        if getattr(storage, "replicated_by_celery", False):
+        if isinstance(storage, registry.CeleryReplicated):
             _check_celery_storage(storage, alias, where, replicated, errors)
     return errors
 

@@ -18,6 +18,19 @@ class UnknownHost(LookupError):
     """No Celery-replicated storage on this worker has a host of that name."""
 
 
+class CeleryReplicated:
+    """Base of the storages whose changes Celery workers replicate (``AsyncStorage``).
+
+    Constructing one registers it (:func:`register`), because a worker must find a storage
+    given in code too: a ``FileField(storage=AsyncStorage(...))`` is constructed when the
+    models are imported, and nothing else names it.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        register(self)
+
+
 def register(storage):
     """Make ``storage`` the one that serves its hosts (the latest constructed wins)."""
     with _lock:
@@ -62,7 +75,7 @@ def _load_configured():
             backend = import_string(entry.get("BACKEND", ""))
         except ImportError:
             continue
-        if getattr(backend, "replicated_by_celery", False):
+        if isinstance(backend, type) and issubclass(backend, CeleryReplicated):
             # Constructing registers it, but the handler may return an instance built before
             # the registry was last cleared: register it again.
             register(storages[alias])

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from django.core.exceptions import SuspiciousFileOperation
 from django.db import connections
 
-from . import marker, replication
+from . import marker, registry, replication
 from .broker import coordinator_for
 from .exceptions import MasterError, MissingFile, TransportError
 from .master import is_temporary
@@ -388,7 +388,7 @@ def _plain(name):
 def _copier(storage, host):
     transport = storage.transport(host)
     location = storage.location
-    if getattr(storage, "replicated_by_celery", False):
+    if isinstance(storage, registry.CeleryReplicated):
         coordinator = coordinator_for(storage.options)
         return lambda name: replication.sync(
             host, name, storage.path(name), transport, coordinator, location=location, force=True

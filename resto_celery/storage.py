@@ -34,7 +34,7 @@ class ReplicatedStorageMixin:
 
     def _configure(self, options, media_url):
         # Only the Celery backend takes leases, so only it needs lease_ttl > timeout.
-        self.options = conf.resolve(options, media_url=media_url, leases=getattr(self, "replicated_by_celery", False))
+        self.options = conf.resolve(options, media_url=media_url, leases=isinstance(self, registry.CeleryReplicated))
 
     @property
     def hosts(self):
@@ -153,7 +153,7 @@ class HybridStorage(ReplicatedStorageMixin, MasterStorage):
 
 
 @deconstructible(path="resto_celery.storage.AsyncStorage")
-class AsyncStorage(HybridStorage):
+class AsyncStorage(registry.CeleryReplicated, HybridStorage):
     """Master copy in ``MEDIA_ROOT``, then one Celery task per host, run by workers.
 
     ``save()`` and ``delete()`` change the master, then hand the change to the process's
@@ -169,12 +169,6 @@ class AsyncStorage(HybridStorage):
     ``max_retries``, ``retry_backoff``, ``retry_backoff_max``, ``lease_ttl``,
     ``breaker_threshold``, ``breaker_cooldown``, ``failed_retry_after`` and ``publish``.
     """
-
-    replicated_by_celery = True
-
-    def __init__(self, *args, **options):
-        super().__init__(*args, **options)
-        registry.register(self)
 
     def execute(self, operation, name):
         """Send ``operation`` of ``name`` to the workers; log, never raise, on broker errors.

@@ -5,7 +5,7 @@ from django.core.files.storage import storages
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
-from resto_celery import marker, resync
+from resto_celery import marker, registry, resync
 from resto_celery.exceptions import MasterUnavailable
 from resto_celery.models import Replica
 
@@ -66,7 +66,7 @@ class Command(BaseCommand):
             raise CommandError("--workers must be at least 1.")
         if options["restore_from"]:
             return self._restore(storage, options)
-        if options["via_queue"] and not getattr(storage, "replicated_by_celery", False):
+        if options["via_queue"] and not isinstance(storage, registry.CeleryReplicated):
             raise CommandError("--via-queue needs an AsyncStorage.")
         hosts = options["hosts"] or storage.hosts
         unknown = sorted(set(hosts) - set(storage.hosts))
