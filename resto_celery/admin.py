@@ -71,7 +71,7 @@ class ReplicaAdmin(admin.ModelAdmin):
     def short_error(self, replica):
         # The host has its own column: keep the error's reason in view. A synced row's
         # error is history: say so, so that no one reads it as the row's present state.
-        reason = Truncator(replica.last_error.replace(f" on {replica.host}", "")).chars(100)
+        reason = Truncator(replica.last_error).chars(100)
         if reason and _resolved(replica):
             return format_html('<span class="resto-resolved">resolved since; was: {}</span>', reason)
         return reason

@@ -31,6 +31,10 @@ class TransportError(OSError):
     def __str__(self):
         return f"{self.method} {self.name} on {self.host} failed: {self.reason}"
 
+    def without_host(self):
+        """The message without the host, for a row or a page that names the host already."""
+        return f"{self.method} {self.name} failed: {self.reason}"
+
     def __reduce__(self):
         # Keeps the exception picklable (Celery stores it in results).
         return (type(self), (self.host, self.method, self.name, self.reason, self.status, self.in_doubt))

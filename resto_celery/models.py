@@ -6,6 +6,8 @@ the web request. With the master tree, they are the whole truth that ``reconcile
 from django.db import models
 from django.utils import timezone
 
+from .exceptions import TransportError
+
 
 class ReplicaQuerySet(models.QuerySet):
     def record_synced(self, rows, task_id=""):
@@ -75,7 +77,8 @@ class ReplicaQuerySet(models.QuerySet):
         row, _ = self.get_or_create(host=host, path=path, defaults={"pending_since": now})
         row.state = state
         row.attempts += 1
-        row.last_error = str(error)[:2000]
+        # The row names the host: its error need not (the dashboard and the admin show both).
+        row.last_error = (error.without_host() if isinstance(error, TransportError) else str(error))[:2000]
         row.last_error_at = now
         row.pending_since = row.pending_since or now
         row.retry_at = retry_at

@@ -250,3 +250,16 @@ def test_a_busy_pair_in_a_batch_waits_and_the_others_go_on(master, host, coordin
 
     assert isinstance(busy.error, replication.LeaseBusy) and busy.action == ""
     assert free.action == "upload" and host.files() == {"b.txt": b"b"}
+
+
+def test_a_failures_row_keeps_its_reason_without_repeating_the_host(master, host, coordinator):
+    from resto_celery.conf import resolve
+    from resto_celery.retries import FailureRecorder
+
+    master.save("a.txt", ContentFile(b"v1"))
+    host.fail_next(status=403, methods=["PUT"])
+    with pytest.raises(UnexpectedStatus):
+        _sync(master, host, coordinator, "a.txt",
+              on_failure=lambda error: FailureRecorder(resolve(), "t-1")("h1", "a.txt", error, False))
+    row = Replica.objects.get(host="h1", path="a.txt")
+    assert row.last_error == "PUT a.txt failed: 403 Forbidden"  # the row names the host already
