@@ -11,7 +11,7 @@ OLDEST_STAMP := $(OLDEST_VENV)/.installed-test
 OLDEST_PINS := 'Django==4.2' 'celery==5.4.0' 'kombu==5.7.0' 'redis==6.1.0' 'requests==2.31.0' \
 	'django-celery-results==2.5.0' 'tqdm==4.60.0'
 
-.PHONY: test test-oldest lint venv clean demo demo-serve bench tahoe
+.PHONY: test test-oldest lint venv clean demo demo-serve bench tahoe soak
 
 venv: $(STAMP)
 
@@ -35,8 +35,9 @@ $(OLDEST_STAMP): pyproject.toml Makefile
 	touch $@
 
 # The suite on the oldest releases we declare (Django 4.2.0, Celery 5.4.0...).
+# The soak test (95 s) runs once, in `make test`.
 test-oldest: $(OLDEST_STAMP)
-	$(OLDEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(OLDEST_VENV)/bin/python -m pytest -m "not soak" $(PYTEST_ARGS)
 
 # The whole system on embedded defaults (SQLite, embedded Redis, two MediaServers, a worker).
 demo: $(STAMP)
@@ -74,3 +75,11 @@ $(BENCH_STAMP): $(STAMP)
 # Benchmarks: benchmarks/README.md. BENCH_ARGS=--quick for a smoke run.
 bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+# The soak test at full length (tests/soak.py; CI runs it for 90 s within `make test`): app
+# processes change files for SOAK_SECONDS while a host flaps, a worker is killed and the broker
+# restarts; writes benchmarks/results/soak.json and soak.png (lag, queue length, worker RSS).
+SOAK_SECONDS ?= 900
+soak: $(BENCH_STAMP)
+	RESTO_SOAK_SECONDS=$(SOAK_SECONDS) RESTO_SOAK_OUTPUT=benchmarks/results \
+		$(PY) -m pytest -m soak -p no:cacheprovider tests/test_soak.py $(PYTEST_ARGS)

@@ -9,6 +9,9 @@ class RestoCeleryConfig(AppConfig):
     def ready(self):
         from django.test.signals import setting_changed
 
-        from . import checks, registry  # noqa: F401 - importing checks registers the system checks
+        # Importing checks and metrics registers their system checks.
+        from . import checks, metrics, registry  # noqa: F401
 
         setting_changed.connect(registry.clear, dispatch_uid="resto_celery.registry.clear")
+        setting_changed.connect(metrics.reset, dispatch_uid="resto_celery.metrics.reset")
+        metrics.connect_worker_signals()

@@ -62,14 +62,10 @@ class HostStatus:
         return not self.failed and not self.down and not self.held_deletes
 
     def as_dict(self):
+        """The figures as a dict, datetimes included (``DjangoJSONEncoder`` writes them)."""
         data = asdict(self)
         data.update(behind=self.behind, oldest_pending_age=self.oldest_pending_age, healthy=self.healthy,
                     down=self.down)
-        for key, value in data.items():
-            if isinstance(value, datetime):
-                data[key] = value.isoformat()
-        if self.catch_up:
-            data["catch_up"] = {**self.catch_up, "since": self.catch_up["since"].isoformat()}
         return data
 
     @property
@@ -113,7 +109,7 @@ def host_statuses(with_breakers=True):
             .values("last_error", "last_error_at", "path").first()
         )
         if error:
-            status.last_error = error["last_error"].replace(f" on {host}", "")  # the host is known here
+            status.last_error = error["last_error"]
             status.last_error_at, status.last_error_path = error["last_error_at"], error["path"]
         status.held_deletes = held.get(host, 0)
         if not status.configured:
@@ -143,7 +139,7 @@ class MasterStatus:
             "healthy": self.healthy,
             "refusals": [
                 {"machine": hold.subject, "reason": hold.reason, "count": hold.count,
-                 "first_at": hold.first_at.isoformat(), "last_at": hold.last_at.isoformat()}
+                 "first_at": hold.first_at, "last_at": hold.last_at}
                 for hold in self.refusals
             ],
         }
@@ -187,6 +183,60 @@ def totals(statuses):
         "failing_hosts": sum(1 for status in statuses if not status.healthy),
         "held_deletes": sum(status.held_deletes for status in statuses),
     }
+
+
+OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
+CHECK_LABELS = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
+
+
+@dataclass
+class Check:
+    """A monitoring verdict (Nagios plugin codes): ``code`` 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN."""
+
+    code: int
+    problems: list  # (code, text), the worst first
+    lag: float  # seconds: the oldest change a host has not caught up with, over every host
+    lag_host: str
+    failed: int
+
+    @property
+    def label(self):
+        return CHECK_LABELS[self.code]
+
+
+def check(statuses, masters, max_lag=None, max_failed=None):
+    """Judge the figures for monitoring.
+
+    CRITICAL: a host has a change older than ``max_lag`` seconds that it does not hold yet;
+    more than ``max_failed`` files failed (over every host); a master copy is refused (the
+    workers replicate nothing). WARNING: a host is down (its breaker opened), deletions are
+    held for an operator, or, without ``max_failed``, any file failed.
+    """
+    problems = []
+    lagging = [status for status in statuses if status.oldest_pending_age is not None]
+    worst = max(lagging, key=lambda status: status.oldest_pending_age, default=None)
+    lag = max(worst.oldest_pending_age, 0.0) if worst else 0.0
+    failed = sum(status.failed for status in statuses)
+    if max_lag is not None and lag > max_lag:
+        behind = [status.host for status in lagging if status.oldest_pending_age > max_lag]
+        problems.append((CRITICAL, f"lag {lag:.0f}s > {max_lag:g}s on {', '.join(behind)}"))
+    for master in masters:
+        if not master.healthy:
+            why = master.problem or f"refused by the workers on {', '.join(h.subject for h in master.refusals)}"
+            problems.append((CRITICAL, f"master copy {master.location} refused: {why}"))
+    failing = ", ".join(f"{status.host} {status.failed}" for status in statuses if status.failed)
+    if max_failed is not None and failed > max_failed:
+        problems.append((CRITICAL, f"{failed} failed > {max_failed} ({failing})"))
+    elif max_failed is None and failed:
+        problems.append((WARNING, f"{failed} failed ({failing})"))
+    for status in statuses:
+        if status.down:
+            problems.append((WARNING, f"{status.host} down"))
+        if status.held_deletes:
+            problems.append((WARNING, f"{status.held_deletes} deletion(s) held on {status.host}"))
+    problems.sort(key=lambda problem: -problem[0])
+    code = problems[0][0] if problems else OK
+    return Check(code, problems, lag, worst.host if worst else "", failed)
 
 
 def _read_breaker(status, storage):

@@ -23,7 +23,7 @@ from celery.signals import worker_process_shutdown, worker_ready
 from django.db import DatabaseError, connections
 from redis.exceptions import LockError, RedisError
 
-from . import lanes, marker, publisher, registry, replication
+from . import lanes, marker, metrics, publisher, registry, replication
 from .broker import coordinator_for, publish_batch
 from .exceptions import HostShortCircuited, MasterUnavailable
 from .models import Replica
@@ -195,17 +195,25 @@ def _replicate_to(storage, operations, task_id, *, failures, waits, retry, probe
     for outcome in outcomes:
         host, path, error = outcome.host, outcome.name, outcome.error
         about = log_fields(host, path, task_id, failures + 1)
-        if error is None:
-            logger.debug("%s of %s on %s: %s", operations[outcome.pair], path, host, outcome.action, extra=about)
-            continue
         operation = operations[outcome.pair]
+        if error is None:
+            logger.debug("%s of %s on %s: %s", operation, path, host, outcome.action, extra=about)
+            if outcome.action == "skip":
+                metrics.transfer_done(host, operation, "skipped")
+            else:
+                metrics.transfer_done(host, outcome.action, "ok", outcome.nbytes, outcome.seconds)
+            continue
         if isinstance(error, replication.LeaseBusy):
+            metrics.lease_waited(host)
             if waits >= MAX_LEASE_WAITS:
                 final = final or error
             else:
                 retry(host, path, lease_wait(error.wait, waits), failures)
             continue
         decision = recorder.decisions[outcome.pair]
+        # No attempt while the breaker is open: the change waits; any other error was an attempt.
+        metrics.transfer_done(host, operation, "waiting" if isinstance(error, HostShortCircuited) else "failed",
+                              0, outcome.seconds)
         if decision.kind == WAIT_FOR_HOST:
             if isinstance(error, HostShortCircuited):
                 logger.debug("%s waits for %s to come back: %s", path, host, error.reason, extra=about)
@@ -218,6 +226,7 @@ def _replicate_to(storage, operations, task_id, *, failures, waits, retry, probe
         elif decision.kind == RETRY:
             logger.warning("Will retry to %s %s on %s in %.1fs: %s",
                            operation, path, host, decision.delay, error.reason, extra=about)
+            metrics.retry_scheduled(host)
             retry(host, path, decision.delay, failures + 1, error)
         else:
             if isinstance(error, MasterUnavailable):

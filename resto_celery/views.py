@@ -16,6 +16,10 @@ hands the file to the web server in front (``RESTO_MASTER_SENDFILE``):
 - ``"x-sendfile"`` (Apache ``mod_xsendfile``, lighttpd): ``X-Sendfile`` with the file's path.
 
 Under ``DEBUG`` (``runserver``), or with ``RESTO_MASTER_SENDFILE = "django"``, Django streams it.
+
+:func:`metrics` is the Prometheus page (see :mod:`resto_celery.metrics`)::
+
+    path("metrics", resto_celery.views.metrics, name="resto-metrics"),
 """
 import mimetypes
 import os
@@ -27,6 +31,7 @@ from django.http import FileResponse, Http404, HttpResponse
 from django.utils.encoding import filepath_to_uri
 from django.views.decorators.http import require_safe
 
+from . import metrics as resto_metrics
 from .master import MARKER_NAME
 
 SENDFILE_MODES = ("x-accel-redirect", "x-sendfile", "django")
@@ -64,3 +69,20 @@ def serve_master(request, name, storage="default"):
     else:
         response["X-Sendfile"] = path
     return response
+
+
+@require_safe
+def metrics(request):
+    """The Prometheus page: per-host figures from the ``Replica`` rows, plus everything in
+    ``prometheus_client``'s default registry (or, with ``PROMETHEUS_MULTIPROC_DIR``, every
+    process's files), django-prometheus's metrics included. Restrict it to your Prometheus
+    (an ``allow`` in the web server, or a private address): it names the media hosts."""
+    if not resto_metrics.available():
+        return HttpResponse(
+            "prometheus_client is not installed: pip install 'resto-celery[prometheus]'\n",
+            status=501, content_type="text/plain",
+        )
+    if not resto_metrics.enabled():
+        raise Http404("Metrics are off (RESTO_METRICS = False).")
+    body, content_type = resto_metrics.exposition(request.headers.get("Accept", ""))
+    return HttpResponse(body, content_type=content_type)

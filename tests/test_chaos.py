@@ -82,16 +82,25 @@ class Chaos:
         self.faults[kind] += 1
 
     def kill_a_worker(self):
-        victim = next(worker for worker in self.site.workers if worker.running)
-        victim.kill()
-        self.faults["worker SIGKILL"] += 1
+        running = [worker for worker in self.site.workers if worker.running]
+        if running:
+            running[0].kill()
+            self.faults["worker SIGKILL"] += 1
         self.site.start_worker(concurrency=2, visibility_timeout=4)
+
+    def restart_dead_workers(self):
+        """Start a worker when none runs, as systemd or Docker would: kombu 5.7's Redis channel
+        can die of a broker restart (``'NoneType' object has no attribute 'hostname'``)."""
+        if not any(worker.running for worker in self.site.workers):
+            self.site.start_worker(concurrency=2, visibility_timeout=4)
+            self.faults["worker restarted after dying"] += 1
 
     def restart_the_broker(self):
         self.redis_server.restart()
         self.faults["broker restart"] += 1
 
     def heal(self):
+        self.restart_dead_workers()
         for host in self.down:
             host.come_back()
         self.down.clear()

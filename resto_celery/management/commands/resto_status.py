@@ -2,6 +2,7 @@
 import json
 
 from django.core.management.base import BaseCommand, CommandError
+from django.core.serializers.json import DjangoJSONEncoder
 
 from resto_celery import status
 from resto_celery.templatetags.resto_admin import ago
@@ -14,7 +15,9 @@ class Command(BaseCommand):
         "whether the host is up or down (its circuit breaker; when it went down or came back); and "
         "whether each master copy carries its marker (workers that refused it, deletions the brake holds). "
         "Exits with status 1 when any host has failed files, is down or has held deletions, or a "
-        "master copy is refused, so it can be used as a monitoring check."
+        "master copy is refused, so it can be used as a monitoring check. With --max-lag or --max-failed "
+        "it is a Nagios-style check: one line OK, WARNING or CRITICAL (then details and performance data), "
+        "exit status 0, 1 or 2 (3, UNKNOWN, when the figures cannot be read)."
     )
 
     def add_arguments(self, parser):
@@ -22,16 +25,35 @@ class Command(BaseCommand):
         parser.add_argument(
             "--no-breakers", action="store_true", help="Do not ask Redis for the circuit breakers' state."
         )
+        parser.add_argument(
+            "--max-lag", type=float, metavar="SECONDS",
+            help="CRITICAL (exit 2) when a host has not caught up with a change older than this "
+                 "(pending, waiting for the host or failed). Makes the output a Nagios-style check.",
+        )
+        parser.add_argument(
+            "--max-failed", type=int, metavar="N",
+            help="CRITICAL (exit 2) when more than N files failed, over every host (without it, any failed "
+                 "file is a WARNING). Makes the output a Nagios-style check.",
+        )
 
     def handle(self, *args, **options):
-        statuses = status.host_statuses(with_breakers=not options["no_breakers"])
-        masters = status.master_statuses()
+        nagios = options["max_lag"] is not None or options["max_failed"] is not None
+        try:
+            statuses = status.host_statuses(with_breakers=not options["no_breakers"])
+            masters = status.master_statuses()
+        except Exception as error:
+            if not nagios:
+                raise
+            self.stdout.write(f"RESTO UNKNOWN - cannot read the replication status: {error}")
+            raise CommandError(f"cannot read the replication status: {error}", returncode=status.UNKNOWN) from None
         totals = status.totals(statuses)
+        if nagios:
+            self._check(statuses, masters, totals, options)
+            return
         if options["json"]:
-            totals = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in totals.items()}
             self.stdout.write(json.dumps(
                 {"masters": [m.as_dict() for m in masters], "hosts": [s.as_dict() for s in statuses], "totals": totals},
-                indent=2,
+                indent=2, cls=DjangoJSONEncoder,
             ))
         else:
             self._masters(masters)
@@ -42,6 +64,40 @@ class Command(BaseCommand):
             problems.append(f"{len(failing)} media host(s) failing: {', '.join(failing)}")
         if problems:
             raise CommandError("; ".join(problems), returncode=1)
+
+    def _check(self, statuses, masters, totals, options):
+        """The Nagios-style check: its status line, details, performance data and exit status."""
+        max_lag, max_failed = options["max_lag"], options["max_failed"]
+        verdict = status.check(statuses, masters, max_lag=max_lag, max_failed=max_failed)
+        if verdict.problems:
+            summary = "; ".join(text for _, text in verdict.problems)
+        else:
+            summary = (f"{len(statuses)} host(s), lag {verdict.lag:.0f}s"
+                       + (f" (max {max_lag:g}s)" if max_lag is not None else "")
+                       + f", {verdict.failed} failed" + (f" (max {max_failed})" if max_failed is not None else ""))
+        line = f"RESTO {verdict.label} - {summary}"
+        if options["json"]:
+            self.stdout.write(json.dumps({
+                "check": {"status": verdict.label, "code": verdict.code, "summary": line,
+                          "lag": verdict.lag, "lag_host": verdict.lag_host, "failed": verdict.failed},
+                "masters": [m.as_dict() for m in masters], "hosts": [s.as_dict() for s in statuses], "totals": totals,
+            }, indent=2, cls=DjangoJSONEncoder))
+        else:
+            perfdata = " ".join([
+                f"lag={verdict.lag:.0f}s;;{'' if max_lag is None else f'{max_lag:g}'};0;",
+                f"failed={verdict.failed};;{'' if max_failed is None else max_failed};0;",
+                f"pending={totals['pending']};;;0;", f"waiting={totals['waiting']};;;0;",
+                f"synced={totals['synced']};;;0;", f"down_hosts={totals['down_hosts']};;;0;",
+            ])
+            self.stdout.write(f"{line} | {perfdata}")
+            for host in statuses:
+                self.stdout.write(
+                    f"{host.host}: {host.synced} synced, {host.pending} pending, {host.waiting} waiting, "
+                    f"{host.failed} failed; oldest change not there: {_ago(host.oldest_pending) or 'none'}; "
+                    f"{_host_state(host)}"
+                )
+        if verdict.code:
+            raise CommandError(line, returncode=verdict.code)
 
     def _masters(self, masters):
         for master in masters:
