@@ -242,6 +242,19 @@ def resolve(options=None, *, media_url=None, leases=True):
     return Options(**values)
 
 
+def _public_url(entry, host):
+    """The ``public_url`` of a host entry as a base URL (ending with ``/``), or None."""
+    public_url = entry.get("public_url")
+    if public_url is None:
+        return None
+    if not isinstance(public_url, str):
+        raise ImproperlyConfigured(f"The 'public_url' of {host} must be a URL string.")
+    try:
+        return _parse_url_entry(public_url.strip(), None).base_url
+    except ImproperlyConfigured as error:
+        raise ImproperlyConfigured(f"The 'public_url' of {host}: {error}") from None
+
+
 def _queue_setting(value):
     """Whether ``value`` is a queue name or a dict of host names to queue names."""
     if isinstance(value, dict):
@@ -429,14 +442,7 @@ def _parse_tahoe_entry(entry, ca_bundle):
             f"The 'readcap' of Tahoe-LAFS media host {label} must be a read-only directory cap "
             f"({' or '.join(c + '...' for c in TAHOE_READ_CAPS)})."
         )
-    public_url = entry.get("public_url")
-    if public_url is not None:
-        if not isinstance(public_url, str):
-            raise ImproperlyConfigured(f"The 'public_url' of Tahoe-LAFS media host {label} must be a URL string.")
-        try:
-            public_url = _parse_url_entry(public_url.strip(), None).base_url
-        except ImproperlyConfigured as error:
-            raise ImproperlyConfigured(f"The 'public_url' of Tahoe-LAFS media host {label}: {error}") from None
+    public_url = _public_url(entry, f"Tahoe-LAFS media host {label}")
     if entry.get("headers") or entry.get("auth") or node.auth:
         raise ImproperlyConfigured(f"Tahoe-LAFS media host {label}: the cap is the credential; no auth or headers.")
     return MediaHost(
@@ -481,14 +487,7 @@ def _parse_storage_entry(entry):
             f"Media host entry {shown} of kind 'storage' needs a 'name' (what logs, tasks and Replica rows call it, "
             f"e.g. 's3-eu'): never derived from its options, which may hold credentials."
         )
-    public_url = entry.get("public_url")
-    if public_url is not None:
-        if not isinstance(public_url, str):
-            raise ImproperlyConfigured(f"The 'public_url' of media host {name} must be a URL string.")
-        try:
-            public_url = _parse_url_entry(public_url.strip(), None).base_url
-        except ImproperlyConfigured as error:
-            raise ImproperlyConfigured(f"The 'public_url' of media host {name}: {error}") from None
+    public_url = _public_url(entry, f"media host {name}")
     checksum = entry.get("checksum", True)
     if not isinstance(checksum, bool):
         raise ImproperlyConfigured(f"The 'checksum' of media host {name} must be True or False.")
