@@ -144,21 +144,21 @@ def transfer_done(host, action, outcome, nbytes=0, seconds=None):
 
 def lease_waited(host):
     """A task found the ``(host, path)`` lease taken and deferred its work."""
-    try:
-        instruments = _get_instruments()
-        if instruments is not None:
-            instruments.lease_waits.labels(host).inc()
-    except Exception as error:  # noqa: BLE001
-        _swallow(error)
+    _count("lease_waits", host)
 
 
 def retry_scheduled(host):
     """A retryable failure on ``host`` scheduled a retry."""
+    _count("retries", host)
+
+
+def _count(counter, host):
+    """Add one to the per-host counter named ``counter`` (an :class:`_Instruments` attribute)."""
     try:
         instruments = _get_instruments()
         if instruments is not None:
-            instruments.retries.labels(host).inc()
-    except Exception as error:  # noqa: BLE001
+            getattr(instruments, counter).labels(host).inc()
+    except Exception as error:  # noqa: BLE001 - a metric must never fail a transfer
         _swallow(error)
 
 

@@ -60,11 +60,10 @@ def publish(app, queue, changes, producer=None, bulk=False):
 def publish_in_messages(app, queue, changes, producer=None, bulk=False):
     """:func:`publish` ``changes`` as messages of at most :data:`MAX_CHANGES_PER_MESSAGE`
     changes each, :data:`BULK_CHANGES_PER_MESSAGE` in the bulk lane (a worker syncs one
-    message's changes together). Returns the number of messages."""
+    message's changes together)."""
     size = BULK_CHANGES_PER_MESSAGE if bulk else MAX_CHANGES_PER_MESSAGE
     for start in range(0, len(changes), size):
         publish(app, queue, changes[start:start + size], producer, bulk=bulk)
-    return -(-len(changes) // size)
 
 
 def send(app, task, arguments, queue, producer=None, bulk=False):

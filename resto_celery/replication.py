@@ -264,7 +264,7 @@ def _transfer(pairs, master_path, transports, coordinator, location, force, outc
         finally:
             outcome.seconds = time.perf_counter() - started
 
-    for pair, error in _hosts_in_parallel(bring_in_line, pairs):
+    for pair, error in _transfers_in_parallel(bring_in_line, pairs):
         if error is not None:
             outcomes[pair].action, outcomes[pair].error = "", error
 
@@ -365,10 +365,10 @@ def in_parallel(function, items):
     return results
 
 
-def _hosts_in_parallel(function, hosts):
-    """:func:`in_parallel` for transfers: a host's failure is its outcome; anything else (Redis
-    down, a bug) is raised, once every transfer has ended (they read one open file)."""
-    results = in_parallel(function, hosts)
+def _transfers_in_parallel(function, pairs):
+    """:func:`in_parallel` for transfers: a pair's transport or master failure is its outcome;
+    anything else (Redis down, a bug) is raised, once every transfer has ended."""
+    results = in_parallel(function, pairs)
     for _, error in results:
         if error is not None and not isinstance(error, (TransportError, MasterError, LeaseBusy)):
             raise error

@@ -50,7 +50,7 @@ from django.core.files.storage import FileSystemStorage, Storage
 from django.utils.module_loading import import_string
 
 from .exceptions import HostTimeout, HostUnreachable, MissingFile, TransportError, UnexpectedStatus
-from .transport import CHUNK_SIZE, RemoteFile, Transport, check_name
+from .transport import CHUNK_SIZE, RedactingFilter, RemoteFile, Transport, check_name
 
 try:  # the "s3" extra: boto3 and django-storages
     from boto3.exceptions import S3UploadFailedError
@@ -522,17 +522,7 @@ def _redact(text):
     return _ACCESS_KEY.sub(r"\1***", _USER_INFO.sub(r"\1***@", text))
 
 
-class RedactAccessKeys(logging.Filter):
-    """Keeps access key ids out of botocore's DEBUG lines (signed headers, presigned URLs)."""
-
-    def filter(self, record):
-        message = record.getMessage()
-        cleaned = _redact(message)
-        if cleaned != message:
-            record.msg, record.args = cleaned, None
-        return True
-
-
+# Access key ids stay out of botocore's DEBUG lines (signed headers, presigned URLs).
 for _logger in ("botocore.endpoint", "botocore.auth", "botocore.hooks", "botocore.httpsession", "botocore.parsers",
                 "botocore.retryhandler", "urllib3.connectionpool"):
-    logging.getLogger(_logger).addFilter(RedactAccessKeys())
+    logging.getLogger(_logger).addFilter(RedactingFilter(_redact))

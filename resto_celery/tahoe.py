@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from urllib.parse import quote
 
 from .exceptions import MissingFile, UnexpectedStatus
-from .transport import HostTransport, RemoteFile
+from .transport import HostTransport, RedactingFilter, RemoteFile
 
 #: Write caps (directory and mutable file) in any text: redacted wherever they could leak.
 WRITE_CAP = re.compile(r"URI(?::|%3A)(?:DIR2|DIR2-MDMF|SSK|MDMF)(?::|%3A)[A-Za-z0-9:%]+")
@@ -37,22 +37,8 @@ def redact(text):
     return WRITE_CAP.sub(REDACTED, text) if text else text
 
 
-class RedactWriteCaps(logging.Filter):
-    """A logging filter that removes Tahoe-LAFS write caps from log records.
-
-    Installed on urllib3's connection-pool logger, which logs request lines (with the
-    cap in the path) at DEBUG.
-    """
-
-    def filter(self, record):
-        message = record.getMessage()
-        cleaned = redact(message)
-        if cleaned != message:
-            record.msg, record.args = cleaned, None
-        return True
-
-
-logging.getLogger("urllib3.connectionpool").addFilter(RedactWriteCaps())
+# urllib3's connection-pool logger logs request lines (with the cap in the path) at DEBUG.
+logging.getLogger("urllib3.connectionpool").addFilter(RedactingFilter(redact))
 
 
 class TahoeTransport(HostTransport):

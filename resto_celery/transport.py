@@ -429,6 +429,23 @@ _COMPRESSED_TYPES = {
 }
 
 
+class RedactingFilter(logging.Filter):
+    """A logging filter that rewrites each record's message through ``redact(text)``: secrets
+    a host kind keeps in URLs or headers (Tahoe write caps, S3 access keys) never reach a log,
+    whatever library logs them (urllib3's request lines, botocore's signed headers)."""
+
+    def __init__(self, redact):
+        super().__init__()
+        self.redact = redact
+
+    def filter(self, record):
+        message = record.getMessage()
+        cleaned = self.redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
 def content_type(name):
     """The ``Content-Type`` of a file named ``name``, guessed from its extension with
     :mod:`mimetypes`; ``application/octet-stream`` when the extension says nothing."""

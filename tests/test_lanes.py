@@ -36,6 +36,16 @@ def _bulk_backlog(site):
     )
 
 
+def _site_with_master_files(make_site, count, **options):
+    """A one-host site that workers can find (registered), with ``count`` files in its master."""
+    site = make_site(host_count=1, **options)
+    registry.clear()
+    registry.register(site.storage)
+    marker.verify(site.storage.location, create=True)
+    _master_files(site, count)
+    return site
+
+
 def _master_files(site, count):
     for index in range(count):
         path = site.media_root / "old" / f"{index}.txt"
@@ -44,11 +54,7 @@ def _master_files(site, count):
 
 
 def test_reconcile_sends_its_work_in_the_bulk_lane_and_saves_in_the_live_lane(make_site):
-    site = make_site(host_count=1)
-    registry.clear()
-    registry.register(site.storage)
-    marker.verify(site.storage.location, create=True)
-    _master_files(site, 5)
+    site = _site_with_master_files(make_site, 5)
     reconcile.run()
     site.storage.save("new.txt", ContentFile(b"new"))
     assert publisher.flush(timeout=10)
@@ -59,11 +65,7 @@ def test_reconcile_sends_its_work_in_the_bulk_lane_and_saves_in_the_live_lane(ma
 
 def test_a_save_made_during_a_catch_up_overtakes_the_backlog(make_site):
     host_delay = 0.05  # a slow host: the backlog takes seconds
-    site = make_site(host_count=1)
-    registry.clear()
-    registry.register(site.storage)
-    marker.verify(site.storage.location, create=True)
-    _master_files(site, BACKLOG)
+    site = _site_with_master_files(make_site, BACKLOG)
     reconcile.run()  # BACKLOG uploads in the bulk lane
     assert _bulk_backlog(site) == BACKLOG
     site.hosts[0].set_delay(host_delay, count=10 * BACKLOG)
@@ -89,11 +91,7 @@ def test_a_large_catch_up_is_published_a_page_at_a_time_as_the_workers_drain_it(
 
     from resto_celery.tasks import BulkPages
 
-    site = make_site(host_count=1)
-    registry.clear()
-    registry.register(site.storage)
-    marker.verify(site.storage.location, create=True)
-    _master_files(site, 120)
+    site = _site_with_master_files(make_site, 120)
     site.start_worker(concurrency=2)
     seen = []
     with current_app.producer_or_acquire() as producer:
@@ -111,11 +109,7 @@ def test_a_large_catch_up_is_published_a_page_at_a_time_as_the_workers_drain_it(
 def test_the_dashboard_follows_a_hosts_catch_up_from_its_last_bulk_pass(make_site):
     from resto_celery.status import host_statuses
 
-    site = make_site(host_count=1)
-    registry.clear()
-    registry.register(site.storage)
-    marker.verify(site.storage.location, create=True)
-    _master_files(site, 30)
+    site = _site_with_master_files(make_site, 30)
     reconcile.run()
     [status] = [s for s in host_statuses() if s.host == site.hosts[0].url]
     assert status.catching_up and (status.catch_up["sent"], status.catch_up["done"]) == (30, 0)
@@ -130,11 +124,7 @@ def test_the_dashboard_follows_a_hosts_catch_up_from_its_last_bulk_pass(make_sit
 def test_with_a_bulk_queue_of_its_own_reconcile_goes_there_and_saves_stay_live(make_site):
     """``bulk_queue``: the bulk lane in a queue of its own, for a worker of its own (which an
     operator can run at a lower CPU priority); a worker on each queue, and everything converges."""
-    site = make_site(host_count=1, bulk_queue="resto-bulk")
-    registry.clear()
-    registry.register(site.storage)
-    marker.verify(site.storage.location, create=True)
-    _master_files(site, 5)
+    site = _site_with_master_files(make_site, 5, bulk_queue="resto-bulk")
     reconcile.run()
     site.storage.save("new.txt", ContentFile(b"new"))
     assert publisher.flush(timeout=10)
