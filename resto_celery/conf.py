@@ -146,9 +146,12 @@ class Options:
                 return host
         raise KeyError(f"No media host named {name!r}; configured: {[h.name for h in self.hosts]}")
 
-    def queue_for(self, host):
+    def queue_for(self, host, bulk=False):
         """The Celery queue for tasks of ``host``: ``queue`` is a name (``{host}`` in it is
-        replaced by the host's name) or a dict from host names to queues (default ``resto``)."""
+        replaced by the host's name) or a dict from host names to queues (default ``resto``).
+        With ``bulk``, the queue of its bulk work (:meth:`bulk_queue_for`)."""
+        if bulk:
+            return self.bulk_queue_for(host)
         if isinstance(self.queue, dict):
             return self.queue.get(host, SETTINGS["queue"][1])
         return self.queue.replace("{host}", host)

@@ -246,7 +246,7 @@ class AsyncStorage(registry.CeleryReplicated, HybridStorage):
         unless ``bulk`` is False."""
         return publisher.send(
             current_app, f"resto_celery.{operation}", (host, name),
-            self.options.bulk_queue_for(host) if bulk else self.options.queue_for(host), producer, bulk=bulk,
+            self.options.queue_for(host, bulk=bulk), producer, bulk=bulk,
         )
 
 

@@ -95,9 +95,8 @@ def _replicate_changes(task, changes):
 
         def retry(host, path, countdown, failures, exc=None, storage=storage, operations=operations):
             per_host = upload if operations[(host, path)] == "upload" else delete
-            queue = storage.options.bulk_queue_for(host) if bulk else storage.options.queue_for(host)
             per_host.apply_async((host, path), kwargs={"failures": failures}, countdown=countdown,
-                                 queue=queue, priority=priority)
+                                 queue=storage.options.queue_for(host, bulk=bulk), priority=priority)
 
         try:
             done.update(_replicate_to(storage, operations, task.request.id or "", failures=0, waits=0, retry=retry))
