@@ -8,11 +8,12 @@ from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.core.files.storage import storages
-from django.db import DatabaseError
+from django.db import DatabaseError, connections, router
 from django.utils.module_loading import import_string
 
 from . import conf, registry, status
 from .broker import redis_url_of
+from .models import Replica
 from .storage import ReplicatedStorageMixin
 
 
@@ -121,4 +122,43 @@ def check_master_copies(app_configs=None, **kwargs):
             id="resto_celery.E010",
         )
         for master in masters if master.problem
+    ]
+
+
+def reconnecting_database():
+    """The alias of the database the workers write ``Replica`` rows to when Django closes its
+    connection after every request and every Celery task (``CONN_MAX_AGE`` 0, Django's
+    default), else ``None``. SQLite is left out: opening its file costs nothing."""
+    alias = router.db_for_write(Replica)
+    connection = connections[alias]
+    if connection.vendor == "sqlite" or connection.settings_dict.get("CONN_MAX_AGE", 0) != 0:
+        return None
+    return alias
+
+
+RECONNECT_HINT = (
+    "Set DATABASES[{alias!r}]['CONN_MAX_AGE'] (60, say) with 'CONN_HEALTH_CHECKS': True, so "
+    "workers keep their connection between tasks."
+)
+
+
+@checks.register(checks.Tags.database, deploy=True)
+def check_worker_connections(app_configs=None, **kwargs):
+    """``check --deploy``: a worker that reconnects to the database after every task pays a
+    connection (4 ms to a local PostgreSQL) for every change it replicates."""
+    try:
+        if not registry.replicated_storages():
+            return []
+    except ImproperlyConfigured:
+        return []  # check_settings reports it
+    alias = reconnecting_database()
+    if alias is None:
+        return []
+    return [
+        checks.Warning(
+            f"DATABASES[{alias!r}] has CONN_MAX_AGE 0: Celery workers reconnect to it after every task, "
+            "a new connection for every change replicated.",
+            hint=RECONNECT_HINT.format(alias=alias),
+            id="resto_celery.W003",
+        )
     ]

@@ -23,7 +23,7 @@ from celery.signals import worker_process_shutdown, worker_ready
 from django.db import DatabaseError, connections
 from redis.exceptions import LockError, RedisError
 
-from . import lanes, marker, metrics, publisher, registry, replication
+from . import checks, lanes, marker, metrics, publisher, registry, replication
 from .broker import coordinator_for, publish_batch
 from .exceptions import HostShortCircuited, MasterUnavailable
 from .models import Replica
@@ -385,6 +385,12 @@ def check_masters_at_start(**kwargs):
     except (DatabaseError, RedisError, LookupError) as error:
         logger.warning("Could not check the master copies at start: %s", error)
     finally:
+        alias = checks.reconnecting_database()
+        if alias is not None:
+            logger.warning(
+                "This worker reconnects to database %r after every task (CONN_MAX_AGE is 0). %s",
+                alias, checks.RECONNECT_HINT.format(alias=alias),
+            )
         connections.close_all()  # a prefork child must not inherit this connection
 
 

@@ -74,6 +74,8 @@ if os.environ.get("RESTO_DEMO_POSTGRES_HOST"):  # docker-compose.yml
             "NAME": "resto_demo",
             "USER": "postgres",
             "HOST": os.environ["RESTO_DEMO_POSTGRES_HOST"],
+            "CONN_MAX_AGE": 60,  # workers keep their connection between tasks (check --deploy: W003)
+            "CONN_HEALTH_CHECKS": True,
         }
     }
 else:
