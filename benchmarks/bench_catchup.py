@@ -20,14 +20,12 @@ by a second worker, threads/8 too, that runs under ``nice -n 19``).
 import json
 import os
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 from benchmarks import common
-from benchmarks.bench_outage import Changes
-from benchmarks.bench_replication import Bench, percentile
+from benchmarks.common import percentile
+from benchmarks.nginx_site import Changes, nginx_installed, running_site
 
 RATE = 8.0
 OLD_SIZE = 2 * 1024
@@ -89,14 +87,9 @@ def configure(bench, bulk_queue):
 
 
 def start_bulk_worker(bench, queue):
-    from resto_celery.testing.worker import CeleryWorker
-
-    env = {key: os.environ[key] for key in os.environ if key.startswith("RESTO_BENCH_")}
-    env.update({"DJANGO_SETTINGS_MODULE": "benchmarks.settings", "PYTHONPATH": str(common.ROOT)})
-    return CeleryWorker(
-        "benchmarks.celery_app", queues=(queue,), pool="threads", concurrency=8, env=env,
-        logfile=bench.workdir / "worker-bulk.log", wrapper=["nice", "-n", "19"],
-    ).start()
+    return common.celery_worker(
+        "threads", 8, bench.workdir / "worker-bulk.log", queues=(queue,), wrapper=["nice", "-n", "19"]
+    )
 
 
 def measure(bench, count, steady_seconds, limit, bulk_queue):
@@ -149,13 +142,11 @@ def run(bench, count, steady_seconds, limit, bulk_queue="resto"):
         catch_up_end = time.perf_counter()
         done.set()
         sampler.join(5)
-        deadline = time.perf_counter() + 60
-        while changes.pending and time.perf_counter() < deadline:
-            time.sleep(0.05)
+        changes.wait(60)
     finally:
         changes.close()
-    steady = [(made, lag) for _, made, lag in changes.landed if made < steady_end]
-    during = [(made, lag) for _, made, lag in changes.landed if steady_end <= made < catch_up_end]
+    steady = [(made, lag) for _, _, made, lag in changes.landed if made < steady_end]
+    during = [(made, lag) for _, _, made, lag in changes.landed if steady_end <= made < catch_up_end]
     return steady, during, caught_up, memory_before, memory, backlog, steady_end, started
 
 
@@ -189,31 +180,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     quick = args.quick
     count, steady_seconds, limit = (1000, 8, 120) if quick else (10_000, 30, 900)
-    from resto_celery.testing.nginx import find_nginx
-
-    if find_nginx() is None:
-        print("nginx is not installed (apt-get install nginx): nothing measured")
+    if not nginx_installed():
         return 0
     measured = {}
-    with common.private_redis() as redis_server, tempfile.TemporaryDirectory(prefix="resto-bench-catchup-") as workdir:
-        bench = Bench(Path(workdir), redis_server)
-        bench.options.update(OPTIONS)
-        os.environ["RESTO_BENCH_STORAGE_OPTIONS"] = json.dumps(bench.options)
-        try:
-            common.setup_django()
-            common.celery_app()
-            environment = common.environment()
-            for label, bulk_queue in SETUPS:
-                measured[label] = measure(bench, count, steady_seconds, limit, bulk_queue)
-        finally:
-            bench.close()
+    with running_site("resto-bench-catchup-", OPTIONS) as (bench, environment):
+        for label, bulk_queue in SETUPS:
+            measured[label] = measure(bench, count, steady_seconds, limit, bulk_queue)
 
     def lags(pairs):
         return [lag for _, lag in pairs]
 
-    folder = args.output.parent if args.output else common.ROOT / "benchmarks" / "results"
-    folder.mkdir(parents=True, exist_ok=True)
-    plots = plot(folder, measured)
+    plots = plot(common.results_folder(args.output), measured)
     lag_rows, catch_up_rows, figures, goals = [], [], {}, []
     for label, (steady, during, caught_up, memory_before, memory, backlog, _, _) in measured.items():
         steady_p99 = percentile(lags(steady), 0.99)
@@ -248,10 +225,9 @@ def main(argv=None):
             "met": None if ratio is None else ratio <= LAG_GOAL,
             "detail": "no change during the catch-up" if ratio is None else f"{ratio:.2f}x",
         })
-    result = {
-        "benchmark": "bench_catchup",
-        "title": "Live changes while a host catches up",
-        "description": (
+    return common.write_result(
+        args, "bench_catchup", "Live changes while a host catches up",
+        (
             f"3 nginx hosts on 127.0.0.1, PostgreSQL rows; {RATE:.0f} live changes/s of 10 KB (new files, "
             f"overwrites, deletes). Hosts 1 and 2 hold {count:,} older files of 2 KB, host 3 none; {steady_seconds} s "
             f"of live changes alone, then a reconcile pass sends host 3 its {count:,} files in the bulk lane while "
@@ -259,11 +235,10 @@ def main(argv=None):
             f"from one queue; and the bulk_queue option, the live queue's worker (threads, 8) beside a bulk "
             f"worker (threads, 8) under nice -n 19."
         ),
-        "quick": quick,
-        "parameters": {"files": count, "rate": RATE, "steady_s": steady_seconds},
-        "environment": environment,
-        "results": figures,
-        "tables": [{
+        parameters={"files": count, "rate": RATE, "steady_s": steady_seconds},
+        environment=environment,
+        results=figures,
+        tables=[{
             "title": "Lag of live changes (save()/delete() returned → the host has it)",
             "headers": ["set-up", "phase", "changes", "p50 ms", "p99 ms", "p99 ratio"],
             "rows": lag_rows,
@@ -273,9 +248,9 @@ def main(argv=None):
                         "Redis memory before", "Redis memory, peak"],
             "rows": catch_up_rows,
         }],
-        "plots": plots,
-        "goals": goals,
-        "notes": [
+        plots=plots,
+        goals=goals,
+        notes=[
             "The bulk lane is a message priority in the same queue (resto_celery.lanes), or with the bulk_queue "
             "option a queue of its own. Bulk messages carry 10 changes each. The reconcile pass publishes pages "
             "of 1,000 changes and waits while more than 10,000 may be queued, so Redis holds about that many "
@@ -283,11 +258,8 @@ def main(argv=None):
             "On this 2-core machine the default set-up's worker saturates the CPU during the catch-up, and its "
             "live transfers share the GIL with its bulk ones; a bulk worker of its own at nice 19 takes only the "
             "CPU the live worker leaves.",
-            common.measured_note(environment),
         ],
-    }
-    common.report(result, args.output)
-    return 0
+    )
 
 
 if __name__ == "__main__":

@@ -100,29 +100,27 @@ def main(argv=None):
         for n, summary, queries, *_ in (results["baseline"], results["large"])
     ]
     checked = sum(s.synced + s.pending + s.failed for s in statuses)
-    result = {
-        "benchmark": "bench_dashboard",
-        "title": "Admin dashboard figures",
-        "description": (
+    return common.write_result(
+        args, "bench_dashboard", "Admin dashboard figures",
+        (
             f"`status.host_statuses()` and `totals()` (what the dashboard and `resto_status` run) for "
             f"{len(HOSTS)} hosts, over a {base_count:,}-row table (the baseline) and a {count:,}-row one "
             f"(1% failed, 2% pending, the rest synced). {ROUNDS} runs each: median and range; ratio to the baseline."
         ),
-        "quick": args.quick,
-        "environment": common.environment(),
-        "results": {label: {"rows": n, "queries": q, "seconds": t} for label, (n, t, q, _) in results.items()},
-        "tables": [
+        environment=common.environment(),
+        results={label: {"rows": n, "queries": q, "seconds": t} for label, (n, t, q, _) in results.items()},
+        tables=[
             {"title": "Time and queries",
              "headers": ["rows", "queries", "median ms", "min – max ms", "ratio to baseline"],
              "rows": rows_table},
         ],
-        "goals": [
+        goals=[
             {"goal": "the query count does not grow with the rows", "met": base_queries == large_queries,
              "detail": f"{base_queries} queries at {base_count:,} rows, {large_queries} at {count:,}"},
         ],
-        "notes": [f"The figures counted {checked:,} rows, as inserted."],
-    }
-    common.report(result, args.output)
+        notes=[f"The figures counted {checked:,} rows, as inserted."],
+        with_measured_note=False,
+    )
 
 
 if __name__ == "__main__":

@@ -15,21 +15,18 @@ while host 3 is down for ``DOWN`` seconds of every ``CYCLE``. Measured in one ru
 
     python -m benchmarks.bench_outage [--quick] [--output FILE]
 """
-import json
 import os
-import random
 import re
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 from benchmarks import common
-from benchmarks.bench_replication import Bench, percentile
+from benchmarks.common import percentile
+from benchmarks.nginx_site import Changes, nginx_installed, running_site
 
-SIZE = 10 * 1024
 RATE = 8.0  # changes per second: about a third of what the worker moves
 ISOLATION_GOAL = 1.5  # reachable hosts' p99 during the outage / steady p99
 CATCH_UP_GOAL = 10.0  # seconds, plus the backlog at full speed
@@ -37,81 +34,6 @@ OPTIONS = {  # the defaults an operator has, with hosts on loopback
     "timeout": 5, "lease_ttl": 30, "breaker_threshold": 5, "breaker_cooldown": 30, "max_retries": 6,
     "retry_backoff": 2, "failed_retry_after": 300,
 }
-
-
-class Changes:
-    """The app: new files, overwrites (a new size) and deletes at ``rate`` per second, and a
-    watcher that records when each change reaches each host."""
-
-    def __init__(self, bench, rate):
-        self.bench, self.rate = bench, rate
-        self.names = []
-        self.serial = 0
-        self.pending = {}  # (host index, name) -> (expected size or None, made at)
-        self.landed = []  # (host index, made at, lag seconds)
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.watcher = threading.Thread(target=self._watch, daemon=True)
-        self.watcher.start()
-        self.random = random.Random(19)
-
-    def run(self, seconds):
-        from django.core.files.base import ContentFile
-
-        storage = self.bench.storage
-        next_at = time.perf_counter()
-        end = next_at + seconds
-        while time.perf_counter() < end:
-            roll = self.random.random()
-            if self.names and roll < 0.2:
-                name = self.names.pop(self.random.randrange(len(self.names)))
-                storage.delete(name)
-                self._expect(name, None)
-            elif self.names and roll < 0.5:
-                name = self.random.choice(self.names)
-                size = SIZE + self.random.randrange(1, 4096)
-                storage.delete(name)  # save() would pick another name; an overwrite replaces the bytes
-                storage.save(name, ContentFile(os.urandom(size)))
-                self._expect(name, size)
-            else:
-                name = f"outage/{self.serial:06d}.bin"
-                self.serial += 1
-                storage.save(name, ContentFile(os.urandom(SIZE)))
-                self.names.append(name)
-                self._expect(name, SIZE)
-            next_at += 1 / self.rate
-            time.sleep(max(0.0, next_at - time.perf_counter()))
-
-    def _expect(self, name, size):
-        made = time.perf_counter()
-        with self.lock:
-            for index in range(len(self.bench.hosts)):
-                self.pending[(index, name)] = (size, made)  # a newer change supersedes an older one
-
-    def _watch(self):
-        while not self.stop.is_set():
-            with self.lock:
-                items = list(self.pending.items())
-            now = time.perf_counter()
-            for (index, name), (size, made) in items:
-                try:
-                    current = os.stat(self.bench.hosts[index].root / name).st_size
-                except FileNotFoundError:
-                    current = None
-                if current == size:
-                    with self.lock:
-                        if self.pending.get((index, name)) == (size, made):
-                            del self.pending[(index, name)]
-                            self.landed.append((index, made, now - made))
-            time.sleep(0.002)
-
-    def waiting_on(self, index, before):
-        with self.lock:
-            return sum(1 for (host, _), (_, made) in self.pending.items() if host == index and made < before)
-
-    def close(self):
-        self.stop.set()
-        self.watcher.join(5)
 
 
 def _tasks_received(logfile, names=("upload", "delete", "probe")):
@@ -158,13 +80,11 @@ def run(bench, steady_seconds, cycles, down, cycle):
             changes.run(cycle - down)  # the site goes on while the host catches up
             watcher.join(300)
             catch_ups.append(caught_up[0] if caught_up else None)
-        deadline = time.perf_counter() + 120
-        while changes.pending and time.perf_counter() < deadline:
-            time.sleep(0.05)
+        changes.wait(120)
     finally:
         changes.close()
-    steady = [lag for _, made, lag in changes.landed if made < steady_end]
-    during = [lag for index, made, lag in changes.landed
+    steady = [lag for _, _, made, lag in changes.landed if made < steady_end]
+    during = [lag for index, _, made, lag in changes.landed
               if index != dead and any(start <= made < end for start, end in outages)]
     return steady, during, catch_ups, steady_received, received, sum(end - start for start, end in outages)
 
@@ -174,19 +94,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     quick = args.quick
     steady_seconds, cycles, down, cycle = (10, 1, 8, 20) if quick else (60, 3, 10, 40)
-    from resto_celery.testing.nginx import find_nginx
-
-    if find_nginx() is None:
-        print("nginx is not installed (apt-get install nginx): nothing measured")
+    if not nginx_installed():
         return 0
-    with common.private_redis() as redis_server, tempfile.TemporaryDirectory(prefix="resto-bench-outage-") as workdir:
-        bench = Bench(Path(workdir), redis_server)
-        bench.options.update(OPTIONS)
-        os.environ["RESTO_BENCH_STORAGE_OPTIONS"] = json.dumps(bench.options)
+    with running_site("resto-bench-outage-", OPTIONS) as (bench, environment):
         try:
-            common.setup_django()
-            common.celery_app()
-            environment = common.environment()
             bench.reset()
             bench.start_worker("threads", 8)
             steady, during, catch_ups, steady_received, received, outage_seconds = run(
@@ -195,7 +106,6 @@ def main(argv=None):
         finally:
             if os.environ.get("RESTO_BENCH_KEEP_LOG") and bench.worker is not None:
                 shutil.copy(bench.worker.logfile, os.environ["RESTO_BENCH_KEEP_LOG"])
-            bench.close()
 
     steady_p99 = percentile(steady, 0.99)
     during_p99 = percentile(during, 0.99) if during else None
@@ -203,19 +113,15 @@ def main(argv=None):
     per_minute = sum(received.values()) / (outage_seconds / 60)
     steady_per_minute = sum(steady_received.values()) / (steady_seconds / 60)
     done = [value for value in catch_ups if value is not None]
-    result = {
-        "benchmark": "bench_outage",
-        "title": "A media host down under steady load",
-        "description": (
-            f"3 nginx hosts on 127.0.0.1, one worker (threads, 8), PostgreSQL rows; {RATE:.0f} changes/s of 10 KB "
-            f"(new files, overwrites, deletes). {steady_seconds} s steady, then host 3 is down {down} s of every "
-            f"{cycle} s, {cycles} time(s). Lag: from save()/delete() returning to the host holding the change. "
-            f"Options: {', '.join(f'{k}={v}' for k, v in OPTIONS.items())}."
-        ),
-        "quick": quick,
-        "parameters": {"rate": RATE, "steady_s": steady_seconds, "cycles": cycles, "down_s": down, "cycle_s": cycle},
-        "environment": environment,
-        "results": {
+    return common.write_result(
+        args, "bench_outage", "A media host down under steady load",
+        f"3 nginx hosts on 127.0.0.1, one worker (threads, 8), PostgreSQL rows; {RATE:.0f} changes/s of 10 KB "
+        f"(new files, overwrites, deletes). {steady_seconds} s steady, then host 3 is down {down} s of every "
+        f"{cycle} s, {cycles} time(s). Lag: from save()/delete() returning to the host holding the change. "
+        f"Options: {', '.join(f'{k}={v}' for k, v in OPTIONS.items())}.",
+        parameters={"rate": RATE, "steady_s": steady_seconds, "cycles": cycles, "down_s": down, "cycle_s": cycle},
+        environment=environment,
+        results={
             "steady_ms": {"p50": percentile(steady, .5) * 1000, "p99": steady_p99 * 1000, "count": len(steady)},
             "reachable_during_outage_ms": None if not during else {
                 "p50": percentile(during, .5) * 1000, "p99": during_p99 * 1000, "count": len(during)},
@@ -223,7 +129,7 @@ def main(argv=None):
             "per_host_tasks_per_minute": {"steady": steady_per_minute, "outage": per_minute},
             "per_host_tasks": {"steady": steady_received, "outage": received},
         },
-        "tables": [{
+        tables=[{
             "title": "Lag and catch-up",
             "headers": ["steady p50 ms", "steady p99 ms", "reachable hosts p99 during the outage ms",
                         "ratio to steady p99", "catch-up after each return s",
@@ -237,7 +143,7 @@ def main(argv=None):
                 f"({', '.join(f'{name} {count}' for name, count in received.items())})",
             ]],
         }],
-        "goals": [
+        goals=[
             {"goal": f"reachable hosts' lag p99 during the outage within {ISOLATION_GOAL}x the steady p99",
              "met": None if isolation is None else isolation <= ISOLATION_GOAL,
              "detail": "no change during the outage" if isolation is None else f"{isolation:.2f}x"},
@@ -245,16 +151,13 @@ def main(argv=None):
              "met": len(done) == len(catch_ups) and max(done, default=0) <= CATCH_UP_GOAL + 2,
              "detail": f"max {max(done, default=0):.1f} s"},
         ],
-        "notes": [
+        notes=[
             "Per-host tasks: resto_celery.upload/delete/probe messages the worker received, per minute of the "
             "steady phase and of the outages (retries: a busy lease when a path changes twice in a row, a failure; "
             "probes of the down host; the one message per change, resto_celery.replicate, is not counted), while "
             "the host is down (its return and catch-up excluded). What the outage adds is the dead host's cost.",
-            common.measured_note(environment),
         ],
-    }
-    common.report(result, args.output)
-    return 0
+    )
 
 
 if __name__ == "__main__":

@@ -169,6 +169,8 @@ def expect(mode, counts, files, hosts, broker_url):
         "no_rows_publish": {"files": files, "rows": 0, "upload": files * hosts, "delete": 0},
         "steady": {"files": files, "rows": files * hosts, "upload": 0, "delete": 0},
     }[mode]
+    # Reconcile's other counters (held deletes, unreadable files, probes) must stay at zero.
+    expected.update((key, 0) for key in counts if key not in expected)
     if counts != expected:
         raise AssertionError(f"{mode}: got {counts}, expected {expected}")
     queued = common.queue_length(broker_url)
@@ -390,17 +392,12 @@ def main(argv=None):
         environment = common.environment()
         result = measure(Path(work), files, rounds, redis_server.url, args.publish_full, args.profile)
 
-    result.update({
-        "benchmark": "bench_reconcile",
-        "title": "reconcile() over a large master tree",
-        "quick": args.quick,
-        "parameters": {"files": files, "rounds": rounds, "hosts": len(HOSTS), "files_per_folder": FILES_PER_FOLDER,
-                       "publish_full": args.publish_full},
-        "environment": environment,
-    })
-    result["notes"].append(common.measured_note(environment))
-    common.report(result, args.output)
-    return 0
+    return common.write_result(
+        args, "bench_reconcile", "reconcile() over a large master tree",
+        parameters={"files": files, "rounds": rounds, "hosts": len(HOSTS), "files_per_folder": FILES_PER_FOLDER,
+                    "publish_full": args.publish_full},
+        environment=environment, **result,
+    )
 
 
 if __name__ == "__main__":

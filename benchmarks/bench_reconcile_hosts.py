@@ -14,13 +14,11 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from benchmarks import common
-from benchmarks.bench_replication import Bench
 from benchmarks.bench_resync import make_tree
+from benchmarks.nginx_site import running_site
 
 POOL, CONCURRENCY = "threads", 8
 
@@ -77,37 +75,29 @@ def main(argv=None):
     if find_nginx() is None or shutil.which("rsync") is None:
         print("nginx or rsync is not installed: nothing measured")
         return 0
-    with common.private_redis() as redis_server, tempfile.TemporaryDirectory(prefix="resto-bench-rh-") as workdir:
-        workdir = Path(workdir)
-        bench = Bench(workdir, redis_server)
-        try:
-            common.setup_django()
-            common.celery_app()
-            environment = common.environment()
-            bench.reset()
-            make_tree(bench.master, files)
-            from resto_celery import marker
-            from resto_celery.replication import walk_master
+    with running_site("resto-bench-rh-") as (bench, environment):
+        bench.reset()
+        make_tree(bench.master, files)
+        from resto_celery import marker
+        from resto_celery.replication import walk_master
 
-            marker.verify(str(bench.master), create=True)  # the site's master: reconcile decides from it
-            names_sizes = {
-                name: int(fingerprint.split(":", 1)[0]) for name, fingerprint in walk_master(str(bench.master))
-            }
-            bench.start_worker(POOL, CONCURRENCY)
-            start = time.perf_counter()
-            enqueue_seconds, first_counts = reconcile_once(bench)
-            done = wait_replicated(bench, names_sizes)
-            bench.check_synced(files)
-            first = done - start
-            second, second_counts = reconcile_once(bench)
-            if second_counts["upload"] or second_counts["delete"]:
-                raise AssertionError(f"the in-sync reconcile enqueued {second_counts}")
-            bench.stop_worker()
-            targets = [workdir / f"rsync-{index}" for index in range(3)]
-            rsync_first = rsync_to(bench.master, targets)
-            rsync_second = rsync_to(bench.master, targets)
-        finally:
-            bench.close()
+        marker.verify(str(bench.master), create=True)  # the site's master: reconcile decides from it
+        names_sizes = {
+            name: int(fingerprint.split(":", 1)[0]) for name, fingerprint in walk_master(str(bench.master))
+        }
+        bench.start_worker(POOL, CONCURRENCY)
+        start = time.perf_counter()
+        enqueue_seconds, first_counts = reconcile_once(bench)
+        done = wait_replicated(bench, names_sizes)
+        bench.check_synced(files)
+        first = done - start
+        second, second_counts = reconcile_once(bench)
+        if second_counts["upload"] or second_counts["delete"]:
+            raise AssertionError(f"the in-sync reconcile enqueued {second_counts}")
+        bench.stop_worker()
+        targets = [bench.workdir / f"rsync-{index}" for index in range(3)]
+        rsync_first = rsync_to(bench.master, targets)
+        rsync_second = rsync_to(bench.master, targets)
 
     rows = [
         ["reconcile + worker, 3 empty hosts", f"{first:.1f}", f"{files / first:,.0f}", f"{first / rsync_first:.0f}x"],
@@ -117,31 +107,26 @@ def main(argv=None):
         ["rsync -a to 3 empty local folders (floor)", f"{rsync_first:.2f}", f"{files / rsync_first:,.0f}", "1.0x"],
         ["rsync -a, in sync (floor)", f"{rsync_second:.2f}", f"{files / rsync_second:,.0f}", "1.0x"],
     ]
-    result = {
-        "benchmark": "bench_reconcile_hosts",
-        "title": "Reconcile with workers: a tree to three empty hosts, then in sync",
-        "description": (
+    return common.write_result(
+        args, "bench_reconcile_hosts", "Reconcile with workers: a tree to three empty hosts, then in sync",
+        (
             f"{files:,} files of 1-4 KB written to the master directly; one reconcile (batched publishing, "
             f"{first_counts['upload']:,} uploads enqueued) and one worker ({POOL}, concurrency {CONCURRENCY}) "
             f"until all 3 nginx hosts hold every file and every row is synced; then a reconcile with "
             f"everything in sync. Floor: rsync -a of the tree into 3 local folders, same run. One round "
             f"(the first part takes minutes): read it as an order of magnitude."
         ),
-        "quick": args.quick,
-        "parameters": {"files": files, "pool": POOL, "concurrency": CONCURRENCY},
-        "environment": environment,
-        "results": {"first_s": first, "enqueue_s": enqueue_seconds, "second_s": second,
-                    "rsync_first_s": rsync_first, "rsync_second_s": rsync_second, "counts": first_counts},
-        "tables": [{"title": "Time", "headers": ["run", "seconds", "files/s", "ratio to rsync"], "rows": rows}],
-        "goals": [{
+        parameters={"files": files, "pool": POOL, "concurrency": CONCURRENCY},
+        environment=environment,
+        results={"first_s": first, "enqueue_s": enqueue_seconds, "second_s": second,
+                 "rsync_first_s": rsync_first, "rsync_second_s": rsync_second, "counts": first_counts},
+        tables=[{"title": "Time", "headers": ["run", "seconds", "files/s", "ratio to rsync"], "rows": rows}],
+        goals=[{
             "goal": "a reconcile with every host in sync is much faster than the first (at most 0.5x)",
             "met": second <= 0.5 * first,
             "detail": f"{second:.2f} s vs {first:.1f} s ({statistics.mean([second / first]):.3f}x)",
         }],
-        "notes": [common.measured_note(environment)],
-    }
-    common.report(result, args.output)
-    return 0
+    )
 
 
 if __name__ == "__main__":

@@ -17,148 +17,36 @@
 
     python -m benchmarks.bench_replication [--quick] [--output FILE]
 """
-import json
 import os
 import shutil
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from benchmarks import common
+from benchmarks.common import percentile
+from benchmarks.nginx_site import CHANGE_SIZE, CONVERGE_TIMEOUT, Changes, nginx_installed, running_site
 
-SMALL, LARGE, HUGE = 10 * 1024, 10 * 1024 * 1024, 1024 * 1024 * 1024
+SMALL, LARGE, HUGE = CHANGE_SIZE, 10 * 1024 * 1024, 1024 * 1024 * 1024
 SWEEP = [("prefork", 2), ("prefork", 4), ("threads", 4), ("threads", 8)]
 MEMORY_GOAL = 1.5  # peak RSS with 1 GB <= 1.5x the peak with 10 MB
-CONVERGE_TIMEOUT = 600
 
 
-def storage_options(master, hosts, redis_url):
-    return {
-        "location": str(master), "hosts": [host.url for host in hosts], "redis_url": redis_url,
-        "timeout": 60, "lease_ttl": 180, "breaker_threshold": 0,
-    }
-
-
-class Bench:
-    """The hosts, the master folder, the storage and the workers of one run."""
-
-    def __init__(self, workdir, redis_server):
-        from resto_celery.testing.nginx import NginxMediaServer
-
-        self.workdir = workdir
-        self.redis = redis_server
-        self.master = workdir / "master"
-        self.master.mkdir()
-        self.hosts = []
-        for index in range(3):
-            root = workdir / f"host-{index}"
-            root.mkdir()
-            self.hosts.append(NginxMediaServer(root, workdir=workdir / f"nginx-{index}").start())
-        self.options = storage_options(self.master, self.hosts, redis_server.url)
-        os.environ["RESTO_BENCH_STORAGE_OPTIONS"] = json.dumps(self.options)
-        self.worker = None
-
-    @property
-    def storage(self):
-        from django.core.files.storage import storages
-
-        return storages["default"]
-
-    def start_worker(self, pool, concurrency):
-        from resto_celery.testing.worker import CeleryWorker
-
-        self.stop_worker()
-        env = {key: os.environ[key] for key in os.environ if key.startswith("RESTO_BENCH_")}
-        env.update({"DJANGO_SETTINGS_MODULE": "benchmarks.settings", "PYTHONPATH": str(common.ROOT)})
-        self.worker = CeleryWorker(
-            "benchmarks.celery_app", queues=("resto",), pool=pool, concurrency=concurrency, env=env,
-            logfile=self.workdir / f"worker-{pool}-{concurrency}-{uuid.uuid4().hex[:6]}.log",
-        )
-        self.worker.start()
-        return self.worker
-
-    def stop_worker(self):
-        if self.worker is not None:
-            self.worker.stop()
-            self.worker = None
-
-    def reset(self):
-        """Empty the master, the hosts, the queue and the Replica table; flush to disk."""
-        from resto_celery.master import MARKER_NAME
-        from resto_celery.models import Replica
-
-        for folder in [self.master] + [host.root for host in self.hosts]:
-            for entry in os.scandir(folder):
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path)
-                elif entry.name != MARKER_NAME:  # the master stays the site's master
-                    os.unlink(entry.path)
-        common.flush_redis(self.redis.url)
-        common.empty_table(Replica)
-        os.sync()
-
-    def landed(self, name, size):
-        """How many hosts hold ``name`` with ``size`` bytes."""
-        count = 0
-        for host in self.hosts:
-            try:
-                count += os.stat(host.root / name).st_size == size
-            except FileNotFoundError:
-                pass
-        return count
-
-    def wait_all(self, names, size, timeout=CONVERGE_TIMEOUT):
-        """Wait until every host holds every name (bounded); return the time it happened."""
-        pending = set(names)
-        deadline = time.monotonic() + timeout
-        while pending:
-            pending = {name for name in pending if self.landed(name, size) < len(self.hosts)}
-            if not pending:
-                break
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"{len(pending)} file(s) not on every host after {timeout}s: {sorted(pending)[:3]}"
-                )
-            time.sleep(0.005)
-        return time.perf_counter()
-
-    def check_synced(self, count):
-        """Fail unless the workers recorded ``count`` synced rows per host and nothing failed."""
-        from resto_celery.models import Replica
-
-        deadline = time.monotonic() + 60  # a row is written just after its PUT is answered
-        while True:
-            failed = Replica.objects.exclude(state="synced").count()
-            synced = Replica.objects.filter(state="synced").count()
-            if failed or synced >= count * len(self.hosts) or time.monotonic() > deadline:
-                break
-            time.sleep(0.02)
-        if failed or synced != count * len(self.hosts):
-            raise AssertionError(f"{synced} synced rows (expected {count * len(self.hosts)}), {failed} other")
-
-    def worker_peak_rss(self):
-        """The largest VmHWM among the worker's processes (main and pool children), bytes."""
-        pids = _descendants(self.worker._process.pid)
-        peaks = []
-        for pid in pids:
-            try:
-                with open(f"/proc/{pid}/status") as handle:
-                    for line in handle:
-                        if line.startswith("VmHWM:"):
-                            peaks.append(int(line.split()[1]) * 1024)
-            except OSError:
-                continue
-        return max(peaks)
-
-    def close(self):
-        self.stop_worker()
-        for host in self.hosts:
-            host.stop()
+def worker_peak_rss(worker):
+    """The largest VmHWM among ``worker``'s processes (main and pool children), bytes."""
+    peaks = []
+    for pid in _descendants(worker._process.pid):
+        try:
+            with open(f"/proc/{pid}/status") as handle:
+                for line in handle:
+                    if line.startswith("VmHWM:"):
+                        peaks.append(int(line.split()[1]) * 1024)
+        except OSError:
+            continue
+    return max(peaks)
 
 
 def _descendants(pid):
@@ -275,40 +163,18 @@ def throughput(bench, pool, concurrency, count, size, rounds):
 
 def lag(bench, count, rate):
     """Seconds from each save returning to its last host, at ``rate`` saves per second."""
-    from django.core.files.base import ContentFile
-
     bench.reset()
-    data = os.urandom(SMALL)
-    saved = {}  # name -> time save() returned
-    landed = {}
-    done = threading.Event()
-
-    def watch():
-        while not done.is_set() or len(landed) < len(saved):
-            for name in list(saved):
-                if name not in landed and bench.landed(name, SMALL) == len(bench.hosts):
-                    landed[name] = time.perf_counter()
-            if done.is_set() and time.perf_counter() - last[0] > CONVERGE_TIMEOUT:
-                return
-            time.sleep(0.002)
-
-    last = [time.perf_counter()]
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    interval = 1 / rate
-    next_at = time.perf_counter()
-    for index in range(count):
-        name = f"lag/{index:05d}.bin"
-        bench.storage.save(name, ContentFile(data))
-        saved[name] = last[0] = time.perf_counter()
-        next_at += interval
-        time.sleep(max(0.0, next_at - time.perf_counter()))
-    done.set()
-    watcher.join(CONVERGE_TIMEOUT + 5)
-    if len(landed) != count:
-        raise AssertionError(f"only {len(landed)} of {count} files reached every host")
+    changes = Changes(bench, rate, prefix="lag", mixed=False)
+    try:
+        changes.run(count=count)
+        changes.wait(CONVERGE_TIMEOUT)
+    finally:
+        changes.close()
+    lags = changes.lags_to_every_host()
+    if len(lags) != count:
+        raise AssertionError(f"only {len(lags)} of {count} files reached every host")
     bench.check_synced(count)
-    return [landed[name] - saved[name] for name in saved]
+    return lags
 
 
 def direct_put(bench, count=50):
@@ -341,15 +207,10 @@ def memory(bench, pool, concurrency, size):
             remaining -= handle.write(chunk[:remaining])
     bench.storage.execute("upload", name)  # the file is in place: send the tasks only
     bench.wait_all([name], size, timeout=CONVERGE_TIMEOUT)
-    peak = bench.worker_peak_rss()
+    peak = worker_peak_rss(bench.worker)
     bench.stop_worker()
     bench.reset()
     return peak
-
-
-def percentile(values, fraction):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def plots(folder, sweep_rows, large, lags, put_seconds):
@@ -399,34 +260,24 @@ def main(argv=None):
     quick = args.quick
     small_count, large_count, rounds = (60, 3, 1) if quick else (400, 20, 3)
     lag_count = 40 if quick else 300
-    from resto_celery.testing.nginx import find_nginx
-
-    if find_nginx() is None:
-        print("nginx is not installed (apt-get install nginx): nothing measured")
+    if not nginx_installed():
         return 0
     huge = 64 * 1024 * 1024 if quick else HUGE
-    with common.private_redis() as redis_server, tempfile.TemporaryDirectory(prefix="resto-bench-repl-") as workdir:
-        bench = Bench(Path(workdir), redis_server)
-        try:
-            common.setup_django()
-            common.celery_app()
-            environment = common.environment()
-            sweep = {}
-            for pool, concurrency in SWEEP:
-                sweep[(pool, concurrency)] = throughput(bench, pool, concurrency, small_count, SMALL, rounds)
-            best = max(sweep, key=lambda key: statistics.median(f / o for o, f, _ in sweep[key]))
-            large = throughput(bench, *best, large_count, LARGE, rounds)
-            bench.start_worker(*best)
-            put_seconds = direct_put(bench)
-            best_files_s = statistics.median(small_count / o for o, _, _ in sweep[best])
-            rate = max(1.0, best_files_s / 4)
-            lags = lag(bench, lag_count, rate)
-            bench.stop_worker()
-            peak_small = memory(bench, *best, LARGE)
-            free = shutil.disk_usage(workdir).free
-            peak_huge = memory(bench, *best, huge) if free > 5 * huge else None
-        finally:
-            bench.close()
+    with running_site("resto-bench-repl-") as (bench, environment):
+        sweep = {}
+        for pool, concurrency in SWEEP:
+            sweep[(pool, concurrency)] = throughput(bench, pool, concurrency, small_count, SMALL, rounds)
+        best = max(sweep, key=lambda key: statistics.median(f / o for o, f, _ in sweep[key]))
+        large = throughput(bench, *best, large_count, LARGE, rounds)
+        bench.start_worker(*best)
+        put_seconds = direct_put(bench)
+        best_files_s = statistics.median(small_count / o for o, _, _ in sweep[best])
+        rate = max(1.0, best_files_s / 4)
+        lags = lag(bench, lag_count, rate)
+        bench.stop_worker()
+        peak_small = memory(bench, *best, LARGE)
+        free = shutil.disk_usage(bench.workdir).free
+        peak_huge = memory(bench, *best, huge) if free > 5 * huge else None
 
     def summary(rounds_, count, size):
         return {
@@ -446,9 +297,7 @@ def main(argv=None):
     large_row = {"label": f"{best[0]}, concurrency {best[1]}", **summary(large, large_count, LARGE)}
     fractions = (("p50", .5), ("p95", .95), ("p99", .99), ("max", 1))
     lag_ms = {name: percentile(lags, fraction) * 1000 for name, fraction in fractions}
-    folder = (args.output.parent if args.output else common.ROOT / "benchmarks" / "results")
-    folder.mkdir(parents=True, exist_ok=True)
-    plot_files = plots(folder, sweep_rows, large_row, lags, put_seconds)
+    plot_files = plots(common.results_folder(args.output), sweep_rows, large_row, lags, put_seconds)
 
     def rng(entry, fmt="{:,.0f}"):
         return f"{fmt.format(entry['min'])} – {fmt.format(entry['max'])}"
@@ -463,10 +312,9 @@ def main(argv=None):
             rng(row["share_of_noop"], "{:.0%}"),
         ])
     memory_goal = None if peak_huge is None else peak_huge <= MEMORY_GOAL * peak_small
-    result = {
-        "benchmark": "bench_replication",
-        "title": "Replication: throughput, convergence lag, worker memory",
-        "description": (
+    return common.write_result(
+        args, "bench_replication", "Replication: throughput, convergence lag, worker memory",
+        (
             f"AsyncStorage with 3 real nginx hosts on 127.0.0.1 and one real Celery worker (private Redis broker, "
             f"PostgreSQL rows). Throughput: {small_count} files of 10 KB per round for each pool/concurrency, "
             f"{large_count} files of 10 MB for the best; from the first save() to every file on every host. "
@@ -474,14 +322,13 @@ def main(argv=None):
             f"round. {rounds} round(s): medians and ranges. Lag: {lag_count} saves of 10 KB at {rate:.0f}/s "
             f"(a quarter of the best throughput)."
         ),
-        "quick": quick,
-        "parameters": {"small": small_count, "large": large_count, "rounds": rounds, "lag_saves": lag_count,
-                       "lag_rate": rate, "huge_bytes": huge},
-        "environment": environment,
-        "recommended": {"pool": best[0], "concurrency": best[1]},
-        "results": {"sweep": sweep_rows, "large": large_row, "lag_ms": lag_ms, "direct_put_ms": put_seconds * 1000,
-                    "lags_ms": [value * 1000 for value in lags], "peak_rss": {"10 MB": peak_small, "huge": peak_huge}},
-        "tables": [{
+        parameters={"small": small_count, "large": large_count, "rounds": rounds, "lag_saves": lag_count,
+                    "lag_rate": rate, "huge_bytes": huge},
+        environment=environment,
+        recommended={"pool": best[0], "concurrency": best[1]},
+        results={"sweep": sweep_rows, "large": large_row, "lag_ms": lag_ms, "direct_put_ms": put_seconds * 1000,
+                 "lags_ms": [value * 1000 for value in lags], "peak_rss": {"10 MB": peak_small, "huge": peak_huge}},
+        tables=[{
             "title": "Throughput to all 3 hosts (medians)",
             "headers": ["files", "worker", "ours files/s", "limit files/s", "ours MB/s", "limit MB/s", "share of limit",
                         "share (min – max)", "no-op tasks/s", "share of no-op", "share of no-op (min – max)"],
@@ -499,25 +346,22 @@ def main(argv=None):
                      [f"{huge // 2**20:,} MiB", common.mebibytes(peak_huge),
                       common.ratio(peak_huge / peak_small) if peak_huge else "n/a"]],
         }],
-        "plots": plot_files,
-        "goals": [{
+        plots=plot_files,
+        goals=[{
             "goal": f"worker memory does not grow with the file (peak RSS with {huge // 2**20:,} MiB "
                     f"<= {MEMORY_GOAL}x the 10 MB peak)",
             "met": memory_goal,
             "detail": "not enough free disk" if peak_huge is None else
                       f"{common.mebibytes(peak_huge)} vs {common.mebibytes(peak_small)}",
         }],
-        "notes": [
+        notes=[
             f"Best share of the limit with 10 KB files: {best[0]} pool, concurrency {best[1]} (the recommended "
             f"default on this 2-core machine).",
             "Each file goes to 3 hosts: files/s counts files on all three (3 PUTs each).",
             "No-op tasks/s: the same worker running one task per file that only INCRs a Redis key (one message "
             "per file, as a save sends): Celery's own floor at these settings; share of no-op = ours / that.",
-            common.measured_note(environment),
         ],
-    }
-    common.report(result, args.output)
-    return 0
+    )
 
 
 if __name__ == "__main__":

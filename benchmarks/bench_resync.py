@@ -301,10 +301,9 @@ def main(argv=None):
         })
     goal_suffix, goal_label = modes[0]
     goal_ratio = ratios[f"second{goal_suffix} / first{goal_suffix}"]
-    result = {
-        "benchmark": "bench_resync",
-        "title": "resto_resync over many small files",
-        "description": (
+    return common.write_result(
+        args, "bench_resync", "resto_resync over many small files",
+        (
             f"`manage.py resto_resync --host HOST` (default options: 8 threads) of a `HybridStorage` whose master tree "
             f"holds {files:,} files of 1–4 KB ({master_bytes / 2**20:.1f} MiB, {PER_FOLDER} per folder, two levels of "
             f"folders), to one media host on 127.0.0.1: **{host_kind}**, storing on disk. "
@@ -316,15 +315,14 @@ def main(argv=None):
             f"the floor is `rsync -a SRC/ DST/` between two local folders, to an empty folder then again in sync. "
             f"{ROUNDS} rounds: median and range; ratios computed round by round."
         ),
-        "quick": args.quick,
-        "environment": env,
-        "results": {
+        environment=env,
+        results={
             "files": files, "bytes": master_bytes, "host": host_kind, "modes": [label for _, label in modes],
             "rsync": bool(rsync), "seconds": summary, "ratios": ratios, "checks": checks,
             "rsync_first_system_seconds": rsync_system,
         },
-        "tables": tables,
-        "goals": [
+        tables=tables,
+        goals=[
             {"goal": f"a second run, host in sync, at most {GOAL_RATIO}x the first run's time (host {goal_label})",
              "met": None if args.quick else goal_ratio["median"] <= GOAL_RATIO,
              "detail": f"second/first {common.ratio(goal_ratio['median'])} (rounds {common.ratio(goal_ratio['min'])}"
@@ -340,7 +338,7 @@ def main(argv=None):
                                              f"host {c['host_files'][0]:,} files"
                                              for mode, c in check.items()) for check in checks)},
         ],
-        "notes": [
+        notes=[
             f"The host is {host_kind}; the host's folder is emptied directly on disk (and `os.sync()`) before each "
             "first run. Its writes share the master's disk, so the first run's time follows the disk's load.",
             "rsync copies between local folders with no HTTP and no per-file round trip: a floor, not a rival. "
@@ -353,10 +351,8 @@ def main(argv=None):
             "folder of the host (8 threads; a JSON listing of its files with their sizes) or one HEAD per file "
             "(8 threads; the GIL and the HTTP client's per-request cost bound it, not the network). A listing also "
             "makes the first run cheaper: it does not ask about each missing file.",
-            common.measured_note(env),
         ],
-    }
-    common.report(result, args.output)
+    )
 
 
 if __name__ == "__main__":

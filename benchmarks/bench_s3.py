@@ -104,16 +104,8 @@ class Bench:
         return storages["default"]
 
     def start_worker(self):
-        from resto_celery.testing.worker import CeleryWorker
-
         self.stop_worker()
-        env = {key: os.environ[key] for key in os.environ if key.startswith("RESTO_BENCH_")}
-        env.update({"DJANGO_SETTINGS_MODULE": "benchmarks.settings", "PYTHONPATH": str(common.ROOT)})
-        self.worker = CeleryWorker(
-            "benchmarks.celery_app", queues=("resto",), pool=POOL, concurrency=CONCURRENCY, env=env,
-            logfile=self.workdir / f"worker-{uuid.uuid4().hex[:6]}.log",
-        )
-        self.worker.start()
+        self.worker = common.celery_worker(POOL, CONCURRENCY, self.workdir / f"worker-{uuid.uuid4().hex[:6]}.log")
 
     def stop_worker(self):
         if self.worker is not None:
@@ -273,22 +265,20 @@ def main(argv=None):
          f"{row['share_no_threads']['min']:.2f} – {row['share_no_threads']['max']:.2f}"]
         for row in rows
     ]
-    result = {
-        "benchmark": "bench_s3",
-        "title": "Replication to an S3 bucket vs boto3's upload_fileobj",
-        "description": (
+    return common.write_result(
+        args, "bench_s3", "Replication to an S3 bucket vs boto3's upload_fileobj",
+        (
             f"AsyncStorage with one S3 media host (django-storages' S3Storage on moto's S3 server, its own process "
             f"on 127.0.0.1) and one real Celery worker ({POOL}, concurrency {CONCURRENCY}; private Redis broker). "
             f"{small_count} files of 10 KB and {large_count} of 1 MB per round, from the first save() to every "
             f"Replica row synced. Baseline in the same round: boto3 upload_fileobj of the same files from "
             f"{CONCURRENCY} threads. {rounds} round(s): medians and ranges."
         ),
-        "quick": quick,
-        "parameters": {"small": small_count, "large": large_count, "rounds": rounds, "pool": POOL,
-                       "concurrency": CONCURRENCY},
-        "environment": environment,
-        "results": {"rows": rows},
-        "tables": [{
+        parameters={"small": small_count, "large": large_count, "rounds": rounds, "pool": POOL,
+                    "concurrency": CONCURRENCY},
+        environment=environment,
+        results={"rows": rows},
+        tables=[{
             "title": "Throughput to the bucket (medians)",
             "headers": [
                 "files", "ours files/s", "boto3 files/s", "ours MB/s", "boto3 MB/s", "share", "share (min – max)",
@@ -296,23 +286,20 @@ def main(argv=None):
             ],
             "rows": table,
         }],
-        "goals": [{
+        goals=[{
             "goal": f"throughput to an S3 host >= {SHARE_GOAL} of boto3 upload_fileobj's (share, median)",
             "met": all(row["share"]["median"] >= SHARE_GOAL for row in rows),
             "detail": ", ".join(f"{row['label']}: {row['share']['median']:.2f}" for row in rows),
         }],
-        "notes": [
+        notes=[
             "boto3: upload_fileobj with its defaults (s3transfer starts a thread pool per upload); boto3 no threads: "
             "the same with TransferConfig(use_threads=False), which is how resto_celery's storage hosts upload when "
             "the storage's options set no transfer_config (the worker's concurrency is the parallelism).",
             "Ours includes what boto3 alone does not: the message, the lease, the master's fingerprint, a CRC32 "
             "of each file sent for the store to check, and the Replica row (PostgreSQL or SQLite).",
             "moto is a Python server: absolute numbers are far below a real S3's; the share is what to read.",
-            common.measured_note(environment),
         ],
-    }
-    common.report(result, args.output)
-    return 0
+    )
 
 
 if __name__ == "__main__":

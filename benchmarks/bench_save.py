@@ -363,10 +363,9 @@ def main(argv=None):
             for server in servers:
                 server.stop()
 
-    result = {
-        "benchmark": "bench_save",
-        "title": "save() latency",
-        "description": (
+    return common.write_result(
+        args, "bench_save", "save() latency",
+        (
             f"Per-save latency of `storage.save(name, ContentFile(...))`, fresh names, {saves} saves per "
             f"configuration per round, {rounds} rounds (configurations take turns every {BLOCK} saves), after "
             f"{warmup} warm-up saves. Latency: median over rounds of each round's median, and the range of "
@@ -375,12 +374,11 @@ def main(argv=None):
             f"HybridStorage PUTs to real MediaServers on 127.0.0.1 that keep files in memory (the hosts' disks "
             f"would otherwise compete with the master's); the servers run in the benchmark's process."
         ),
-        "quick": args.quick,
-        "parameters": {"saves_per_round": saves, "rounds": rounds, "warmup": warmup, "sizes": SIZES},
-        "environment": environment,
-        "results": results,
-        "publish_ns": publish,
-        "tables": [{
+        parameters={"saves_per_round": saves, "rounds": rounds, "warmup": warmup, "sizes": SIZES},
+        environment=environment,
+        results=results,
+        publish_ns=publish,
+        tables=[{
             "title": "save() latency (µs)",
             "headers": ["size", "storage", "median µs", "round medians µs (min – max)", "ratio", "ratio (min – max)"],
             "rows": table_rows(results),
@@ -389,13 +387,8 @@ def main(argv=None):
             "headers": ["how", "median µs", "round medians µs (min – max)", "ratio to LPUSH"],
             "rows": publish_rows(publish),
         }],
-        "goals": goals(results),
-        "notes": [
-            common.measured_note(environment),
-        ],
-    }
-    common.report(result, args.output)
-    return 0
+        goals=goals(results),
+    )
 
 
 if __name__ == "__main__":

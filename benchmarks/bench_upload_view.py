@@ -397,10 +397,9 @@ def main(argv=None):
             os.environ.pop(STORAGES_ENV, None)
 
     headers = ["size", "storage", "median µs", "round medians µs (min – max)", "ratio", "ratio (min – max)"]
-    result = {
-        "benchmark": "bench_upload_view",
-        "title": "An upload through a Django view",
-        "description": (
+    return common.write_result(
+        args, "bench_upload_view", "An upload through a Django view",
+        (
             f"A multipart POST (a title and a file, fresh names) to a Django view that validates a `ModelForm` and "
             f"saves the model (the file through its `FileField`'s storage, then the row in the bench database) and "
             f"answers 201 with the file's URL. The site runs in its own process under {site.server if site else '?'} "
@@ -414,29 +413,25 @@ def main(argv=None):
             f"the request reaching Django's WSGI handler to the start of its response (body read, form, model "
             f"save), as the server reports it."
         ),
-        "quick": args.quick,
-        "parameters": {"requests_per_round": count, "rounds": rounds, "warmup": warmup, "sizes": SIZES,
-                       "server": site.server if site else None, "publish": publish},
-        "environment": environment,
-        "results": results,
-        "tables": [
+        parameters={"requests_per_round": count, "rounds": rounds, "warmup": warmup, "sizes": SIZES,
+                    "server": site.server if site else None, "publish": publish},
+        environment=environment,
+        results=results,
+        tables=[
             {"title": "Upload latency seen by the client (µs)", "headers": headers,
              "rows": table_rows(results, "latency")},
             {"title": "Time in Django, as the server reports it (µs)", "headers": headers,
              "rows": table_rows(results, "app")},
         ],
-        "goals": goals(results),
-        "notes": [
+        goals=goals(results),
+        notes=[
             "Both uploads sizes stay in memory (Django's `FILE_UPLOAD_MAX_MEMORY_SIZE` is 2.5 MB): the storage "
             "writes them from memory. Each configuration has its own master folder; between rounds the folders, "
             "the tables and the queue are emptied and dirty pages flushed (`os.sync()`).",
             "The difference between the configurations is the storage's `save()` inside the view: compare with "
             "`bench_save`, which times `save()` alone.",
-            common.measured_note(environment),
         ],
-    }
-    common.report(result, args.output)
-    return 0
+    )
 
 
 if __name__ == "__main__":

@@ -98,26 +98,23 @@ def main(argv=None):
                 "met": statistics.median(extra) <= GOAL_EXTRA_SECONDS,
                 "detail": f"{statistics.median(extra) * 1e6:+,.0f} µs per page (median of {rounds} rounds)",
             })
-    result = {
-        "benchmark": "bench_url",
-        "title": "url() on a page of 100 files (read-your-writes URLs)",
-        "description": (
+    return common.write_result(
+        args, "bench_url", "url() on a page of 100 files (read-your-writes URLs)",
+        (
             f"Median time of {PAGE} `url()` calls (one page), over {PAGES_PER_ROUND} pages per round, "
             f"{rounds} rounds; with `master_url` the process's snapshot of pending paths is expired before "
             f"every page, so each page pays one `HKEYS` (the worst case: at most once a second in production). "
             f"Ratio and extra time are to `FileSystemStorage.url()` in the same round."
         ),
-        "quick": args.quick,
-        "environment": common.environment(),
-        "tables": [{
+        environment=common.environment(),
+        tables=[{
             "title": "One page",
             "headers": ["storage", "median µs", "min – max µs", "extra µs vs baseline", "ratio to baseline"],
             "rows": rows,
         }],
-        "goals": goals,
-        "notes": [],
-    }
-    common.report(result, args.output)
+        goals=goals,
+        with_measured_note=False,
+    )
 
 
 if __name__ == "__main__":

@@ -135,6 +135,19 @@ def celery_app():
     return app
 
 
+def celery_worker(pool, concurrency, logfile, queues=("resto",), wrapper=()):
+    """A real ``celery worker`` process of the bench app (``celery_app.py``), started, with this
+    process's ``RESTO_BENCH_*`` settings (broker, storage options, database)."""
+    from resto_celery.testing.worker import CeleryWorker
+
+    env = {key: os.environ[key] for key in os.environ if key.startswith("RESTO_BENCH_")}
+    env.update({"DJANGO_SETTINGS_MODULE": SETTINGS_MODULE, "PYTHONPATH": str(ROOT)})
+    return CeleryWorker(
+        "benchmarks.celery_app", queues=queues, pool=pool, concurrency=concurrency, env=env, logfile=logfile,
+        wrapper=wrapper,
+    ).start()
+
+
 def empty_table(model):
     """Delete every row of ``model``'s table quickly (``TRUNCATE`` where the database has it)."""
     from django.core.management.color import no_style
@@ -151,6 +164,12 @@ def empty_table(model):
 def summarize(values):
     """``{"median", "min", "max", "n"}`` of a list of numbers."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def percentile(values, fraction):
+    """The value at ``fraction`` (0 to 1) of ``values`` sorted (the nearest rank, no interpolation)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 class PeakRSS:
@@ -272,6 +291,34 @@ def render(result):
 
 def _verdict(met):
     return {True: "MET", False: "NOT MET", None: "NOT EVALUATED"}[met]
+
+
+def write_result(args, benchmark, title, description, *, environment, parameters=None, notes=(),
+                 with_measured_note=True, **fields):
+    """Print one benchmark's result and write it to ``args.output`` (see :func:`report`); return 0,
+    the exit status of its ``main()``.
+
+    The result holds, in this order: ``benchmark``, ``title``, ``description``, ``quick``,
+    ``parameters`` (when given), ``environment``, then ``fields`` in the order given
+    (``results``, ``tables``, ``plots``, ``goals``: what :func:`render` and ``run.write_summary``
+    read), and last ``notes``, which ends with the :func:`measured_note` of ``environment``
+    unless ``with_measured_note`` is false.
+    """
+    result = {"benchmark": benchmark, "title": title, "description": description, "quick": args.quick}
+    if parameters is not None:
+        result["parameters"] = parameters
+    result["environment"] = environment
+    result.update(fields)
+    result["notes"] = [*notes, measured_note(environment)] if with_measured_note else list(notes)
+    report(result, args.output)
+    return 0
+
+
+def results_folder(output):
+    """The folder of the plots: ``output``'s, or ``benchmarks/results`` without one; made if missing."""
+    folder = output.parent if output else ROOT / "benchmarks" / "results"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def report(result, output=None):

@@ -1,10 +1,11 @@
 """Django settings for the benchmarks: only what the storages and ``Replica`` need.
 
-The database is PostgreSQL (``resto_celery_bench`` on 127.0.0.1:5432) when it answers, else
-an SQLite file in the temporary folder; ``RESTO_BENCH_DATABASE`` (``postgres`` or
-``sqlite``) forces one. The benchmark scripts create and migrate it themselves
-(:func:`benchmarks.common.setup_django`). The Celery broker is ``RESTO_BENCH_BROKER_URL``:
-the scripts start a private Redis and set it before Django is set up.
+The database is PostgreSQL (``resto_celery_bench`` on 127.0.0.1:5432, or the name in
+``RESTO_BENCH_DATABASE_NAME``) when it answers, else an SQLite file in the temporary folder;
+``RESTO_BENCH_DATABASE`` (``postgres`` or ``sqlite``) forces one. The benchmark scripts
+create and migrate it themselves (:func:`benchmarks.common.setup_django`). The Celery
+broker is ``RESTO_BENCH_BROKER_URL``: the scripts start a private Redis and set it before
+Django is set up.
 ``RESTO_BENCH_UPLOAD_STORAGES`` adds ``bench_upload_view``'s app, URLs and storages.
 """
 import json
@@ -42,10 +43,14 @@ if _engine == "postgres":
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.postgresql",
-            "NAME": "resto_celery_bench",
+            "NAME": os.environ.get("RESTO_BENCH_DATABASE_NAME", "resto_celery_bench"),
             "USER": os.environ.get("PGUSER", "postgres"),
             "HOST": "127.0.0.1",
             "PORT": 5432,
+            # Kept between tasks and requests, as a production site should (CONN_MAX_AGE 0,
+            # Django's default, makes a Celery worker reconnect after every task).
+            "CONN_MAX_AGE": 600,
+            "CONN_HEALTH_CHECKS": True,
         }
     }
 else:
@@ -73,13 +78,10 @@ if os.environ.get("RESTO_BENCH_STORAGE_OPTIONS"):
     }
 # bench_upload_view: its upload app (a model per storage under test, the view, its URLs), and
 # the storages of those models, as a JSON dict of STORAGES entries by alias.
-# Its web server keeps its database connection between requests, as a production site does
-# (Django's default, CONN_MAX_AGE 0, opens one per request: milliseconds on both sides).
 if os.environ.get("RESTO_BENCH_UPLOAD_STORAGES"):
     STORAGES.update(json.loads(os.environ["RESTO_BENCH_UPLOAD_STORAGES"]))
     INSTALLED_APPS.append("benchmarks.uploads")
     ROOT_URLCONF = "benchmarks.uploads.urls"
-    DATABASES["default"]["CONN_MAX_AGE"] = 600
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 
 # As the README recommends for a real site: results in the database, extended.
