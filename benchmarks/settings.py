@@ -47,8 +47,7 @@ if _engine == "postgres":
             "USER": os.environ.get("PGUSER", "postgres"),
             "HOST": "127.0.0.1",
             "PORT": 5432,
-            # Kept between tasks and requests, as a production site should (CONN_MAX_AGE 0,
-            # Django's default, makes a Celery worker reconnect after every task).
+            # Kept between requests (bench_upload_view's server), as a production site should.
             "CONN_MAX_AGE": 600,
             "CONN_HEALTH_CHECKS": True,
         }
@@ -83,6 +82,7 @@ if os.environ.get("RESTO_BENCH_UPLOAD_STORAGES"):
     INSTALLED_APPS.append("benchmarks.uploads")
     ROOT_URLCONF = "benchmarks.uploads.urls"
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_DB_REUSE_MAX = 100  # as the README advises: Celery would reconnect workers for every task
 
 # As the README recommends for a real site: results in the database, extended.
 CELERY_BROKER_URL = os.environ.get("RESTO_BENCH_BROKER_URL", "memory://")

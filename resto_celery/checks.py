@@ -4,6 +4,8 @@ Messages quote :mod:`resto_celery.conf`'s errors, which never show a credential.
 """
 import os
 
+import celery
+from celery import current_app
 from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
@@ -126,25 +128,37 @@ def check_master_copies(app_configs=None, **kwargs):
 
 
 def reconnecting_database():
-    """The alias of the database the workers write ``Replica`` rows to when Django closes its
-    connection after every request and every Celery task (``CONN_MAX_AGE`` 0, Django's
-    default), else ``None``. SQLite is left out: opening its file costs nothing."""
+    """The alias of the database the workers write ``Replica`` rows to when a worker would
+    reconnect to it for every task, else ``None``.
+
+    Celery's Django fixup closes the database connections before and after every task
+    unless ``CELERY_DB_REUSE_MAX`` is set: unconditionally since Celery 5.6 (celery#9824),
+    when ``CONN_MAX_AGE`` is 0 before. SQLite is left out: opening its file costs nothing.
+    """
     alias = router.db_for_write(Replica)
     connection = connections[alias]
-    if connection.vendor == "sqlite" or connection.settings_dict.get("CONN_MAX_AGE", 0) != 0:
+    if connection.vendor == "sqlite" or _db_reuse_max():
+        return None
+    if celery.VERSION < (5, 6) and connection.settings_dict.get("CONN_MAX_AGE", 0) != 0:
         return None
     return alias
 
 
+def _db_reuse_max():
+    """``CELERY_DB_REUSE_MAX`` as the worker's fixup reads it (Django settings with the
+    ``CELERY`` namespace), or from the Django settings should the app use none."""
+    return current_app.conf.get("CELERY_DB_REUSE_MAX") or getattr(settings, "CELERY_DB_REUSE_MAX", None)
+
+
 RECONNECT_HINT = (
-    "Set DATABASES[{alias!r}]['CONN_MAX_AGE'] (60, say) with 'CONN_HEALTH_CHECKS': True, so "
-    "workers keep their connection between tasks."
+    "Set CELERY_DB_REUSE_MAX (100, say): Celery then closes the connections to DATABASES[{alias!r}] "
+    "every 100 tasks instead of around each."
 )
 
 
 @checks.register(checks.Tags.database, deploy=True)
 def check_worker_connections(app_configs=None, **kwargs):
-    """``check --deploy``: a worker that reconnects to the database after every task pays a
+    """``check --deploy``: a worker that reconnects to the database for every task pays a
     connection (4 ms to a local PostgreSQL) for every change it replicates."""
     try:
         if not registry.replicated_storages():
@@ -156,8 +170,8 @@ def check_worker_connections(app_configs=None, **kwargs):
         return []
     return [
         checks.Warning(
-            f"DATABASES[{alias!r}] has CONN_MAX_AGE 0: Celery workers reconnect to it after every task, "
-            "a new connection for every change replicated.",
+            f"Celery workers reconnect to DATABASES[{alias!r}] for every task: a new connection for every "
+            "change replicated.",
             hint=RECONNECT_HINT.format(alias=alias),
             id="resto_celery.W003",
         )

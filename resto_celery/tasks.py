@@ -18,7 +18,7 @@ state. The name says which change caused the task (the admin shows it).
 import logging
 import time
 
-from celery import current_app, shared_task
+from celery import Task, current_app, shared_task
 from celery.signals import worker_process_shutdown, worker_ready
 from django.db import DatabaseError, connections
 from redis.exceptions import LockError, RedisError
@@ -43,10 +43,29 @@ BACKLOG_RELEASE_LIMIT = 10_000
 #: worker died frees the lock after that.
 RECONCILE_LOCK_TTL = 120
 
+
+
+class DatabaseTask(Task):
+    """A task that, failing on the database, closes the connections that no longer work.
+
+    With ``CELERY_DB_REUSE_MAX`` Celery keeps a worker's connections from task to task; one
+    that the database server dropped (a restart, a failover) would fail every task after,
+    and the result backend's record of this failure with them.
+    """
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except DatabaseError:
+            for connection in connections.all(initialized_only=True):
+                connection.close_if_unusable_or_obsolete()
+            raise
+
+
 #: A successful transfer is recorded in its ``Replica`` row: the result backend keeps only
 #: failures (``store_errors_even_if_ignored``), which the admin shows by task id.
 TASK_OPTIONS = {
-    "bind": True, "acks_late": True, "reject_on_worker_lost": True, "max_retries": None,
+    "base": DatabaseTask, "bind": True, "acks_late": True, "reject_on_worker_lost": True, "max_retries": None,
     "ignore_result": True, "store_errors_even_if_ignored": True, "track_started": False,
 }
 
@@ -256,7 +275,7 @@ def _schedule_probe(storage, host, coordinator):
 
 
 
-@shared_task(name="resto_celery.reconcile", acks_late=True)
+@shared_task(name="resto_celery.reconcile", base=DatabaseTask, acks_late=True)
 def reconcile(allow_deletes=()):
     """Enqueue whatever the master tree and the ``Replica`` rows say is missing or stale.
 
@@ -388,7 +407,7 @@ def check_masters_at_start(**kwargs):
         alias = checks.reconnecting_database()
         if alias is not None:
             logger.warning(
-                "This worker reconnects to database %r after every task (CONN_MAX_AGE is 0). %s",
+                "This worker reconnects to database %r for every task. %s",
                 alias, checks.RECONNECT_HINT.format(alias=alias),
             )
         connections.close_all()  # a prefork child must not inherit this connection

@@ -120,6 +120,8 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "unacked_restore_throttle": 1,
 }
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Workers keep their database connection for this many tasks (unset: Celery reconnects for every task).
+CELERY_DB_REUSE_MAX = int(os.environ["RESTO_TEST_DB_REUSE_MAX"]) if os.environ.get("RESTO_TEST_DB_REUSE_MAX") else None
 RESTO_REDIS_URL = os.environ.get("RESTO_TEST_REDIS_URL")
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

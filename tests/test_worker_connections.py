@@ -1,15 +1,20 @@
-"""Workers that would reconnect to the database after every task are told about it:
-``manage.py check --deploy`` (resto_celery.W003) and a warning when a worker starts."""
+"""A worker's database connection: kept between tasks with ``CELERY_DB_REUSE_MAX``, dropped
+when the database dropped it; a worker that would reconnect for every task is told of it
+(``manage.py check --deploy``: resto_celery.W003, and a warning when a worker starts)."""
 import logging
 
+import celery
 import pytest
 from django.core.checks import run_checks
-from django.db import connections, router
+from django.core.files.base import ContentFile
+from django.db import connection, connections, router
 
-from resto_celery import checks, tasks
+from resto_celery import checks, publisher, tasks
 from resto_celery.models import Replica
+from resto_celery.tasks import reconcile
 
 from .conftest import set_storages
+from .site import wait_until
 
 
 @pytest.fixture
@@ -32,15 +37,28 @@ def test_deploy_check_warns_that_workers_would_reconnect_after_every_task(async_
     assert "resto_celery.W003" in _deploy_check_ids()
 
 
-def test_the_warning_names_the_database_and_the_setting(async_settings, replica_database):
+def test_the_warning_names_the_database_and_the_settings(async_settings, replica_database):
     (warning,) = checks.check_worker_connections()
-    assert "DATABASES['default'] has CONN_MAX_AGE 0" in warning.msg
-    assert "CONN_MAX_AGE" in warning.hint and "CONN_HEALTH_CHECKS" in warning.hint
+    assert "Celery workers reconnect to DATABASES['default'] for every task" in warning.msg
+    assert "Set CELERY_DB_REUSE_MAX" in warning.hint
+
+
+def test_db_reuse_max_passes_the_deploy_check(async_settings, replica_database):
+    async_settings.CELERY_DB_REUSE_MAX = 100
+    assert checks.check_worker_connections() == []
+
+
+def test_conn_max_age_alone_does_not_pass_on_celery_5_6_and_later(async_settings, replica_database, monkeypatch):
+    # Celery 5.6 closes the connections around every task whatever CONN_MAX_AGE says (celery#9824).
+    replica_database.settings_dict["CONN_MAX_AGE"] = 60
+    monkeypatch.setattr(celery, "VERSION", (5, 6, 0))
+    assert [message.id for message in checks.check_worker_connections()] == ["resto_celery.W003"]
 
 
 @pytest.mark.parametrize("max_age", [60, None])
-def test_persistent_connections_pass_the_deploy_check(async_settings, replica_database, max_age):
+def test_conn_max_age_passes_before_celery_5_6(async_settings, replica_database, monkeypatch, max_age):
     replica_database.settings_dict["CONN_MAX_AGE"] = max_age  # None: kept for ever
+    monkeypatch.setattr(celery, "VERSION", (5, 5, 3))
     assert checks.check_worker_connections() == []
 
 
@@ -63,12 +81,70 @@ def test_the_ordinary_checks_leave_it_to_deploy(async_settings, replica_database
 def test_a_starting_worker_logs_that_it_would_reconnect_after_every_task(async_settings, replica_database, caplog):
     with caplog.at_level(logging.WARNING, logger="resto_celery.tasks"):
         tasks.check_masters_at_start()
-    assert "reconnects to database 'default' after every task (CONN_MAX_AGE is 0)" in caplog.text
+    assert "This worker reconnects to database 'default' for every task" in caplog.text
 
 
 @pytest.mark.django_db
-def test_a_starting_worker_with_persistent_connections_says_nothing_of_it(async_settings, replica_database, caplog):
-    replica_database.settings_dict["CONN_MAX_AGE"] = 60
+def test_a_starting_worker_with_db_reuse_max_says_nothing_of_it(async_settings, replica_database, caplog):
+    async_settings.CELERY_DB_REUSE_MAX = 100
     with caplog.at_level(logging.WARNING, logger="resto_celery.tasks"):
         tasks.check_masters_at_start()
     assert "reconnects" not in caplog.text
+
+
+def _worker_backends():
+    """The PostgreSQL server processes serving the test database to anyone but this test."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        return {pid for (pid,) in cursor.fetchall()}
+
+
+def _terminate(pids):
+    with connection.cursor() as cursor:
+        for pid in pids:
+            cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+
+
+def _save_and_wait(site, name):
+    site.storage.save(name, ContentFile(name.encode()))
+    assert publisher.flush(timeout=10)
+    wait_until(lambda: name in site.hosts[0].files(), timeout=30, message=f"{name} on the host")
+
+
+postgres_only = pytest.mark.skipif(connection.vendor != "postgresql", reason="counts PostgreSQL server processes")
+
+
+@postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_with_db_reuse_max_keeps_one_connection_for_its_tasks(make_site, monkeypatch):
+    monkeypatch.setenv("RESTO_TEST_DB_REUSE_MAX", "1000")
+    site = make_site(host_count=1)
+    site.start_worker(concurrency=1)
+    _save_and_wait(site, "first.txt")
+    backends = _worker_backends()
+
+    for index in range(5):
+        _save_and_wait(site, f"more-{index}.txt")
+
+    assert backends and _worker_backends() == backends
+
+
+@postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_a_kept_connection_that_the_database_dropped_fails_one_task_not_the_next(make_site, monkeypatch):
+    monkeypatch.setenv("RESTO_TEST_DB_REUSE_MAX", "1000")
+    site = make_site(host_count=1)
+    worker = site.start_worker(concurrency=1)
+    _save_and_wait(site, "before.txt")
+
+    _terminate(_worker_backends())  # a database restart, as the worker's kept connection sees it
+    site.storage.save("during.txt", ContentFile(b"during"))
+    assert publisher.flush(timeout=10)
+    wait_until(lambda: "terminating connection" in worker.log() or "server closed" in worker.log(), timeout=30,
+               message="the task on the dropped connection to fail")
+
+    _save_and_wait(site, "after.txt")  # on a new connection
+    reconcile.run()  # and the failed one is sent by reconcile, as ever
+    wait_until(lambda: "during.txt" in site.hosts[0].files(), timeout=30, message="during.txt after reconcile")
