@@ -24,9 +24,11 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# ruff with the rules in pyproject.toml ([tool.ruff]); fails on any violation. .ci/run calls it.
+# ruff with the rules in pyproject.toml ([tool.ruff]), then mypy over the typed public API
+# (the files of [tool.mypy]); fails on any violation or type error. .ci/run calls it.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 $(OLDEST_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(OLDEST_VENV)
@@ -64,7 +66,7 @@ $(TAHOE_STAMP):
 	touch $@
 
 clean:
-	rm -rf $(VENV) $(OLDEST_VENV) $(TAHOE_VENV) .pytest_cache .cache build *.egg-info example/var
+	rm -rf $(VENV) $(OLDEST_VENV) $(TAHOE_VENV) .pytest_cache .mypy_cache .cache build *.egg-info example/var
 
 BENCH_STAMP := $(VENV)/.installed-bench
 

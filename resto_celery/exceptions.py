@@ -3,6 +3,11 @@
 This module imports nothing from Django or Celery, so the transport can use it.
 """
 
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
 
 class TransportError(OSError):
     """An HTTP operation on one media host did not succeed.
@@ -18,7 +23,10 @@ class TransportError(OSError):
     #: timeout or a connection cut after sending): its outcome is unknown.
     in_doubt = False
 
-    def __init__(self, host, method, name, reason, status=None, in_doubt=None):
+    def __init__(
+        self, host: str | None, method: str, name: str, reason: str, status: int | None = None,
+        in_doubt: bool | None = None,
+    ) -> None:
         self.host = host
         self.method = method
         self.name = name
@@ -28,14 +36,14 @@ class TransportError(OSError):
             self.in_doubt = in_doubt
         super().__init__(str(self))
 
-    def __str__(self):
+    def __str__(self) -> str:
         return f"{self.method} {self.name} on {self.host} failed: {self.reason}"
 
-    def without_host(self):
+    def without_host(self) -> str:
         """The message without the host, for a row or a page that names the host already."""
         return f"{self.method} {self.name} failed: {self.reason}"
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         # Keeps the exception picklable (Celery stores it in results).
         return (type(self), (self.host, self.method, self.name, self.reason, self.status, self.in_doubt))
 
@@ -60,11 +68,14 @@ class HostShortCircuited(TransportError):
 
     retryable = True
 
-    def __init__(self, host, method, name, reason, status=None, in_doubt=None, wait=0.0):
+    def __init__(
+        self, host: str | None, method: str, name: str, reason: str, status: int | None = None,
+        in_doubt: bool | None = None, wait: float = 0.0,
+    ) -> None:
         self.wait = wait
         super().__init__(host, method, name, reason, status, in_doubt)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.host, self.method, self.name, self.reason, self.status, self.in_doubt, self.wait))
 
 
@@ -76,7 +87,7 @@ class UnexpectedStatus(TransportError):
     """The host answered with a status code the operation does not accept."""
 
     @property
-    def retryable(self):
+    def retryable(self) -> bool:  # type: ignore[override]
         return self.status is not None and (self.status >= 500 or self.status in (408, 429))
 
 
@@ -92,7 +103,7 @@ class ReplicationError(OSError):
     :class:`TransportError` (or other exception) it raised.
     """
 
-    def __init__(self, operation, name, failures, total_hosts):
+    def __init__(self, operation: str, name: str, failures: Mapping[str, BaseException], total_hosts: int) -> None:
         self.operation = operation
         self.name = name
         self.failures = dict(failures)
@@ -103,11 +114,11 @@ class ReplicationError(OSError):
             f"media host(s): {details}"
         )
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.operation, self.name, self.failures, self.total_hosts))
 
 
-def _reason(exc):
+def _reason(exc: BaseException) -> str:
     return exc.reason if isinstance(exc, TransportError) else f"{type(exc).__name__}: {exc}"
 
 
@@ -120,17 +131,17 @@ class MasterError(OSError):
 
     retryable = True
 
-    def __init__(self, location, path, reason):
+    def __init__(self, location: str, path: str, reason: str) -> None:
         self.location = location
         self.path = path
         self.reason = reason
         super().__init__(str(self))
 
-    def __str__(self):
+    def __str__(self) -> str:
         where = f"{self.path} in the master copy {self.location}" if self.path else f"the master copy {self.location}"
         return f"{where}: {self.reason}"
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.location, self.path, self.reason))
 
 

@@ -1,9 +1,15 @@
 """The master copy: a ``FileSystemStorage`` whose writes readers never see half done."""
+
+from __future__ import annotations
+
 import os
 import pathlib
 import secrets
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
+from types import TracebackType
+from typing import IO, Any, cast
 
 from django.core.exceptions import SuspiciousFileOperation
 from django.core.files import File
@@ -27,7 +33,7 @@ MARKER_NAME = ".resto-master"
 WRITE_FLAGS = "wax+"
 
 
-def is_temporary(filename):
+def is_temporary(filename: str) -> bool:
     """Whether ``filename`` (a base name) is an in-progress master write."""
     return filename.startswith(TEMP_PREFIX) and filename.endswith(TEMP_SUFFIX)
 
@@ -49,26 +55,27 @@ class MasterStorage(FileSystemStorage):
     """
 
     def __init__(
-        self, location=None, base_url=None, file_permissions_mode=None, directory_permissions_mode=None,
-        allow_overwrite=False,
-    ):
+        self, location: str | os.PathLike[str] | None = None, base_url: str | None = None,
+        file_permissions_mode: int | None = None, directory_permissions_mode: int | None = None,
+        allow_overwrite: bool = False,
+    ) -> None:
         super().__init__(location, base_url, file_permissions_mode, directory_permissions_mode)
         flags = getattr(self, "OS_OPEN_FLAGS", os.O_EXCL)  # gone in Django 6.0
         self._allow_overwrite = allow_overwrite or not flags & os.O_EXCL
 
-    def path(self, name):
+    def path(self, name: str) -> str:
         name = relative_name(name, self.location)
         # The storage root ("", "." or location itself), which listdir() needs; no file has that name.
         if name in ("", "."):
             return super().path("")
         return super().path(clean_name(name))
 
-    def is_name_available(self, name, max_length=None):
+    def is_name_available(self, name: str, max_length: int | None = None) -> bool:
         if self._allow_overwrite:
             return not (max_length and len(name) > max_length)
         return super().is_name_available(name, max_length=max_length)
 
-    def get_available_name(self, name, max_length=None):
+    def get_available_name(self, name: str, max_length: int | None = None) -> str:
         if not self._allow_overwrite:
             return super().get_available_name(name, max_length=max_length)
         # Overwriting, a name is available unless too long, on every Django version
@@ -89,16 +96,16 @@ class MasterStorage(FileSystemStorage):
             )
         return os.path.join(dir_name, file_root + file_ext)
 
-    def written(self, name):
+    def written(self, name: str) -> None:
         """Called once ``name`` was written through :meth:`open` and moved into place (a hook)."""
 
-    def listdir(self, path):
+    def listdir(self, path: str) -> tuple[list[str], list[str]]:
         directories, files = super().listdir(path)
         if not str(relative_name(path, self.location)).strip("/."):
             files = [name for name in files if name != MARKER_NAME]
         return directories, files
 
-    def _save(self, name, content):
+    def _save(self, name: str, content: File) -> str:
         full_path, fd, temp_path = self._temporary_beside(name)
         try:
             self._write(fd, temp_path, content)
@@ -120,7 +127,7 @@ class MasterStorage(FileSystemStorage):
                 os.unlink(temp_path)
         return os.path.relpath(full_path, self.location).replace("\\", "/")
 
-    def _open(self, name, mode="rb"):
+    def _open(self, name: str, mode: str = "rb") -> MasterFile:
         full_path = self.path(name)
         name = os.path.relpath(full_path, self.location).replace("\\", "/")
         if not any(flag in mode for flag in WRITE_FLAGS):
@@ -147,7 +154,7 @@ class MasterStorage(FileSystemStorage):
         return MasterFile(file, full_path, self, name, pending=(temp_path, "x" not in mode))
 
     @contextmanager
-    def replacing(self, name):
+    def replacing(self, name: str) -> Iterator[IO[bytes]]:
         """Yield a binary file whose bytes replace ``name`` atomically when the block ends.
 
         Readers see the old file or the whole new one; if the block raises, nothing changes.
@@ -163,7 +170,7 @@ class MasterStorage(FileSystemStorage):
             if os.path.lexists(temp_path):
                 os.unlink(temp_path)
 
-    def _commit(self, temp_path, full_path, name, overwrite):
+    def _commit(self, temp_path: str, full_path: str, name: str, overwrite: bool) -> None:
         """Move a file written through :meth:`open` into place, then call :meth:`written`."""
         try:
             self._finish_temporary(temp_path)
@@ -173,7 +180,7 @@ class MasterStorage(FileSystemStorage):
                 os.unlink(temp_path)
         self.written(name)
 
-    def _temporary_beside(self, name):
+    def _temporary_beside(self, name: str) -> tuple[str, int, str]:
         """``(full_path, fd, temp_path)``: where ``name`` goes (its folder made), and a new
         temporary file in that folder, to be moved into place once written."""
         full_path = self.path(name)
@@ -182,11 +189,11 @@ class MasterStorage(FileSystemStorage):
         self._make_directory(directory)
         return (full_path, *_create_temporary(directory))
 
-    def _refuse_marker(self, full_path):
+    def _refuse_marker(self, full_path: str) -> None:
         if os.path.join(self.location, MARKER_NAME) == full_path:
             raise SuspiciousFileOperation(f"{MARKER_NAME} is the master copy's marker; no file may take its name.")
 
-    def _make_directory(self, directory):
+    def _make_directory(self, directory: str) -> None:
         try:
             if self.directory_permissions_mode is not None:
                 _make_directories(directory, self.directory_permissions_mode)
@@ -196,7 +203,7 @@ class MasterStorage(FileSystemStorage):
             raise FileExistsError(f"{directory} exists and is not a directory.") from None
 
     @staticmethod
-    def _write(fd, temp_path, content):
+    def _write(fd: int, temp_path: str, content: File) -> None:
         if hasattr(content, "temporary_file_path"):
             mode = os.fstat(fd).st_mode & 0o777  # 0o666 less the umask, as the file we replace
             os.close(fd)
@@ -207,7 +214,7 @@ class MasterStorage(FileSystemStorage):
             for chunk in content.chunks():
                 destination.write(chunk if isinstance(chunk, bytes) else chunk.encode())
 
-    def _finish_temporary(self, temp_path):
+    def _finish_temporary(self, temp_path: str) -> None:
         """Give a written temporary file its final mode and group, before it is moved into place."""
         if self.file_permissions_mode is not None:
             os.chmod(temp_path, self.file_permissions_mode)
@@ -230,41 +237,50 @@ class MasterFile(File):
     storage, so no write ever bypasses it.
     """
 
-    def __init__(self, file, name, storage, storage_name, pending=None):
+    # Always set: the open file and its absolute path (Django's File allows None for both).
+    file: IO[Any]
+    name: str
+
+    def __init__(
+        self, file: IO[Any], name: str, storage: MasterStorage, storage_name: str,
+        pending: tuple[str, bool] | None = None,
+    ) -> None:
         super().__init__(file, name)
         self._storage = storage
         self._storage_name = storage_name
         self._pending = pending  # (temporary path, overwrite) while open for writing
 
-    def open(self, mode=None, *args, **kwargs):
+    def open(self, mode: str | None = None, *args: Any, **kwargs: Any) -> MasterFile:
         if not self.closed or not any(flag in (mode or self.mode) for flag in WRITE_FLAGS):
             return super().open(mode, *args, **kwargs)
-        reopened = self._storage.open(self._storage_name, mode or self.mode, *args, **kwargs)
+        reopened = cast(MasterFile, self._storage.open(self._storage_name, mode or self.mode, *args, **kwargs))
         self.file, self._pending = reopened.file, reopened._pending
         return self
 
-    def close(self):
+    def close(self) -> None:
         pending, self._pending = self._pending, None
         self.file.close()
         if pending is not None:
             temp_path, overwrite = pending
             self._storage._commit(temp_path, self.name, self._storage_name, overwrite)
 
-    def discard(self):
+    def discard(self) -> None:
         """Close without writing anything: the master keeps its previous bytes."""
         pending, self._pending = self._pending, None
         self.file.close()
         if pending is not None and os.path.lexists(pending[0]):
             os.unlink(pending[0])
 
-    def __exit__(self, exc_type, exc_value, traceback):
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc_value: BaseException | None, traceback: TracebackType | None,
+    ) -> None:
         if exc_type is None:
             self.close()
         else:
             self.discard()
 
 
-def _create_temporary(directory):
+def _create_temporary(directory: str) -> tuple[int, str]:
     """Create an empty temporary file in ``directory``; return ``(fd, path)``.
 
     Its mode is 0o666 less the process's umask of the moment, as Django's files (the
@@ -280,7 +296,7 @@ def _create_temporary(directory):
             continue
 
 
-def _move_into_place(temp_path, full_path, overwrite):
+def _move_into_place(temp_path: str, full_path: str, overwrite: bool) -> None:
     """Atomically make ``full_path`` the file at ``temp_path`` (``FileExistsError`` if it
     exists and ``overwrite`` is false). ``temp_path`` remains; the caller removes it."""
     if overwrite:
@@ -289,7 +305,7 @@ def _move_into_place(temp_path, full_path, overwrite):
         os.link(temp_path, full_path)
 
 
-def _make_directories(directory, mode):
+def _make_directories(directory: str, mode: int) -> None:
     """``os.makedirs(directory, mode)`` with ``mode`` applied to every folder it makes
     (``makedirs`` applies the umask to them), never changing the process's umask."""
     missing = []

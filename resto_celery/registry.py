@@ -5,12 +5,19 @@ options) by host name among the Celery-replicated storages of its settings: thos
 ``STORAGES`` and any constructed in code (a ``FileField(storage=AsyncStorage(...))`` is
 constructed when the models are imported).
 """
+
+from __future__ import annotations
+
 import threading
+from typing import TYPE_CHECKING, Any, cast
 
 from django.conf import settings
 from django.utils.module_loading import import_string
 
-_by_host = {}
+if TYPE_CHECKING:
+    from .storage import AsyncStorage
+
+_by_host: dict[str, AsyncStorage] = {}
 _lock = threading.Lock()
 
 
@@ -26,26 +33,26 @@ class CeleryReplicated:
     models are imported, and nothing else names it.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        register(self)
+        register(cast("AsyncStorage", self))  # a mixin of AsyncStorage
 
 
-def register(storage):
+def register(storage: AsyncStorage) -> None:
     """Make ``storage`` the one that serves its hosts (the latest constructed wins)."""
     with _lock:
         for host in storage.hosts:
             _by_host[host] = storage
 
 
-def clear(**kwargs):
+def clear(**kwargs: Any) -> None:
     """Forget every registered storage (connected to ``setting_changed`` for STORAGES)."""
     if kwargs.get("setting", "STORAGES") in ("STORAGES", "RESTO_MEDIA_HOSTS"):
         with _lock:
             _by_host.clear()
 
 
-def storage_for_host(host):
+def storage_for_host(host: str) -> AsyncStorage:
     """Return the storage that has a media host named ``host``, or raise :class:`UnknownHost`."""
     storage = _by_host.get(host)
     if storage is None:
@@ -59,7 +66,7 @@ def storage_for_host(host):
     return storage
 
 
-def replicated_storages():
+def replicated_storages() -> list[AsyncStorage]:
     """Every Celery-replicated storage known to this process, each once."""
     _load_configured()
     with _lock:
@@ -67,7 +74,7 @@ def replicated_storages():
     return list(unique.values())
 
 
-def _load_configured():
+def _load_configured() -> None:
     from django.core.files.storage import storages
 
     for alias, entry in settings.STORAGES.items():
@@ -78,4 +85,4 @@ def _load_configured():
         if isinstance(backend, type) and issubclass(backend, CeleryReplicated):
             # Constructing registers it, but the handler may return an instance built before
             # the registry was last cleared: register it again.
-            register(storages[alias])
+            register(cast("AsyncStorage", storages[alias]))

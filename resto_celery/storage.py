@@ -2,13 +2,20 @@
 
 Methods with a docstring are the stable API: subclasses may call or override them.
 """
+
+from __future__ import annotations
+
 import logging
 import os
 import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 from celery import current_app
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
 from django.core.files import File
 from django.core.files.storage import Storage
@@ -24,6 +31,12 @@ from .freshness import DELETED, Unconfirmed
 from .master import MasterStorage
 from .names import clean_name, relative_name
 
+if TYPE_CHECKING:
+    from .conf import Options
+    from .transport import Transport
+
+_T = TypeVar("_T")
+
 logger = logging.getLogger(__name__)
 
 DOWNLOAD_SPOOL_SIZE = 1024 * 1024
@@ -32,20 +45,22 @@ DOWNLOAD_SPOOL_SIZE = 1024 * 1024
 class ReplicatedStorageMixin:
     """What every backend shares: options, per-host transports, parallel execution."""
 
-    def _configure(self, options, media_url):
+    options: Options
+
+    def _configure(self, options: dict[str, Any], media_url: str | None) -> None:
         # Only the Celery backend takes leases, so only it needs lease_ttl > timeout.
         self.options = conf.resolve(options, media_url=media_url, leases=isinstance(self, registry.CeleryReplicated))
 
     @property
-    def hosts(self):
+    def hosts(self) -> list[str]:
         """The names of the configured media hosts, in order."""
         return [host.name for host in self.options.hosts]
 
-    def transport(self, host):
+    def transport(self, host: str) -> Transport:
         """Return the :class:`~resto_celery.transport.HostTransport` for the host named ``host``."""
         return hosts.transport_for(self.options.host(host), self.options.timeout)
 
-    def execute(self, operation, name, **kwargs):
+    def execute(self, operation: str, name: str, **kwargs: Any) -> None:
         """Run ``execute_one(operation, host, name, **kwargs)`` on every host, in parallel.
 
         Every failure is logged at ERROR as ``Failed to <operation> <name> on <host>: ...``
@@ -54,7 +69,7 @@ class ReplicatedStorageMixin:
         every host was tried.
         """
         outcomes = replication.in_parallel(lambda host: self.execute_one(operation, host, name, **kwargs), self.hosts)
-        failures = {}
+        failures: dict[str, BaseException] = {}
         for host, error in outcomes:
             if error is not None:
                 failures[host] = error
@@ -66,7 +81,7 @@ class ReplicatedStorageMixin:
         if failures and self.options.fatal_exceptions:
             raise ReplicationError(operation, name, failures, len(outcomes))
 
-    def execute_one(self, operation, host, name, **kwargs):  # pragma: no cover - abstract
+    def execute_one(self, operation: str, host: str, name: str, **kwargs: Any) -> None:  # pragma: no cover - abstract
         """Apply ``operation`` (``"upload"`` or ``"delete"``) for ``name`` on one host."""
         raise NotImplementedError
 
@@ -75,7 +90,7 @@ class ReplicatedStorageMixin:
 FILE_SYSTEM_OPTIONS = ("location", "base_url", "file_permissions_mode", "directory_permissions_mode", "allow_overwrite")
 
 
-def _check_options(options, own):
+def _check_options(options: Iterable[str], own: Iterable[str]) -> None:
     unknown = sorted(set(options) - set(conf.SETTINGS))
     if unknown:
         raise ImproperlyConfigured(
@@ -84,14 +99,14 @@ def _check_options(options, own):
         )
 
 
-def _checked_base_url(url):
+def _checked_base_url(url: _T) -> _T:
     """``url``, unless it has a query or a fragment (names are appended to it), as django-resto."""
     if url is not None and (urlsplit(str(url)).query or urlsplit(str(url)).fragment):
         raise ValueError(f"base_url may not contain a query or fragment: {url!r}.")
     return url
 
 
-def _media_url_now(storage, base_url):
+def _media_url_now(storage: HybridStorage | DistributedStorage, base_url: str | Promise | None) -> str | None:
     """The storage's base URL for its ``host[:port]`` entries, read now unless it is lazy.
 
     A lazy ``base_url`` (``reverse_lazy()``) is read on first use, as Django does; such
@@ -112,38 +127,39 @@ class HybridStorage(ReplicatedStorageMixin, MasterStorage):
     """
 
     def __init__(
-        self, location=None, base_url=None, file_permissions_mode=None, directory_permissions_mode=None,
-        allow_overwrite=False, **options,
-    ):
+        self, location: str | os.PathLike[str] | None = None, base_url: str | None = None,
+        file_permissions_mode: int | None = None, directory_permissions_mode: int | None = None,
+        allow_overwrite: bool = False, **options: Any,
+    ) -> None:
         _check_options(options, FILE_SYSTEM_OPTIONS)
         super().__init__(location, base_url, file_permissions_mode, directory_permissions_mode, allow_overwrite)
         self._configure(options, media_url=_media_url_now(self, base_url))
 
     @cached_property
-    def base_url(self):
+    def base_url(self) -> str:
         return _checked_base_url(super().base_url)
 
-    def _save(self, name, content):
+    def _save(self, name: str, content: File) -> str:
         name = super()._save(name, content)
         self.execute("upload", name)
         return name
 
-    def written(self, name):
+    def written(self, name: str) -> None:
         """Replicate ``name`` after a file opened for writing was closed, as after a save."""
         self.execute("upload", name)
 
-    def delete(self, name):
+    def delete(self, name: str) -> None:
         if not name:
             raise ValueError("The name must be given to delete().")
         name = clean_name(relative_name(name, self.location))
         super().delete(name)
         self.execute("delete", name)
 
-    def execute_one(self, operation, host, name):
+    def execute_one(self, operation: str, host: str, name: str) -> None:  # type: ignore[override]
         """Make ``host`` hold the master's current state of ``name`` (see :meth:`replicate`)."""
         self.replicate(host, name)
 
-    def replicate(self, host, name):
+    def replicate(self, host: str, name: str) -> str:
         """Push the master's current state of ``name`` to ``host``: PUT it, or DELETE it if absent.
 
         This is the per-host operation; it needs nothing but ``(host, name)``, so a task
@@ -170,7 +186,7 @@ class AsyncStorage(registry.CeleryReplicated, HybridStorage):
     ``breaker_threshold``, ``breaker_cooldown``, ``failed_retry_after`` and ``publish``.
     """
 
-    def execute(self, operation, name):
+    def execute(self, operation: str, name: str) -> None:  # type: ignore[override]
         """Send ``operation`` of ``name`` to the workers; log, never raise, on broker errors.
 
         One message per change (per queue, when hosts have queues of their own), which a
@@ -183,13 +199,13 @@ class AsyncStorage(registry.CeleryReplicated, HybridStorage):
         marker.ensure(self.location)  # workers replicate only from a folder that proves it is the master
         if self.options.master_url is not None:
             self._mark_unconfirmed(operation, name)
-        groups = {}
+        groups: dict[str, list[str]] = {}
         for host in hosts:
             groups.setdefault(self.options.queue_for(host), []).append(host)
         app = current_app._get_current_object()  # the publisher thread's current_app is Celery's default
         background = self.options.publish == "background"
         for queue, group in groups.items():
-            def failed(error, group=group):
+            def failed(error: BaseException, group: list[str] = group) -> None:
                 for host in group:
                     self._log_enqueue_failure(operation, host, name, error)
 
@@ -198,18 +214,18 @@ class AsyncStorage(registry.CeleryReplicated, HybridStorage):
             else:
                 publisher.send_now(app, queue, [(name, group, operation)], failed)
 
-    def _log_enqueue_failure(self, operation, host, name, error):
+    def _log_enqueue_failure(self, operation: str, host: str, name: str, error: BaseException) -> None:
         logger.error(
             "Failed to enqueue %s of %s for %s: %s; reconcile will repair it.",
             operation, name, host, error,
             exc_info=error if self.options.show_traceback else None,
         )
 
-    def execute_one(self, operation, host, name, producer=None):
+    def execute_one(self, operation: str, host: str, name: str, producer: Any = None) -> None:  # type: ignore[override]
         """Send the task for ``operation`` on ``host`` alone (reconcile, operators' actions)."""
         self.enqueue(operation, host, name, producer=producer)
 
-    def url(self, name):
+    def url(self, name: str | None) -> str:
         """The hosts' URL of ``name`` (``base_url``); with the ``master_url`` option, the master
         copy's URL while the newest change of ``name`` is not on every host yet.
 
@@ -227,10 +243,10 @@ class AsyncStorage(registry.CeleryReplicated, HybridStorage):
         return super().url(name)
 
     @cached_property
-    def _unconfirmed(self):
+    def _unconfirmed(self) -> Unconfirmed:
         return Unconfirmed(coordinator_for(self.options).client, self.location)
 
-    def _mark_unconfirmed(self, operation, name):
+    def _mark_unconfirmed(self, operation: str, name: str) -> None:
         try:
             version = replication.fingerprint(os.stat(self.path(name))) if operation == "upload" else DELETED
         except FileNotFoundError:
@@ -240,7 +256,7 @@ class AsyncStorage(registry.CeleryReplicated, HybridStorage):
         except RedisError as error:  # url() may then point at a host that lags: say so
             logger.error("Could not mark %s as on its way to the media hosts: %s", name, error)
 
-    def enqueue(self, operation, host, name, producer=None, bulk=True):
+    def enqueue(self, operation: str, host: str, name: str, producer: Any = None, bulk: bool = True) -> Any:
         """Publish ``resto_celery.<operation>`` with ``(host, name)`` to the host's queue, in
         the bulk lane (reconcile, resync, the operators' actions: see :mod:`resto_celery.lanes`)
         unless ``bulk`` is False."""
@@ -269,48 +285,46 @@ class DistributedStorage(ReplicatedStorageMixin, Storage):
     Options: ``base_url`` (for ``url()``, default ``MEDIA_URL``) and the resto options.
     """
 
-    def __init__(self, base_url=None, **options):
+    def __init__(self, base_url: str | None = None, **options: Any) -> None:
         self._base_url = base_url
         self._configure(options, media_url=_media_url_now(self, base_url))
         if not self.options.hosts:
             raise ImproperlyConfigured("DistributedStorage needs at least one media host (RESTO_MEDIA_HOSTS).")
 
     @cached_property
-    def base_url(self):
-        from django.conf import settings
-
+    def base_url(self) -> str:
         url = self._base_url if self._base_url is not None else settings.MEDIA_URL
         return _checked_base_url(url if url.endswith("/") else url + "/")
 
-    def _save(self, name, content):
+    def _save(self, name: str, content: File) -> str:
         name = clean_name(name)
         with _staged(content) as source:
             self.execute("upload", name, source=source)
         return name
 
-    def delete(self, name):
+    def delete(self, name: str) -> None:
         if not name:
             raise ValueError("The name must be given to delete().")
         self.execute("delete", clean_name(name))
 
-    def execute_one(self, operation, host, name, source=None):
+    def execute_one(self, operation: str, host: str, name: str, source: str | None = None) -> None:  # type: ignore[override]
         """Upload the staged file ``source`` as ``name`` on ``host``, or delete ``name`` there."""
         transport = self.transport(host)
         if operation == "delete":
             transport.delete(name)
             return
-        with open(source, "rb") as stream:
+        with open(cast(str, source), "rb") as stream:  # an upload always has its staged file
             status = transport.put(name, stream)
         if status != 201:  # 200 or 204: the host had a file of that name
             logger.warning("PUT on existing file %s on %s.", name, host)
 
-    def _open(self, name, mode="rb"):
+    def _open(self, name: str, mode: str = "rb") -> File:
         if any(flag in mode for flag in "wax+"):
             raise ValueError("DistributedStorage opens files for reading only; use save() to write.")
         name = clean_name(name)
         spool = tempfile.SpooledTemporaryFile(max_size=DOWNLOAD_SPOOL_SIZE)
 
-        def download(transport):
+        def download(transport: Transport) -> None:
             spool.seek(0)
             spool.truncate()  # a host that failed half-way must leave nothing behind
             transport.download(name, spool)
@@ -323,10 +337,10 @@ class DistributedStorage(ReplicatedStorageMixin, Storage):
         spool.seek(0)
         return File(spool, name)
 
-    def exists(self, name):
+    def exists(self, name: str) -> bool:
         name = clean_name(name)
 
-        def has(transport):
+        def has(transport: Transport) -> bool:
             if not transport.exists(name):
                 raise FileNotFoundError(name)
             return True
@@ -336,20 +350,20 @@ class DistributedStorage(ReplicatedStorageMixin, Storage):
         except FileNotFoundError:
             return False
 
-    def size(self, name):
+    def size(self, name: str) -> int:
         name = clean_name(name)
         return self._first_answer(
             lambda transport: transport.size(name), name, "read", "Failed to get the size of %s from %s: %s"
         )
 
-    def get_modified_time(self, name):
+    def get_modified_time(self, name: str) -> datetime:
         name = clean_name(name)
         return self._first_answer(
             lambda transport: transport.modified_time(name), name, "read",
             "Failed to get the modified time of %s from %s: %s",
         )
 
-    def url(self, name):
+    def url(self, name: str | None) -> str:
         """``base_url`` + name. With no ``base_url`` option and a first host that hands out its
         own links, that host's link: a Tahoe-LAFS gateway's, through the directory's read-only
         cap (never the write cap); a storage host's ``public_url`` (the bucket's public address
@@ -360,7 +374,7 @@ class DistributedStorage(ReplicatedStorageMixin, Storage):
             return self.transport(first.name).public_link(name)
         return self.base_url + filepath_to_uri(name)
 
-    def listdir(self, path):
+    def listdir(self, path: str) -> tuple[list[str], list[str]]:
         """List ``path`` on the first host that can list (WebDAV, Tahoe-LAFS, storages) and has it."""
         path = clean_name(path).strip("/") if path else ""
         listing = [host for host in self.hosts if self.transport(host).can_list]
@@ -376,7 +390,10 @@ class DistributedStorage(ReplicatedStorageMixin, Storage):
         except FileNotFoundError:
             return [], []
 
-    def _first_answer(self, read, name, operation, failure_message, hosts=None):
+    def _first_answer(
+        self, read: Callable[[Transport], _T], name: str, operation: str, failure_message: str,
+        hosts: Sequence[str] | None = None,
+    ) -> _T:
         """Return ``read(transport)`` from the first of ``hosts`` (default: all) that has ``name``.
 
         The one policy of every read: a host without it (``read`` raises
@@ -386,7 +403,8 @@ class DistributedStorage(ReplicatedStorageMixin, Storage):
         failed) :class:`~resto_celery.exceptions.ReplicationError` for ``operation``.
         """
         hosts = self.hosts if hosts is None else hosts
-        failures, answered = {}, False
+        failures: dict[str, BaseException] = {}
+        answered = False
         for host in hosts:
             try:
                 return read(self.transport(host))
@@ -399,13 +417,13 @@ class DistributedStorage(ReplicatedStorageMixin, Storage):
             raise FileNotFoundError(f"{name} is on none of the media hosts.")
         raise ReplicationError(operation, name, failures, len(hosts))
 
-    def _log_read_failure(self, message, name, host, error):
+    def _log_read_failure(self, message: str, name: str, host: str, error: BaseException) -> None:
         reason = getattr(error, "reason", None) or f"{type(error).__name__}: {error}"
         logger.error(message, name, host, reason, exc_info=error if self.options.show_traceback else None)
 
 
 @contextmanager
-def _staged(content):
+def _staged(content: File) -> Iterator[str]:
     """Yield the path of a local file holding ``content``, so each host thread reads its own handle."""
     if hasattr(content, "temporary_file_path"):
         yield content.temporary_file_path()

@@ -36,11 +36,17 @@ Credentials live in the storage's options only: errors name the host by its ``na
 never by its options, and a filter keeps the access key out of botocore's debug log lines.
 Like :mod:`resto_celery.transport` it knows nothing of Celery or of resto_celery's models.
 """
+
+from __future__ import annotations
+
 import base64
 import logging
 import re
 import threading
 import zlib
+from collections.abc import Iterator, Mapping
+from datetime import datetime
+from typing import IO, TYPE_CHECKING, Any, cast
 from urllib.parse import quote
 
 from django.conf import settings
@@ -50,7 +56,10 @@ from django.core.files.storage import FileSystemStorage, Storage
 from django.utils.module_loading import import_string
 
 from .exceptions import HostTimeout, HostUnreachable, MissingFile, TransportError, UnexpectedStatus
-from .transport import CHUNK_SIZE, RedactingFilter, RemoteFile, Transport, check_name
+from .transport import CHUNK_SIZE, Listing, RedactingFilter, RemoteFile, Timeout, Transport, check_name
+
+if TYPE_CHECKING:
+    from .conf import MediaHost
 
 try:  # the "s3" extra: boto3 and django-storages
     from boto3.exceptions import S3UploadFailedError
@@ -88,7 +97,7 @@ class StorageUnavailable(UnexpectedStatus):
     retryable = True
 
 
-def build_storage(host):
+def build_storage(host: MediaHost) -> Storage:
     """A new instance of the storage a ``"storage"`` host entry names (its class and
     options, or its ``STORAGES`` alias).
 
@@ -128,7 +137,7 @@ def build_storage(host):
     return storage
 
 
-def _class_and_options(host):
+def _class_and_options(host: MediaHost) -> tuple[Any, dict[str, Any]]:
     """The dotted path of the storage class of ``host`` and its options (from STORAGES for an alias)."""
     if host.alias is None:
         return host.storage, host.storage_options
@@ -138,14 +147,14 @@ def _class_and_options(host):
     return entries[host.alias].get("BACKEND", ""), entries[host.alias].get("OPTIONS", {}) or {}
 
 
-def _is_s3_class(storage_class):
+def _is_s3_class(storage_class: type) -> bool:
     """Whether ``storage_class`` is django-storages' S3Storage (or a subclass)."""
     return any(
         klass.__module__ == "storages.backends.s3" and klass.__name__ == "S3Storage" for klass in storage_class.__mro__
     )
 
 
-def _overwrites(storage):
+def _overwrites(storage: Storage) -> bool:
     if getattr(storage, "file_overwrite", True) is False:  # django-storages: S3, Google Cloud, SFTP...
         return False
     if getattr(storage, "overwrite_files", True) is False:  # django-storages: Azure
@@ -162,8 +171,8 @@ class _ChecksummedUploads:
 
     _upload_parameters = threading.local()
 
-    def get_object_parameters(self, name):
-        parameters = super().get_object_parameters(name)
+    def get_object_parameters(self, name: str) -> dict[str, Any]:
+        parameters = super().get_object_parameters(name)  # type: ignore[misc]  # a mixin of S3Storage
         parameters.update(getattr(self._upload_parameters, "extra", None) or {})
         return parameters
 
@@ -178,12 +187,13 @@ class StorageTransport(Transport):
 
     can_list = True
 
-    def __init__(self, host, *, timeout=2):
+    def __init__(self, host: MediaHost, *, timeout: Timeout = 2) -> None:
         self.name = host.name
         self.timeout = timeout
         self.public_url = host.public_url
         self.checksum = host.checksum
-        self.storage = build_storage(host)
+        # Any storage; S3Storage's own attributes (client_config, bucket_name...) are used when s3.
+        self.storage: Any = cast(Any, build_storage(host))
         self.s3 = _is_s3_class(type(self.storage))
         if self.s3:
             timeouts = BotoConfig(
@@ -198,7 +208,7 @@ class StorageTransport(Transport):
 
     # Writing
 
-    def put(self, name, fileobj, length=None):
+    def put(self, name: str, fileobj: IO[bytes], length: int | None = None) -> int:
         """``storage.save()`` of ``fileobj`` (from its start) under exactly ``name``.
 
         ``length`` is not needed (the storage reads to the end: S3 finds the size by seeking).
@@ -206,7 +216,7 @@ class StorageTransport(Transport):
         Returns 201, as a PUT of a file would (the store does not say whether it replaced one).
         """
         check_name(name)
-        extra = {}
+        extra: dict[str, str] = {}
         if self.s3 and self.checksum:
             extra["ChecksumCRC32"] = _crc32_base64(fileobj)
         content = File(fileobj, name=name)
@@ -227,7 +237,7 @@ class StorageTransport(Transport):
             )
         return 201
 
-    def delete(self, name):
+    def delete(self, name: str) -> bool:
         """``storage.delete()``: a missing file is no error. Returns True."""
         check_name(name)
         try:
@@ -236,7 +246,7 @@ class StorageTransport(Transport):
             raise self._translate(error, "DELETE", name) from None
         return True
 
-    def _delete_quietly(self, name):
+    def _delete_quietly(self, name: str) -> None:
         try:
             self.storage.delete(name)
         except Exception as error:  # noqa: BLE001 - the rename is the failure reported
@@ -244,7 +254,7 @@ class StorageTransport(Transport):
 
     # Reading
 
-    def head(self, name):
+    def head(self, name: str) -> RemoteFile | None:
         """A :class:`~resto_celery.transport.RemoteFile` for ``name``, or None if absent."""
         check_name(name)
         try:
@@ -264,7 +274,7 @@ class StorageTransport(Transport):
                 return None
             raise translated from None
 
-    def download(self, name, fileobj):
+    def download(self, name: str, fileobj: IO[bytes]) -> int:
         """Write the bytes of ``name`` into ``fileobj`` in chunks; return the byte count."""
         check_name(name)
         written = 0
@@ -284,7 +294,7 @@ class StorageTransport(Transport):
         except Exception as error:  # noqa: BLE001 - translated
             raise self._translate(error, "GET", name) from None
 
-    def list_directory(self, path=""):
+    def list_directory(self, path: str = "") -> Listing:
         """``(directories, files)`` directly in ``path``: names, and names to :class:`RemoteFile`.
 
         A folder that does not exist is empty (object stores have no folders of their own).
@@ -307,7 +317,7 @@ class StorageTransport(Transport):
                 return [], {}
             raise translated from None
 
-    def walk(self):
+    def walk(self) -> Iterator[tuple[str, RemoteFile]]:
         """Every file, from one flat listing of the bucket (S3: a request per thousand objects)."""
         if not self.s3:
             yield from super().walk()
@@ -321,10 +331,10 @@ class StorageTransport(Transport):
     #: :func:`resto_celery.resync.make_plan` lists the host with :meth:`walk` at once
     #: instead of folder by folder (an S3 bucket's flat listing is far cheaper).
     @property
-    def lists_flat(self):
+    def lists_flat(self) -> bool:
         return self.s3
 
-    def digests(self, name, remote=None):
+    def digests(self, name: str, remote: RemoteFile | None = None) -> dict[str, str]:
         """What the store vouches for about ``name``'s bytes, without a download.
 
         From ``remote`` (a listing's entry, or :meth:`head`): its ETag when it is an MD5 (a
@@ -348,7 +358,7 @@ class StorageTransport(Transport):
 
     # Links
 
-    def public_link(self, name):
+    def public_link(self, name: str) -> str:
         """The URL of ``name`` for a browser: the host's ``public_url`` (the bucket's or a CDN's
         public address) + name, else the storage's own ``url()`` (S3: a signed URL, or its
         ``custom_domain``)."""
@@ -359,31 +369,32 @@ class StorageTransport(Transport):
 
     url = public_link
 
-    def close(self):
+    def close(self) -> None:
         """Nothing to close: the storage keeps its own connections."""
 
     # S3 internals
 
-    def _client(self):
+    def _client(self) -> Any:
         return self.storage.connection.meta.client
 
-    def _key(self, name):
+    def _key(self, name: str) -> str:
         try:
             return self.storage._normalize_name(name)
         except SuspiciousOperation as error:
             raise ValueError(f"Refusing unsafe file name {name!r}.") from error
 
-    def _root(self):
+    def _root(self) -> str:
         location = (self.storage.location or "").strip("/")
         return f"{location}/" if location else ""
 
-    def _s3_listing(self, path, *, delimiter):
+    def _s3_listing(self, path: str, *, delimiter: bool) -> Listing:
         root = self._root()
         prefix = root + (f"{path.strip('/')}/" if path else "")
-        arguments = {"Bucket": self.storage.bucket_name, "Prefix": prefix}
+        arguments: dict[str, str] = {"Bucket": self.storage.bucket_name, "Prefix": prefix}
         if delimiter:
             arguments["Delimiter"] = "/"
-        directories, files = [], {}
+        directories: list[str] = []
+        files: dict[str, RemoteFile] = {}
         for page in self._client().get_paginator("list_objects_v2").paginate(**arguments):
             for common in page.get("CommonPrefixes", ()):
                 directories.append(common["Prefix"][len(prefix):].rstrip("/"))
@@ -394,13 +405,13 @@ class StorageTransport(Transport):
                 files[key] = RemoteFile(entry.get("Size"), entry.get("LastModified"), entry.get("ETag"))
         return sorted(directories), files
 
-    def _part_size(self, size):
+    def _part_size(self, size: int | None) -> int | None:
         config = getattr(self.storage, "transfer_config", None)
         if size is None or config is None or size < config.multipart_threshold:
             return None
         return ChunksizeAdjuster().adjust_chunksize(config.multipart_chunksize, size)
 
-    def _modified(self, name):
+    def _modified(self, name: str) -> datetime | None:
         try:
             return self.storage.get_modified_time(name)
         except NotImplementedError:
@@ -408,7 +419,7 @@ class StorageTransport(Transport):
 
     # Errors
 
-    def _translate(self, error, method, name):
+    def _translate(self, error: BaseException, method: str, name: str) -> TransportError:
         """A :class:`~resto_celery.exceptions.TransportError` for anything the storage raised."""
         if isinstance(error, TransportError):
             return error
@@ -430,7 +441,7 @@ class StorageTransport(Transport):
                                    in_doubt=True)
         return UnexpectedStatus(self.name, method, name, _redact(f"{type(error).__name__}: {error}"))
 
-    def _client_error(self, error, method, name):
+    def _client_error(self, error: Exception, method: str, name: str) -> TransportError:
         answer = getattr(error, "response", None) or {}
         status = (answer.get("ResponseMetadata") or {}).get("HTTPStatusCode")
         code = str((answer.get("Error") or {}).get("Code") or "")
@@ -452,7 +463,7 @@ class StorageTransport(Transport):
             return StorageUnavailable(self.name, method, name, reason, status)
         return UnexpectedStatus(self.name, method, name, reason or "the store refused the request", status)
 
-    def _connection_error(self, error, method, name):
+    def _connection_error(self, error: Exception, method: str, name: str) -> TransportError:
         reason = _redact(f"{type(error).__name__}: {error}")
         if isinstance(error, boto_errors.ConnectTimeoutError):
             return HostTimeout(self.name, method, name, f"timed out connecting (timeout {self.timeout}s)",
@@ -469,7 +480,7 @@ class StorageTransport(Transport):
         return UnexpectedStatus(self.name, method, name, reason)
 
 
-def _crc32_base64(fileobj):
+def _crc32_base64(fileobj: IO[bytes]) -> str:
     """The CRC32 of ``fileobj`` from its current position to its end, as S3 writes it
     (base64 of the big-endian value); the position is put back."""
     start = fileobj.tell()
@@ -482,7 +493,7 @@ def _crc32_base64(fileobj):
     return base64.b64encode(value.to_bytes(4, "big")).decode()
 
 
-def _etag_digests(etag, size, part_size):
+def _etag_digests(etag: str | None, size: int | None, part_size: int | None) -> dict[str, str]:
     """The MD5 an S3 ETag stands for: ``{"md5": hex}`` (single part), ``{"md5-parts/<part
     size>": "hex-N"}`` (multipart, when ``N`` parts of ``part_size`` make ``size``), or ``{}``."""
     if not etag:
@@ -496,10 +507,10 @@ def _etag_digests(etag, size, part_size):
     return {}
 
 
-def _head_digests(answer):
+def _head_digests(answer: Mapping[str, Any]) -> dict[str, str]:
     """The digests a ``HEAD`` (with ``ChecksumMode``) shows: full-object checksums, and the
     ETag's MD5 unless encryption makes it opaque."""
-    found = {}
+    found: dict[str, str] = {}
     if answer.get("ServerSideEncryption") not in OPAQUE_ETAG_ENCRYPTION and not answer.get("SSECustomerAlgorithm"):
         found.update(_etag_digests(answer.get("ETag"), None, None))
     if answer.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT":
@@ -517,7 +528,7 @@ _USER_INFO = re.compile(r"(://)[^/@\s]*@")
 _ACCESS_KEY = re.compile(r"(Credential=|X-Amz-Credential=|AWSAccessKeyId=)[^/&\s,'\"]+")
 
 
-def _redact(text):
+def _redact(text: str) -> str:
     """``text`` with a URL's user info and an access key id (in a signature) replaced."""
     return _ACCESS_KEY.sub(r"\1***", _USER_INFO.sub(r"\1***@", text))
 

@@ -18,21 +18,34 @@ Two traps, both seen on a real grid:
 
 Like :mod:`resto_celery.transport` it knows nothing of Django or Celery.
 """
+
+from __future__ import annotations
+
 import logging
 import re
 import threading
 from datetime import datetime, timezone
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
-from .exceptions import MissingFile, UnexpectedStatus
-from .transport import HostTransport, RedactingFilter, RemoteFile
+from .exceptions import MissingFile, TransportError, UnexpectedStatus
+from .transport import HostTransport, Listing, RedactingFilter, RemoteFile
+
+if TYPE_CHECKING:
+    from collections.abc import Collection
+
+    import requests
+
+    from .transport import _Answer
+
+_Error = TypeVar("_Error", bound=TransportError)
 
 #: Write caps (directory and mutable file) in any text: redacted wherever they could leak.
 WRITE_CAP = re.compile(r"URI(?::|%3A)(?:DIR2|DIR2-MDMF|SSK|MDMF)(?::|%3A)[A-Za-z0-9:%]+")
 REDACTED = "URI:<write cap redacted>"
 
 
-def redact(text):
+def redact(text: str) -> str:
     """``text`` with every Tahoe-LAFS write cap replaced by a placeholder."""
     return WRITE_CAP.sub(REDACTED, text) if text else text
 
@@ -52,7 +65,10 @@ class TahoeTransport(HostTransport):
 
     can_list = True
 
-    def __init__(self, node_url, *, dircap, readcap=None, public_url=None, **kwargs):
+    def __init__(
+        self, node_url: str, *, dircap: str, readcap: str | None = None, public_url: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         if not node_url.endswith("/"):
             node_url += "/"
         self.node_url = node_url
@@ -62,29 +78,29 @@ class TahoeTransport(HostTransport):
         kwargs.setdefault("name", node_url)
         super().__init__(node_url + "uri/" + quote(dircap, safe=":") + "/", **kwargs)
         self._directories = {""}  # directories known to exist ("" is the cap's own)
-        self._locks = {}
+        self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
 
     # Writing
 
-    def put(self, name, fileobj, length=None):
+    def put(self, name: str, fileobj: IO[bytes], length: int | None = None) -> int:
         """Make the missing parents of ``name`` one at a time, then PUT it (201 or 200)."""
         for directory in self.directories_to_create(name):
             with self._directory_lock(directory):
                 self.ensure_directory(directory)
         return super().put(name, fileobj, length)
 
-    def directories_to_create(self, name):
+    def directories_to_create(self, name: str) -> list[str]:
         """The parents of ``name`` not known to exist, top-down."""
         parts = name.split("/")[:-1]
         candidates = ["/".join(parts[:depth]) for depth in range(1, len(parts) + 1)]
         with self._lock:
             return [directory for directory in candidates if directory not in self._directories]
 
-    def ensure_directory(self, path):
+    def ensure_directory(self, path: str) -> None:
         """Make directory ``path`` if it does not exist; its parent must exist.
 
         ``PUT path?t=mkdir`` leaves an existing directory alone; asking first (``t=json``)
@@ -105,13 +121,13 @@ class TahoeTransport(HostTransport):
         with self._lock:
             self._directories.add(path)
 
-    def _directory_lock(self, path):
+    def _directory_lock(self, path: str) -> threading.Lock:
         with self._lock:
             return self._locks.setdefault(path, threading.Lock())
 
     # Reading
 
-    def head(self, name):
+    def head(self, name: str) -> RemoteFile | None:
         """The size and link time of file ``name`` (from ``?t=json``), or None if absent."""
         response = self._request("GET", name, params={"t": "json"})
         if response.status_code == 404:
@@ -122,14 +138,15 @@ class TahoeTransport(HostTransport):
             return None
         return _remote_file(info)
 
-    def list_directory(self, path=""):
+    def list_directory(self, path: str = "") -> Listing:
         """``(directories, files)`` directly in ``path``: names, and names to :class:`RemoteFile`."""
         response = self._request("GET", path, params={"t": "json"})
         self._expect(response, "GET", path or "/", {200})
         kind, info = _json(response, self, path)
         if kind != "dirnode":
             raise MissingFile(self.name, "GET", path, f"not a directory but a {kind}", 404)
-        directories, files = [], {}
+        directories: list[str] = []
+        files: dict[str, RemoteFile] = {}
         for child, (child_kind, child_info) in info.get("children", {}).items():
             if child_kind == "dirnode":
                 directories.append(child)
@@ -141,7 +158,7 @@ class TahoeTransport(HostTransport):
 
     # Links
 
-    def readcap(self):
+    def readcap(self) -> str:
         """The read-only cap of the directory (asked of the node once, then remembered)."""
         if self._readcap is None:
             response = self._request("GET", "", params={"t": "json"})
@@ -152,14 +169,16 @@ class TahoeTransport(HostTransport):
             self._readcap = info["ro_uri"]
         return self._readcap
 
-    def public_link(self, name):
+    def public_link(self, name: str) -> str:
         """The download URL of ``name``: the gateway, the read-only cap, the path."""
         self.url(name)  # refuses unsafe names
         return f"{self.public_url}uri/{quote(self.readcap(), safe=':')}/{quote(name, safe='/')}"
 
     # Errors never carry the cap
 
-    def _expect(self, response, method, name, accepted):
+    def _expect(
+        self, response: requests.Response | _Answer, method: str, name: str, accepted: Collection[int],
+    ) -> int:
         try:
             return super()._expect(response, method, name, accepted)
         except UnexpectedStatus as error:
@@ -170,11 +189,11 @@ class TahoeTransport(HostTransport):
                 error = TahoeUnavailable(error.host, error.method, error.name, error.reason, error.status)
             raise _redacted(error) from None
 
-    def _translate(self, exc, method, name):
+    def _translate(self, exc: BaseException, method: str, name: str) -> TransportError:
         return _redacted(super()._translate(exc, method, name))
 
 
-def _redacted(error):
+def _redacted(error: _Error) -> _Error:
     error.reason = redact(error.reason)
     error.args = (str(error),)
     return error
@@ -193,13 +212,13 @@ class TahoeUnavailable(UnexpectedStatus):
     retryable = True
 
 
-def _tahoe_error(response):
+def _tahoe_error(response: requests.Response | _Answer) -> str:
     """The name of the Tahoe error in an error page (``NoServersError``...), or ''."""
     found = ERROR_NAME.search(redact(response.text or ""))
     return found.group(1) if found else ""
 
 
-def _json(response, transport, name):
+def _json(response: requests.Response, transport: TahoeTransport, name: str) -> tuple[str, dict[str, Any]]:
     try:
         kind, info = response.json()
         return kind, info
@@ -207,7 +226,7 @@ def _json(response, transport, name):
         raise UnexpectedStatus(transport.name, "GET", name, f"unreadable JSON from the node: {error}", 200) from error
 
 
-def _remote_file(info):
+def _remote_file(info: dict[str, Any]) -> RemoteFile:
     tahoe = (info.get("metadata") or {}).get("tahoe") or {}
     moment = tahoe.get("linkmotime")
     return RemoteFile(

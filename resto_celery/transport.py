@@ -8,23 +8,34 @@ URL and a few connection settings, and speaks plain HTTP/1.1 ``PUT``, ``DELETE``
 :class:`Transport` is what every kind of host offers replication, resync and the storages
 (HTTP here, WebDAV, Tahoe-LAFS, any Django storage in :mod:`resto_celery.storage_host`).
 """
+
+from __future__ import annotations
+
 import email.utils
 import json
 import logging
 import mimetypes
 import os
 import ssl
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import IO, TYPE_CHECKING, Any, TypeAlias, cast
 from urllib.parse import quote
 
 import requests
+import requests.certs
 import urllib3
 from requests.adapters import HTTPAdapter
 
 from .exceptions import HostTimeout, HostUnreachable, MissingFile, TLSFailure, TransportError, UnexpectedStatus
 
 logger = logging.getLogger(__name__)
+
+#: A transfer timeout: seconds for connecting and for every read, or a ``(connect, read)`` pair.
+Timeout: TypeAlias = "float | tuple[float, float]"
+#: A host's answer to a listing: directory names, and file names to :class:`RemoteFile`.
+Listing: TypeAlias = "tuple[list[str], dict[str, RemoteFile]]"
 
 #: A PUT body is read and sent in blocks of this size (urllib3's default is 16 KiB: a
 #: 1 MB file took 64 sends; memory stays bounded by one block per transfer).
@@ -34,7 +45,7 @@ SEND_BLOCK_SIZE = 256 * 1024
 class _StreamingAdapter(HTTPAdapter):
     """requests' adapter, with urllib3 connections that send bodies in larger blocks."""
 
-    def init_poolmanager(self, *args, **kwargs):
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("blocksize", SEND_BLOCK_SIZE)
         super().init_poolmanager(*args, **kwargs)
 
@@ -60,10 +71,10 @@ class RemoteFile:
     size: int | None
     modified: datetime | None
     etag: str | None
-    digests: tuple = ()
+    digests: tuple[tuple[str, str], ...] = ()
 
 
-def check_name(name):
+def check_name(name: str) -> str:
     """Refuse a storage name that could leave the host's root (absolute, ``..``, NUL)."""
     if name.startswith("/") or ".." in name.split("/") or "\x00" in name:
         raise ValueError(f"Refusing unsafe file name {name!r}.")
@@ -83,30 +94,30 @@ class Transport:
     #: Whether :meth:`walk` can always list the files the host holds; for a plain HTTP
     #: host, :meth:`lists_folders` tells.
     can_list = False
-    name = None
+    name: str | None = None
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
 
-    def exists(self, name):
+    def exists(self, name: str) -> bool:
         """Return whether the host has ``name``."""
         return self.head(name) is not None
 
-    def size(self, name):
+    def size(self, name: str) -> int:
         """Return the size of ``name`` in bytes; raises :class:`MissingFile` if absent."""
         remote = self._require(name)
         if remote.size is None:
             raise UnexpectedStatus(self.name, "HEAD", name, "no Content-Length in the answer", 200)
         return remote.size
 
-    def modified_time(self, name):
+    def modified_time(self, name: str) -> datetime:
         """Return the ``Last-Modified`` time of ``name`` as an aware UTC datetime."""
         remote = self._require(name)
         if remote.modified is None:
             raise UnexpectedStatus(self.name, "HEAD", name, "no Last-Modified in the answer", 200)
         return remote.modified
 
-    def digests(self, name, remote=None):
+    def digests(self, name: str, remote: RemoteFile | None = None) -> dict[str, str]:
         """``{algorithm: hex digest}`` of ``name``'s bytes that the host keeps and tells without
         sending them (``remote``: what a listing or :meth:`head` already said, if anything).
 
@@ -117,11 +128,11 @@ class Transport:
         """
         return dict(remote.digests) if remote is not None else {}
 
-    def lists_folders(self):
+    def lists_folders(self) -> tuple[bool, str | None]:
         """``(True, None)`` if :meth:`walk` works on this host, else ``(False, reason)``."""
         return (True, None) if self.can_list else (False, "this kind of host has no listing")
 
-    def listing_hides(self, name):
+    def listing_hides(self, name: str) -> bool:
         """Whether a listing of this host (:meth:`walk`) leaves ``name`` out even when the host has it.
 
         nginx's autoindex never shows a file or folder whose name starts with a dot; WebDAV,
@@ -129,12 +140,12 @@ class Transport:
         """
         return not self.can_list and any(part.startswith(".") for part in name.split("/"))
 
-    def listdir(self, path=""):
+    def listdir(self, path: str = "") -> tuple[list[str], list[str]]:
         """``(directories, file names)`` in ``path``, as Django's ``Storage.listdir``."""
         directories, files = self.list_directory(path)
         return directories, sorted(files)
 
-    def walk(self):
+    def walk(self) -> Iterator[tuple[str, RemoteFile]]:
         """Yield ``(name, RemoteFile)`` for every file on the host, depth first (see :meth:`lists_folders`)."""
         pending = [""]
         while pending:
@@ -147,7 +158,7 @@ class Transport:
                 yield (f"{path}/{name}" if path else name), remote
             pending.extend(f"{path}/{d}" if path else d for d in reversed(directories))
 
-    def directories_to_create(self, name):
+    def directories_to_create(self, name: str) -> list[str]:
         """The parent directories of ``name`` that must be made, one at a time, before a PUT.
 
         Empty for hosts that make parents themselves or where concurrent creation is safe;
@@ -155,13 +166,39 @@ class Transport:
         """
         return []
 
-    def ensure_directory(self, path):
+    def ensure_directory(self, path: str) -> None:
         """Make the directory ``path`` exist on the host (for :meth:`directories_to_create`)."""
 
-    def close(self):
+    def close(self) -> None:
         """Close the pooled connections."""
 
-    def _require(self, name):
+    if TYPE_CHECKING:  # What each kind of host implements (declared for type checkers only).
+
+        def put(self, name: str, fileobj: IO[bytes], length: int | None = None) -> int:
+            """Upload ``fileobj`` as ``name``; return the status code (200, 201 or 204)."""
+            raise NotImplementedError
+
+        def delete(self, name: str) -> bool:
+            """Delete ``name``; return True if it was deleted, False if it was already gone."""
+            raise NotImplementedError
+
+        def head(self, name: str) -> RemoteFile | None:
+            """A :class:`RemoteFile` for ``name``, or None if the host has no such file."""
+            raise NotImplementedError
+
+        def download(self, name: str, fileobj: IO[bytes]) -> int:
+            """Write the bytes of ``name`` into ``fileobj``; return the byte count."""
+            raise NotImplementedError
+
+        def list_directory(self, path: str = "") -> Listing:
+            """``(directories, files)`` directly in ``path``: names, and names to :class:`RemoteFile`."""
+            raise NotImplementedError
+
+        def public_link(self, name: str) -> str:
+            """The URL of ``name`` for a browser (Tahoe-LAFS and storage hosts only)."""
+            raise NotImplementedError
+
+    def _require(self, name: str) -> RemoteFile:
         remote = self.head(name)
         if remote is None:
             raise MissingFile(self.name, "HEAD", name, "404 Not Found", 404)
@@ -189,7 +226,11 @@ class HostTransport(Transport):
     :meth:`lists_folders` asks it once.
     """
 
-    def __init__(self, base_url, *, name=None, timeout=2, auth=None, headers=None, verify=True, pool_size=16):
+    def __init__(
+        self, base_url: str, *, name: str | None = None, timeout: Timeout = 2,
+        auth: tuple[str, str] | list[str] | None = None, headers: Mapping[str, str] | None = None,
+        verify: bool | str = True, pool_size: int = 16,
+    ) -> None:
         if not base_url.endswith("/"):
             base_url += "/"
         self.base_url = base_url
@@ -197,7 +238,7 @@ class HostTransport(Transport):
         self.timeout = timeout
         self.session = requests.Session()
         self.session.trust_env = False  # no proxies or .netrc credentials picked up by accident
-        self.session.auth = tuple(auth) if auth else None
+        self.session.auth = cast("tuple[str, str] | None", tuple(auth) if auth else None)
         self.session.headers.update(headers or {})
         self.session.verify = verify
         adapter = _StreamingAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
@@ -210,13 +251,14 @@ class HostTransport(Transport):
         )
         connect, read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
         self._send_timeout = urllib3.Timeout(connect=connect, read=read)
-        self._lists_folders = None  # None: not asked yet (or no clear answer); else (bool, reason)
+        # None: not asked yet (or no clear answer); else (bool, reason)
+        self._lists_folders: tuple[bool, str | None] | None = None
 
-    def url(self, name):
+    def url(self, name: str) -> str:
         """Return the URL of ``name`` on this host (no credentials in it)."""
         return self.base_url + quote(check_name(name), safe="/")
 
-    def put(self, name, fileobj, length=None):
+    def put(self, name: str, fileobj: IO[bytes], length: int | None = None) -> int:
         """Upload ``fileobj`` (opened in binary mode) as ``name``, streaming it.
 
         ``length`` defaults to the size of the file behind ``fileobj`` from its current
@@ -233,7 +275,7 @@ class HostTransport(Transport):
         response = self._send("PUT", name, body, headers)
         return self._expect(response, "PUT", name, PUT_OK)
 
-    def delete(self, name):
+    def delete(self, name: str) -> bool:
         """Delete ``name``. Returns True if it was deleted, False if it was already gone.
 
         A host that answers 404 did not have the file: that is logged at WARNING, in
@@ -247,7 +289,7 @@ class HostTransport(Transport):
             return False
         return True
 
-    def head(self, name):
+    def head(self, name: str) -> RemoteFile | None:
         """Return a :class:`RemoteFile` for ``name``, or None if the host has no such file."""
         response = self._request("HEAD", name)
         if response.status_code == 404:
@@ -261,7 +303,7 @@ class HostTransport(Transport):
             etag=response.headers.get("ETag"),
         )
 
-    def download(self, name, fileobj):
+    def download(self, name: str, fileobj: IO[bytes]) -> int:
         """Write the bytes of ``name`` into ``fileobj`` in chunks; return the byte count."""
         response = self._request("GET", name, stream=True)
         with response:
@@ -275,7 +317,7 @@ class HostTransport(Transport):
                 raise self._translate(exc, "GET", name) from None  # see _request
         return written
 
-    def list_directory(self, path=""):
+    def list_directory(self, path: str = "") -> Listing:
         """``(directories, files)`` directly in ``path``: names, and names to :class:`RemoteFile`.
 
         Hosts that can list (``can_list``) implement it; a missing directory raises
@@ -296,7 +338,8 @@ class HostTransport(Transport):
                 f"the folder's answer is not a JSON listing ({kind}): enable nginx's "
                 f"'autoindex on; autoindex_format json;' for folder URLs", 200,
             )
-        directories, files = [], {}
+        directories: list[str] = []
+        files: dict[str, RemoteFile] = {}
         for entry in entries:
             name = entry["name"]
             if not name or name in (".", "..") or "/" in name:
@@ -312,7 +355,7 @@ class HostTransport(Transport):
                 )
         return sorted(directories), files
 
-    def lists_folders(self):
+    def lists_folders(self) -> tuple[bool, str | None]:
         """``(True, None)`` if :meth:`walk` works on this host, else ``(False, reason)``.
 
         Always true for hosts that list (``can_list``). A plain HTTP host is asked once, with
@@ -327,6 +370,7 @@ class HostTransport(Transport):
         known = self._lists_folders
         if known is not None:
             return known
+        answer: tuple[bool, str | None]
         try:
             self.list_directory("")
         except TransportError as error:
@@ -339,27 +383,30 @@ class HostTransport(Transport):
         self._lists_folders = answer
         return answer
 
-    def close(self):
+    def close(self) -> None:
         """Close the pooled connections."""
         self.session.close()
         self._pool.clear()
 
-    def _send(self, method, name, body=None, headers=None):
+    def _send(
+        self, method: str, name: str, body: IO[bytes] | bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> _Answer:
         """``method`` on ``name`` through urllib3, with the session's headers, basic auth and
         TLS settings; no retry, no redirect. Returns an :class:`_Answer`."""
-        headers = {**self.session.headers, **(headers or {})}
+        sent: dict[str, Any] = {**self.session.headers, **(headers or {})}
         if self.session.auth:
-            headers.update(urllib3.util.make_headers(basic_auth=":".join(self.session.auth)))
+            sent.update(urllib3.util.make_headers(basic_auth=":".join(cast("tuple[str, str]", self.session.auth))))
         try:
             response = self._pool.urlopen(
-                method, self.url(name), body=body, headers=headers, retries=False, redirect=False,
+                method, self.url(name), body=body, headers=sent, retries=False, redirect=False,
                 timeout=self._send_timeout,
             )
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise self._translate(exc, method, name) from None  # not "from exc": see _request
         return _Answer(response.status, response.reason, response.data)
 
-    def _request(self, method, name, **kwargs):
+    def _request(self, method: str, name: str, **kwargs: Any) -> requests.Response:
         try:
             return self.session.request(method, self.url(name), timeout=self.timeout, allow_redirects=False, **kwargs)
         except requests.RequestException as exc:
@@ -368,7 +415,9 @@ class HostTransport(Transport):
             # The translated error keeps the root cause in its reason.
             raise self._translate(exc, method, name) from None
 
-    def _expect(self, response, method, name, accepted):
+    def _expect(
+        self, response: requests.Response | _Answer, method: str, name: str, accepted: Collection[int],
+    ) -> int:
         status = response.status_code
         if status in accepted:
             return status
@@ -376,7 +425,7 @@ class HostTransport(Transport):
         error = MissingFile if status == 404 else UnexpectedStatus
         raise error(self.name, method, name, reason, status)
 
-    def _translate(self, exc, method, name):
+    def _translate(self, exc: BaseException, method: str, name: str) -> TransportError:
         """The :class:`~resto_celery.exceptions.TransportError` for a requests or urllib3 error."""
         refused = _caused_by(exc, urllib3.exceptions.NewConnectionError)  # nothing was sent
         if isinstance(exc, (requests.exceptions.SSLError, urllib3.exceptions.SSLError)):
@@ -403,21 +452,22 @@ class _Answer:
 
     __slots__ = ("content", "reason", "status_code")
 
-    def __init__(self, status_code, reason, content):
+    def __init__(self, status_code: int, reason: str | None, content: bytes) -> None:
         self.status_code, self.reason, self.content = status_code, reason, content
 
     @property
-    def text(self):
+    def text(self) -> str:
         return self.content.decode("utf-8", "replace")
 
 
-def _tls_options(verify):
+def _tls_options(verify: bool | str) -> dict[str, Any]:
     """urllib3's certificate options for requests' ``verify``: True (requests' CA bundle),
     the path of a CA bundle or folder, or False."""
     if verify is False:
         return {"cert_reqs": "CERT_NONE"}
     if verify is True:
-        return {"cert_reqs": "CERT_REQUIRED", "ca_certs": requests.certs.where()}
+        # certifi's where(), as requests uses it (types-requests does not declare it).
+        return {"cert_reqs": "CERT_REQUIRED", "ca_certs": requests.certs.where()}  # type: ignore[attr-defined]
     key = "ca_cert_dir" if os.path.isdir(verify) else "ca_certs"
     return {"cert_reqs": "CERT_REQUIRED", key: verify}
 
@@ -434,11 +484,11 @@ class RedactingFilter(logging.Filter):
     a host kind keeps in URLs or headers (Tahoe write caps, S3 access keys) never reach a log,
     whatever library logs them (urllib3's request lines, botocore's signed headers)."""
 
-    def __init__(self, redact):
+    def __init__(self, redact: Callable[[str], str]) -> None:
         super().__init__()
         self.redact = redact
 
-    def filter(self, record):
+    def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         cleaned = self.redact(message)
         if cleaned != message:
@@ -446,7 +496,7 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-def content_type(name):
+def content_type(name: str) -> str:
     """The ``Content-Type`` of a file named ``name``, guessed from its extension with
     :mod:`mimetypes`; ``application/octet-stream`` when the extension says nothing."""
     # A "folder/" prefix: guess_type() takes a name such as "data:x.png" for a URL scheme.
@@ -456,7 +506,7 @@ def content_type(name):
     return guessed or "application/octet-stream"
 
 
-def _nginx_entries(response):
+def _nginx_entries(response: requests.Response) -> list[dict[str, Any]] | None:
     """The entries of nginx's JSON autoindex in ``response``, or None if it is not one.
 
     nginx writes names as they are on disk, escaping only what JSON must: bytes that are not
@@ -476,7 +526,7 @@ def _nginx_entries(response):
     return entries
 
 
-def _http_date(text):
+def _http_date(text: object) -> datetime | None:
     """An HTTP date (``Sun, 06 Nov 1994 08:49:37 GMT``) as an aware UTC datetime; None if absent or unreadable."""
     if not isinstance(text, str):
         return None
@@ -486,13 +536,13 @@ def _http_date(text):
         return None
 
 
-def _chain(exc):
+def _chain(exc: BaseException) -> Iterator[BaseException]:
     """Every exception wrapped in ``exc``: causes, ``reason`` attributes and arguments.
 
     Not ``__context__``, which may hold unrelated exceptions handled along the way.
     """
-    pending = [exc]
-    seen = set()
+    pending: list[object] = [exc]
+    seen: set[int] = set()
     while pending:
         current = pending.pop()
         if not isinstance(current, BaseException) or id(current) in seen:
@@ -502,11 +552,11 @@ def _chain(exc):
         pending.extend([current.__cause__, getattr(current, "reason", None), *current.args])
 
 
-def _caused_by(exc, kind):
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
     return any(isinstance(inner, kind) for inner in _chain(exc))
 
 
-def _root_cause(exc):
+def _root_cause(exc: BaseException) -> str:
     """The most specific message in an exception chain (urllib3 wraps errors deeply)."""
     best = exc
     for current in _chain(exc):

@@ -7,14 +7,18 @@ made or saw, and takes "405 Method Not Allowed" (it exists already) as success, 
 workers making the same collection at once both go on. Like :mod:`resto_celery.transport`
 it knows nothing of Django or Celery.
 """
+
+from __future__ import annotations
+
 import email.utils
 import threading
 import xml.etree.ElementTree as ElementTree
 from datetime import timezone
+from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 
 from .exceptions import UnexpectedStatus
-from .transport import HostTransport, RemoteFile
+from .transport import HostTransport, Listing, RemoteFile
 
 DAV = "{DAV:}"
 MKCOL_OK = frozenset({200, 201, 204, 405})
@@ -30,12 +34,12 @@ class WebDAVTransport(HostTransport):
 
     can_list = True
 
-    def __init__(self, base_url, **kwargs):
+    def __init__(self, base_url: str, **kwargs: Any) -> None:
         super().__init__(base_url, **kwargs)
-        self._collections = set()  # collections known to exist ("a", "a/b")
+        self._collections: set[str] = set()  # collections known to exist ("a", "a/b")
         self._lock = threading.Lock()
 
-    def put(self, name, fileobj, length=None):
+    def put(self, name: str, fileobj: IO[bytes], length: int | None = None) -> int:
         """Upload ``name``, making its parent collections first when needed.
 
         A 409 for a collection we thought existed (someone removed it) makes them again
@@ -55,7 +59,7 @@ class WebDAVTransport(HostTransport):
         fileobj.seek(start)
         return super().put(name, fileobj, length)
 
-    def make_collections(self, path):
+    def make_collections(self, path: str) -> None:
         """Make the collection ``path`` and its missing parents, top-down (MKCOL)."""
         parts = path.split("/")
         for depth in range(1, len(parts) + 1):
@@ -71,14 +75,14 @@ class WebDAVTransport(HostTransport):
             with self._lock:
                 self._collections.add(collection)
 
-    def _is_collection(self, path):
+    def _is_collection(self, path: str) -> bool:
         response = self._request(
             "PROPFIND", path + "/", data=PROPFIND_BODY,
             headers={"Depth": "0", "Content-Type": 'application/xml; charset="utf-8"'},
         )
         return response.status_code == 207 and b"collection" in response.content
 
-    def _forget(self, path):
+    def _forget(self, path: str) -> None:
         """Stop trusting that ``path``, its ancestors and its descendants exist."""
         with self._lock:
             self._collections = {
@@ -86,7 +90,7 @@ class WebDAVTransport(HostTransport):
                 if not (c == path or path.startswith(c + "/") or c.startswith(path + "/"))
             }
 
-    def list_directory(self, path=""):
+    def list_directory(self, path: str = "") -> Listing:
         """Return ``(collections, files)`` directly in collection ``path`` ("" is the root).
 
         ``collections`` are names, ``files`` maps names to :class:`RemoteFile`. A missing
@@ -105,7 +109,8 @@ class WebDAVTransport(HostTransport):
                 self.name, "PROPFIND", target or "/", f"unreadable multistatus: {error}", 207,
             ) from error
         prefix = unquote(urlsplit(self.base_url).path) + target
-        collections, files = [], {}
+        collections: list[str] = []
+        files: dict[str, RemoteFile] = {}
         for item in root.iter(DAV + "response"):
             href = item.findtext(DAV + "href") or ""
             member = unquote(urlsplit(href).path)
@@ -125,7 +130,7 @@ class WebDAVTransport(HostTransport):
         return sorted(collections), files
 
 
-def _remote_file(item):
+def _remote_file(item: ElementTree.Element) -> RemoteFile:
     """The :class:`RemoteFile` in one PROPFIND ``response`` element (first ``propstat`` 200)."""
     length = modified = etag = None
     for propstat in item.iter(DAV + "propstat"):

@@ -1,18 +1,22 @@
 """What the test servers share: free ports, children that die with us, a folder's files."""
+
+from __future__ import annotations
+
 import os
 import signal
 import socket
 from pathlib import Path
 
 
-def free_port():
+def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
-def die_with_parent():
+def die_with_parent() -> None:
     """In a child process (``preexec_fn``): ask Linux to SIGKILL it when the process that
     started it dies, so a killed test run leaves no server or worker behind."""
     try:
@@ -23,13 +27,13 @@ def die_with_parent():
         pass
 
 
-def folder_files(root):
+def folder_files(root: str | os.PathLike[str]) -> dict[str, bytes]:
     """Every file under ``root``, by '/'-separated relative path: ``{path: bytes}``.
 
     A file deleted between listing and reading is left out: the snapshot is what was
     there, never an error while a server is deleting files.
     """
-    found = {}
+    found: dict[str, bytes] = {}
     for folder, _dirs, names in os.walk(root):
         for name in names:
             path = Path(folder, name)

@@ -32,6 +32,9 @@ whatever the ``PUT`` sent.
 
 Only the standard library is used, so the module can be imported anywhere.
 """
+
+from __future__ import annotations
+
 import contextlib
 import functools
 import io
@@ -42,10 +45,12 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import IO, Any, Protocol, cast
 from urllib.parse import quote, unquote
 
 __all__ = ["MediaServer", "RequestRecord", "content_type"]
@@ -83,7 +88,10 @@ class MediaServer:
     :meth:`stop`. Files stay readable through :meth:`files` and :meth:`read` after a stop.
     """
 
-    def __init__(self, root=None, *, prefix="/media/", host="127.0.0.1", port=0):
+    def __init__(
+        self, root: str | os.PathLike[str] | None = None, *, prefix: str = "/media/", host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
         self.root = None if root is None else os.fspath(root)
         stripped = prefix.strip("/")
         self.prefix = f"/{stripped}/" if stripped else "/"
@@ -91,44 +99,44 @@ class MediaServer:
         self.port = port
         #: When True, ``PUT`` and ``DELETE`` answer 403 and change nothing.
         self.read_only = False
-        self._store = _MemoryStore() if root is None else _DiskStore(self.root)
+        self._store: _Store = _MemoryStore() if self.root is None else _DiskStore(self.root)
         self._lock = threading.Condition()  # guards everything below, the store and the faults
-        self._server = None
-        self._thread = None
-        self._connections = set()
-        self._requests = []
-        self._failures = []
-        self._delay = None
-        self._receive_rate = None
+        self._server: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._connections: set[socket.socket] = set()
+        self._requests: list[RequestRecord] = []
+        self._failures: list[_Fault] = []
+        self._delay: _Fault | None = None
+        self._receive_rate: float | None = None
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<MediaServer {self.url} {self.root or 'in memory'}>"
 
-    def __enter__(self):
+    def __enter__(self) -> MediaServer:
         return self.start()
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     @property
-    def address(self):
+    def address(self) -> str:
         """``"host:port"``, as listed in ``RESTO_MEDIA_HOSTS``."""
         return f"{self.host}:{self.port}"
 
     @property
-    def serving(self):
+    def serving(self) -> bool:
         """Whether the server listens now (False before :meth:`start`, while down, after a stop)."""
         with self._lock:
             return self._server is not None
 
     @property
-    def url(self):
+    def url(self) -> str:
         """The base URL of the files, e.g. ``"http://127.0.0.1:8123/media/"``."""
         return f"http://{self.address}{quote(self.prefix)}"
 
     # Lifecycle
 
-    def start(self):
+    def start(self) -> MediaServer:
         """Listen on ``host:port`` and serve in a daemon thread; return the server.
 
         Does nothing if the server is already serving.
@@ -145,7 +153,7 @@ class MediaServer:
             self._thread.start()
         return self
 
-    def stop(self):
+    def stop(self) -> None:
         """Stop serving: close the listening socket and every open connection.
 
         Requests in progress, delayed ones included, end without an answer. Waits a few
@@ -158,14 +166,15 @@ class MediaServer:
             return
         server.shutdown()
         server.server_close()
-        self._thread.join(JOIN_TIMEOUT)
+        if self._thread is not None:
+            self._thread.join(JOIN_TIMEOUT)
         with self._lock:
             for connection in self._connections:
                 with contextlib.suppress(OSError):  # its handler closed it already
                     connection.shutdown(socket.SHUT_RDWR)
             self._lock.wait_for(lambda: not self._connections, JOIN_TIMEOUT)
 
-    def go_down(self):
+    def go_down(self) -> None:
         """Simulate a host outage: refuse connections and cut the open ones.
 
         Clients see connection errors, delayed requests end without an answer and without
@@ -173,12 +182,12 @@ class MediaServer:
         """
         self.stop()
 
-    def come_back(self):
+    def come_back(self) -> None:
         """End an outage: listen again on the same port, with the same files."""
         self.start()
 
     @contextlib.contextmanager
-    def down(self):
+    def down(self) -> Iterator[MediaServer]:
         """Context manager: the server is down (see :meth:`go_down`) inside the block."""
         self.go_down()
         try:
@@ -188,13 +197,13 @@ class MediaServer:
 
     # Stored files
 
-    def files(self):
+    def files(self) -> dict[str, bytes]:
         """Return every stored file as a ``{name: bytes}`` dict."""
         with self._lock:
             names = self._store.names()
         return {name: data for name in sorted(names) if (data := self.read(name)) is not None}
 
-    def read(self, name):
+    def read(self, name: str) -> bytes | None:
         """Return the bytes of ``name``, or None if there is no such file."""
         _check_name(name)
         with self._lock:
@@ -202,13 +211,14 @@ class MediaServer:
         if found is None:
             return None
         with found[0] as fileobj:
-            return fileobj.read()
+            data: bytes = fileobj.read()
+            return data
 
-    def has(self, name):
+    def has(self, name: str) -> bool:
         """Return whether ``name`` is stored."""
         return self.read(name) is not None
 
-    def seed(self, name, data):
+    def seed(self, name: str, data: bytes) -> None:
         """Store ``data`` (bytes) as ``name`` without HTTP, creating its folders.
 
         Raises ValueError if ``name`` is unsafe, is a folder, or a file is in its path.
@@ -218,7 +228,7 @@ class MediaServer:
         with self._lock:
             self._store.commit(name, staged)
 
-    def remove(self, name):
+    def remove(self, name: str) -> None:
         """Delete ``name`` without HTTP; do nothing if it is absent.
 
         Raises ValueError if ``name`` is unsafe or is a folder.
@@ -227,7 +237,7 @@ class MediaServer:
         with self._lock:
             self._store.delete(name)
 
-    def clear(self):
+    def clear(self) -> None:
         """Delete every file (folders stay, as after ``DELETE``)."""
         with self._lock:
             for name in self._store.names():
@@ -236,19 +246,19 @@ class MediaServer:
     # Request log
 
     @property
-    def requests(self):
+    def requests(self) -> list[RequestRecord]:
         """The requests answered so far, oldest first, as a list of :class:`RequestRecord`."""
         with self._lock:
             return list(self._requests)
 
-    def clear_requests(self):
+    def clear_requests(self) -> None:
         """Forget the requests answered so far."""
         with self._lock:
             self._requests.clear()
 
     # Fault injection
 
-    def fail_next(self, count=1, status=500, methods=None):
+    def fail_next(self, count: int = 1, status: int = 500, methods: str | Iterable[str] | None = None) -> None:
         """Answer the next ``count`` requests with ``status``, changing nothing.
 
         ``methods`` (e.g. ``{"PUT"}``) restricts which requests are failed and counted;
@@ -258,7 +268,7 @@ class MediaServer:
         with self._lock:
             self._failures.append(_Fault(status, _methods(methods), count))
 
-    def set_delay(self, seconds, methods=None, count=None):
+    def set_delay(self, seconds: float, methods: str | Iterable[str] | None = None, count: int | None = None) -> None:
         """Delay answers by ``seconds``, replacing any previous delay.
 
         The request body is received first; the change is applied and the answer sent after
@@ -271,7 +281,7 @@ class MediaServer:
         with self._lock:
             self._delay = _Fault(seconds, _methods(methods), count)
 
-    def set_receive_rate(self, bytes_per_second=None):
+    def set_receive_rate(self, bytes_per_second: float | None = None) -> None:
         """Read request bodies at most ``bytes_per_second`` (None: full speed).
 
         Keeps a large PUT in flight long enough to kill its client in the middle of it.
@@ -279,7 +289,7 @@ class MediaServer:
         with self._lock:
             self._receive_rate = bytes_per_second
 
-    def reset_faults(self):
+    def reset_faults(self) -> None:
         """Cancel pending failures, delays and receive-rate limits, and clear :attr:`read_only`."""
         with self._lock:
             self._failures.clear()
@@ -289,22 +299,22 @@ class MediaServer:
 
     # Used by the request handler
 
-    def _take_faults(self, method):
+    def _take_faults(self, method: str) -> tuple[int | None, float]:
         """Return ``(status, delay)`` for an arriving request: an injected status or None, and seconds to wait."""
         with self._lock:
-            status = next((fault.value for fault in self._failures if fault.take(method)), None)
+            status = next((cast(int, fault.value) for fault in self._failures if fault.take(method)), None)
             self._failures = [fault for fault in self._failures if fault.count]
             if status is None and self.read_only and method in ("PUT", "DELETE"):
                 status = 403
             delay = self._delay.value if self._delay and self._delay.take(method) else 0
         return status, delay
 
-    def _interrupted(self, server, seconds):
+    def _interrupted(self, server: _HTTPServer, seconds: float) -> bool:
         """Wait ``seconds``; return True early if ``server`` stopped serving meanwhile."""
         with self._lock:
             return self._lock.wait_for(lambda: self._server is not server, seconds)
 
-    def _record(self, method, name, status, content_type=None):
+    def _record(self, method: str, name: str, status: int, content_type: str | None = None) -> None:
         with self._lock:
             self._requests.append(RequestRecord(method, name, status, time.monotonic(), content_type))
 
@@ -312,10 +322,10 @@ class MediaServer:
 @dataclass
 class _Fault:
     value: float  # the status to answer, or the seconds to wait
-    methods: frozenset | None  # None: every method
+    methods: frozenset[str] | None  # None: every method
     count: int | None  # requests left; None: no limit
 
-    def take(self, method):
+    def take(self, method: str) -> bool:
         """Count a request against this fault; return whether the fault applies to it."""
         if self.count == 0 or (self.methods is not None and method not in self.methods):
             return False
@@ -324,19 +334,19 @@ class _Fault:
         return True
 
 
-def _methods(methods):
+def _methods(methods: str | Iterable[str] | None) -> frozenset[str] | None:
     if methods is None:
         return None
     return frozenset(m.upper() for m in ([methods] if isinstance(methods, str) else methods))
 
 
-def _check_name(name):
+def _check_name(name: str) -> None:
     """Raise ValueError unless ``name`` is a plain relative file name."""
     if "\x00" in name or any(part in ("", ".", "..") for part in name.split("/")):
         raise ValueError(f"Unsafe or malformed file name {name!r}.")
 
 
-def _parents(name):
+def _parents(name: str) -> list[str]:
     parts = name.split("/")
     return ["/".join(parts[:i]) for i in range(1, len(parts))]
 
@@ -349,15 +359,24 @@ class _Conflict(ValueError):
 # method runs with the MediaServer's lock held.
 
 
+class _Store(Protocol):
+    def names(self) -> list[str]: ...
+    def open(self, name: str) -> tuple[IO[bytes], int, float] | None: ...
+    def receive(self, name: str, chunks: Iterable[bytes]) -> Any: ...
+    def commit(self, name: str, staged: Any) -> bool: ...
+    def discard(self, staged: Any) -> None: ...
+    def delete(self, name: str) -> bool: ...
+
+
 class _DiskStore:
-    def __init__(self, root):
+    def __init__(self, root: str) -> None:
         self.root = root
         os.makedirs(root, exist_ok=True)
 
-    def _path(self, name):
+    def _path(self, name: str) -> str:
         return os.path.join(self.root, *name.split("/"))
 
-    def names(self):
+    def names(self) -> list[str]:
         return [
             os.path.relpath(os.path.join(folder, file), self.root).replace(os.sep, "/")
             for folder, _, files in os.walk(self.root)
@@ -365,7 +384,7 @@ class _DiskStore:
             if not file.startswith(TEMP_PREFIX)
         ]
 
-    def open(self, name):
+    def open(self, name: str) -> tuple[IO[bytes], int, float] | None:
         """Return ``(binary file, size, mtime)`` for ``name``, or None."""
         try:
             fileobj = open(self._path(name), "rb")
@@ -374,7 +393,7 @@ class _DiskStore:
         stat = os.fstat(fileobj.fileno())
         return fileobj, stat.st_size, stat.st_mtime
 
-    def receive(self, name, chunks):
+    def receive(self, name: str, chunks: Iterable[bytes]) -> str:
         """Write ``chunks`` into a temporary file in ``name``'s folder; return its path."""
         folder = os.path.dirname(self._path(name))
         try:
@@ -392,7 +411,7 @@ class _DiskStore:
             raise
         return temp
 
-    def commit(self, name, temp):
+    def commit(self, name: str, temp: str) -> bool:
         """Move a received file into place atomically; return whether ``name`` is new."""
         target = self._path(name)
         if os.path.isdir(target):
@@ -402,10 +421,10 @@ class _DiskStore:
         os.replace(temp, target)
         return created
 
-    def discard(self, temp):
+    def discard(self, temp: str) -> None:
         os.unlink(temp)
 
-    def delete(self, name):
+    def delete(self, name: str) -> bool:
         """Delete ``name``; return whether it existed."""
         path = self._path(name)
         if os.path.isdir(path):
@@ -420,23 +439,23 @@ class _DiskStore:
 class _MemoryStore:
     """Same behaviour as _DiskStore, folders included, in dicts."""
 
-    def __init__(self):
-        self._files = {}  # name: (bytes, time stored)
-        self._folders = set()  # like on disk, folders outlive their files
+    def __init__(self) -> None:
+        self._files: dict[str, tuple[bytes, float]] = {}  # name: (bytes, time stored)
+        self._folders: set[str] = set()  # like on disk, folders outlive their files
 
-    def names(self):
+    def names(self) -> list[str]:
         return list(self._files)
 
-    def open(self, name):
+    def open(self, name: str) -> tuple[IO[bytes], int, float] | None:
         if name not in self._files:
             return None
         data, mtime = self._files[name]
         return io.BytesIO(data), len(data), mtime
 
-    def receive(self, name, chunks):
+    def receive(self, name: str, chunks: Iterable[bytes]) -> bytes:
         return b"".join(chunks)
 
-    def commit(self, name, data):
+    def commit(self, name: str, data: bytes) -> bool:
         if name in self._folders:
             raise _Conflict(f"{name!r} is a folder.")
         if any(parent in self._files for parent in _parents(name)):
@@ -446,16 +465,16 @@ class _MemoryStore:
         self._files[name] = (data, time.time())
         return created
 
-    def discard(self, data):
+    def discard(self, data: bytes) -> None:
         pass
 
-    def delete(self, name):
+    def delete(self, name: str) -> bool:
         if name in self._folders:
             raise _Conflict(f"{name!r} is a folder.")
         return self._files.pop(name, None) is not None
 
 
-def _drain(chunks):
+def _drain(chunks: Iterable[bytes]) -> None:
     for _ in chunks:
         pass
 
@@ -470,17 +489,17 @@ class _HTTPServer(ThreadingHTTPServer):
     # refused connections that a real server (nginx: 511) never gives.
     request_queue_size = 128
 
-    def __init__(self, media):
+    def __init__(self, media: MediaServer) -> None:
         self.media = media
         super().__init__((media.host, media.port), _Handler)
 
-    def process_request(self, request, client_address):
+    def process_request(self, request: Any, client_address: Any) -> None:
         # Runs in the serving thread, so stop() sees every connection once serving ends.
         with self.media._lock:
             self.media._connections.add(request)
         super().process_request(request, client_address)
 
-    def process_request_thread(self, request, client_address):
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
@@ -488,7 +507,7 @@ class _HTTPServer(ThreadingHTTPServer):
                 self.media._connections.discard(request)
                 self.media._lock.notify_all()
 
-    def handle_error(self, request, client_address):
+    def handle_error(self, request: Any, client_address: Any) -> None:
         if not isinstance(sys.exc_info()[1], ConnectionError):  # a client, stop() or go_down() cut it
             super().handle_error(request, client_address)
 
@@ -496,24 +515,25 @@ class _HTTPServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "MediaServer"
+    server: _HTTPServer
 
-    def __getattr__(self, attr):
+    def __getattr__(self, attr: str) -> Any:
         # BaseHTTPRequestHandler calls do_<METHOD>; send every method to _handle, which
         # answers 405 to unknown ones (the default would be 501).
         if attr.startswith("do_"):
             return self._handle
         raise AttributeError(attr)
 
-    def log_message(self, format, *args):
+    def log_message(self, format: str, *args: Any) -> None:
         """Print nothing: MediaServer.requests is the log."""
 
-    def _handle(self):
+    def _handle(self) -> None:
         """Answer any request: check the path, take faults, read the body, wait, then act."""
         media = self.server.media
         name, status = self._target()
         if status is None and self.command not in METHODS:
             status = 405
-        delay = 0
+        delay: float = 0
         if status is None:
             status, delay = media._take_faults(self.command)
         staged = None
@@ -538,7 +558,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send_file(name)
 
-    def _apply(self, name, staged):
+    def _apply(self, name: str, staged: Any) -> int:
         """Apply a PUT or DELETE to the store; return the status to answer."""
         media = self.server.media
         with media._lock:
@@ -549,7 +569,7 @@ class _Handler(BaseHTTPRequestHandler):
             except _Conflict:
                 return 409
 
-    def _target(self):
+    def _target(self) -> tuple[str, int | None]:
         """Return ``(name, None)`` for a valid file URL, else ``(name or raw path, error status)``."""
         prefix = self.server.media.prefix
         try:
@@ -566,7 +586,7 @@ class _Handler(BaseHTTPRequestHandler):
             return name, 400
         return name, None
 
-    def _body(self):
+    def _body(self) -> Iterator[bytes]:
         """Yield the request body in chunks, framed by Content-Length or chunked encoding.
 
         Malformed framing raises ConnectionError: the connection is dropped.
@@ -580,7 +600,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             yield from self._read(_size(self.headers.get("Content-Length", "0")))
 
-    def _read(self, size):
+    def _read(self, size: int) -> Iterator[bytes]:
         while size:
             chunk = self.rfile.read(min(size, CHUNK_SIZE))
             if not chunk:
@@ -591,13 +611,13 @@ class _Handler(BaseHTTPRequestHandler):
                 time.sleep(len(chunk) / rate)
             yield chunk
 
-    def _line(self):
+    def _line(self) -> bytes:
         line = self.rfile.readline(CHUNK_SIZE)
         if not line:
             raise ConnectionError("The request body ended early.")
         return line
 
-    def _send_file(self, name):
+    def _send_file(self, name: str) -> None:
         media = self.server.media
         with media._lock:
             found = media._store.open(name)
@@ -613,7 +633,10 @@ class _Handler(BaseHTTPRequestHandler):
         with fileobj:
             self._respond(200, name, headers, fileobj, size)
 
-    def _respond(self, status, name, headers=None, fileobj=None, length=0):
+    def _respond(
+        self, status: int, name: str, headers: Mapping[str, str] | None = None, fileobj: IO[bytes] | None = None,
+        length: int = 0,
+    ) -> None:
         """Record the request, then answer it; the connection stays usable."""
         self.server.media._record(self.command, name, status, self.headers.get("Content-Type"))
         self.send_response(status)
@@ -626,7 +649,7 @@ class _Handler(BaseHTTPRequestHandler):
             shutil.copyfileobj(fileobj, self.wfile, CHUNK_SIZE)
 
 
-def content_type(name):
+def content_type(name: str) -> str:
     """The type a GET or HEAD of ``name`` answers with, by its extension, as nginx does
     (whatever the PUT sent): nginx's own table (``nginx_mime_types.conf``), matched without
     regard to case; ``application/octet-stream`` (nginx's ``default_type``) otherwise."""
@@ -638,12 +661,12 @@ def content_type(name):
 
 
 @functools.cache
-def _nginx_types():
+def _nginx_types() -> dict[str, str]:
     """``{extension: type}`` from nginx's mime.types, shipped beside this module."""
     text = (Path(__file__).with_name("nginx_mime_types.conf")).read_text()
     text = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
     body = text[text.index("{") + 1 : text.rindex("}")]
-    types = {}
+    types: dict[str, str] = {}
     for statement in body.split(";"):
         mime, *extensions = statement.split() or [""]
         for extension in extensions:
@@ -651,7 +674,7 @@ def _nginx_types():
     return types
 
 
-def _size(text, base=10):
+def _size(text: str | bytes, base: int = 10) -> int:
     """Parse a Content-Length or chunk size; malformed ones drop the connection."""
     try:
         size = int(text, base)

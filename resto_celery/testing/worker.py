@@ -1,10 +1,14 @@
 """``CeleryWorker``: a real ``celery worker`` process, started and killed by tests and the demo."""
+
+from __future__ import annotations
+
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from ._support import die_with_parent
@@ -20,8 +24,11 @@ class CeleryWorker:
     to the whole group (the main process and its pool children), as a crash would.
     """
 
-    def __init__(self, app, *, queues=("resto",), pool="prefork", concurrency=2, env=None,
-                 logfile=None, extra_args=(), hostname=None, wrapper=()):
+    def __init__(
+        self, app: str, *, queues: Iterable[str] = ("resto",), pool: str = "prefork", concurrency: int = 2,
+        env: Mapping[str, str] | None = None, logfile: str | os.PathLike[str] | None = None,
+        extra_args: Iterable[str] = (), hostname: str | None = None, wrapper: Iterable[str] = (),
+    ) -> None:
         self.app = app
         self.queues = queues
         self.pool = pool
@@ -34,10 +41,10 @@ class CeleryWorker:
         self.extra_args = list(extra_args)
         self.wrapper = list(wrapper)
         self.hostname = hostname or f"resto-test-{os.getpid()}-{id(self):x}@%h"
-        self._process = None
+        self._process: subprocess.Popen[bytes] | None = None
         self._offset = 0
 
-    def command(self):
+    def command(self) -> list[str]:
         return [
             *self.wrapper,
             sys.executable, "-m", "celery", "-A", self.app, "worker",
@@ -47,7 +54,7 @@ class CeleryWorker:
             *self.extra_args,
         ]
 
-    def start(self, timeout=60):
+    def start(self, timeout: float = 60) -> CeleryWorker:
         """Start the worker; wait until it is ready to consume."""
         self.logfile.parent.mkdir(parents=True, exist_ok=True)
         self._offset = self.logfile.stat().st_size if self.logfile.exists() else 0
@@ -67,7 +74,7 @@ class CeleryWorker:
         self.kill()
         raise RuntimeError(f"celery worker not ready within {timeout}s:\n{self.log()[-4000:]}")
 
-    def log(self):
+    def log(self) -> str:
         """What the worker printed since it was last started."""
         try:
             with open(self.logfile, "rb") as handle:
@@ -77,26 +84,27 @@ class CeleryWorker:
             return ""
 
     @property
-    def pid(self):
+    def pid(self) -> int | None:
         """The worker's main process id (None before :meth:`start`)."""
         return None if self._process is None else self._process.pid
 
     @property
-    def running(self):
+    def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
-    def stop(self, timeout=20):
+    def stop(self, timeout: float = 20) -> None:
         """Warm shutdown (SIGTERM: finish the current tasks), then SIGKILL if it takes too long."""
-        if not self.running:
+        process = self._process
+        if process is None or not self.running:
             return
-        os.killpg(self._process.pid, signal.SIGTERM)
+        os.killpg(process.pid, signal.SIGTERM)
         try:
-            self._process.wait(timeout=timeout)
+            process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
         self._reap_group()
 
-    def kill(self):
+    def kill(self) -> None:
         """SIGKILL the worker and its pool children at once, like a crash."""
         if self._process is None:
             return
@@ -107,14 +115,15 @@ class CeleryWorker:
         self._process.wait(timeout=10)
         self._reap_group()
 
-    def _reap_group(self):
+    def _reap_group(self) -> None:
+        assert self._process is not None  # called once the worker was started
         try:
             os.killpg(self._process.pid, signal.SIGKILL)  # stray pool children
         except ProcessLookupError:
             pass
 
-    def __enter__(self):
+    def __enter__(self) -> CeleryWorker:
         return self.start()
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
