@@ -149,7 +149,7 @@ def sync(host, name, master_path, transport, coordinator, *, location=None, on_f
 
 
 def sync_pairs(pairs, master_path, transports, coordinator, *, location=None, on_failure=None,
-               on_arrival=None, on_recovery=None, task_id="", force=False, probe=False):
+               on_arrival=None, on_recovery=None, task_id="", force=False, probe=False, bulk=False):
     """Bring each ``(host, name)`` of ``pairs`` in line with the master copy; return an
     :class:`Outcome` per pair, in order. ``master_path(name)`` is the master file's path,
     ``transports`` maps each host to its transport. A path on several hosts (a fan-out) and
@@ -166,8 +166,9 @@ def sync_pairs(pairs, master_path, transports, coordinator, *, location=None, on
     3. For each pair, read the master's *current* state. Present: PUT those bytes
        (streamed) unless the ``Replica`` row holds this fingerprint already (one query for
        all; ``force`` sends anyway: resync). Absent (and the master still verified): DELETE.
-       The pairs are sent in parallel; once a host is unreachable, its other pairs fail
-       without another try.
+       The pairs are sent in parallel (on the process's bulk transfer threads when
+       ``bulk``, bulk-lane work, so that live changes never queue behind it); once a host
+       is unreachable, its other pairs fail without another try.
     4. Record: the successes in one statement, each failure in its row
        (``on_failure(host, name, error, host_down)``, still under the lease). A pair whose
        lease was lost meanwhile (Redis restarted, a stall past the TTL) gets a pending row
@@ -211,7 +212,7 @@ def sync_pairs(pairs, master_path, transports, coordinator, *, location=None, on
                 active.append(pair)
         if active:
             with leases.kept_alive(active):
-                _transfer(active, master_path, transports, coordinator, location, force, outcomes)
+                _transfer(active, master_path, transports, coordinator, location, force, outcomes, bulk)
             done = [pair for pair in active if outcomes[pair].error is None]
             _record(done, leases, outcomes, task_id)
             succeeded = set(done)
@@ -241,7 +242,7 @@ def sync_pairs(pairs, master_path, transports, coordinator, *, location=None, on
     return list(outcomes.values())
 
 
-def _transfer(pairs, master_path, transports, coordinator, location, force, outcomes):
+def _transfer(pairs, master_path, transports, coordinator, location, force, outcomes, bulk):
     """Send the master's current state of each pair's name to its host (the leases held);
     fill in each outcome's ``action`` and ``version``, or its ``error``."""
     has = {} if force else Replica.objects.synced_fingerprints(pairs)
@@ -264,7 +265,7 @@ def _transfer(pairs, master_path, transports, coordinator, location, force, outc
         finally:
             outcome.seconds = time.perf_counter() - started
 
-    for pair, error in _transfers_in_parallel(bring_in_line, pairs):
+    for pair, error in _transfers_in_parallel(bring_in_line, pairs, "bulk" if bulk else "live"):
         if error is not None:
             outcomes[pair].action, outcomes[pair].error = "", error
 
@@ -329,46 +330,54 @@ class _PositionalReader(io.RawIOBase):
         return self.position
 
 
-_pool = None
+_pools = {}
 _pool_lock = threading.Lock()
 
 
-def _reset_pool():
-    global _pool
-    _pool = None
+def _reset_pools():
+    _pools.clear()
 
 
-os.register_at_fork(after_in_child=_reset_pool)
+os.register_at_fork(after_in_child=_reset_pools)
 
 #: A task's transfers (a fan-out's hosts, a batch's pairs) run on this many threads per
 #: process: as many as a host's transport keeps connections (``HostTransport`` pool_size),
 #: so that a batch to one host reuses its connections rather than opening more.
 TRANSFER_THREADS = 16
 
+#: Bulk work (a catch-up, a resync) has threads of its own, fewer: a live change's transfers
+#: never queue behind a backlog's in a worker that takes both lanes.
+BULK_TRANSFER_THREADS = 4
 
-def in_parallel(function, items):
+_THREADS = {"live": TRANSFER_THREADS, "bulk": BULK_TRANSFER_THREADS}
+
+
+def in_parallel(function, items, lane="live"):
     """``[(item, error or None)]`` for ``function(item)`` on every item: the first in this
-    thread, the others on the process's transfer threads (a pool kept for the process, so
-    a fan-out starts no thread). Every call has returned when this returns."""
-    global _pool
+    thread, the others on the process's transfer threads of ``lane`` (``"live"`` or
+    ``"bulk"``; a pool kept for the process, so a fan-out starts no thread). Every call has
+    returned when this returns."""
     items = list(items)
     if not items:
         return []
     futures = []
     if len(items) > 1:
         with _pool_lock:
-            if _pool is None:
-                _pool = ThreadPoolExecutor(max_workers=TRANSFER_THREADS, thread_name_prefix="resto-transfer")
-        futures = [(item, _pool.submit(_outcome_of, function, item)) for item in items[1:]]
+            pool = _pools.get(lane)
+            if pool is None:
+                pool = _pools[lane] = ThreadPoolExecutor(
+                    max_workers=_THREADS[lane], thread_name_prefix=f"resto-transfer-{lane}"
+                )
+        futures = [(item, pool.submit(_outcome_of, function, item)) for item in items[1:]]
     results = [(items[0], _outcome_of(function, items[0]))]
     results += [(item, future.result()) for item, future in futures]
     return results
 
 
-def _transfers_in_parallel(function, pairs):
+def _transfers_in_parallel(function, pairs, lane):
     """:func:`in_parallel` for transfers: a pair's transport or master failure is its outcome;
     anything else (Redis down, a bug) is raised, once every transfer has ended."""
-    results = in_parallel(function, pairs)
+    results = in_parallel(function, pairs, lane)
     for _, error in results:
         if error is not None and not isinstance(error, (TransportError, MasterError, LeaseBusy)):
             raise error
