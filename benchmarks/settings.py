@@ -82,7 +82,7 @@ if os.environ.get("RESTO_BENCH_UPLOAD_STORAGES"):
     INSTALLED_APPS.append("benchmarks.uploads")
     ROOT_URLCONF = "benchmarks.uploads.urls"
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-CELERY_DB_REUSE_MAX = 100  # as the README advises: Celery would reconnect workers for every task
+CELERY_DB_REUSE_MAX = 1000  # as the README advises: Celery would reconnect workers for every task
 
 # As the README recommends for a real site: results in the database, extended.
 CELERY_BROKER_URL = os.environ.get("RESTO_BENCH_BROKER_URL", "memory://")

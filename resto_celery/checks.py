@@ -151,8 +151,8 @@ def _db_reuse_max():
 
 
 RECONNECT_HINT = (
-    "Set CELERY_DB_REUSE_MAX (100, say): Celery then closes the connections to DATABASES[{alias!r}] "
-    "every 100 tasks instead of around each."
+    "Set CELERY_DB_REUSE_MAX (1000, say): Celery then closes the connections to DATABASES[{alias!r}] "
+    "every 1000 tasks instead of around each."
 )
 
 

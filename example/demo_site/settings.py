@@ -120,7 +120,7 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "visibility_timeout": 60, "unacked_restore_interval": 1, "unacked_restore_throttle": 5,
 }
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1  # the tasks are acks_late: reserve one message at a time (README)
-CELERY_DB_REUSE_MAX = 100  # workers keep their database connection for 100 tasks (README)
+CELERY_DB_REUSE_MAX = 1000  # workers keep their database connection for 1000 tasks (README)
 CELERY_BEAT_SCHEDULE = {
     "resto-reconcile": {
         "task": "resto_celery.reconcile", "schedule": 10.0, "options": {"queue": "resto", "expires": 10.0},
