@@ -223,12 +223,16 @@ class ReplicationDashboard(Replica):
 
 
 
+def _quoted_column(connection, name):
+    return connection.ops.quote_name(Replica._meta.get_field(name).column)
+
+
 def _upsert_synced_sql(connection, count):
     """``INSERT ... ON CONFLICT (host, path) DO UPDATE`` of ``count`` synced rows."""
     quote = connection.ops.quote_name
 
     def column(name):
-        return quote(Replica._meta.get_field(name).column)
+        return _quoted_column(connection, name)
 
     row = "(" + ", ".join(["%s"] * len(_SYNCED_COLUMNS)) + ")"
     updates = ", ".join(f"{column(name)} = EXCLUDED.{column(name)}" for name in _SYNCED_UPDATES)
@@ -242,7 +246,7 @@ def _synced_fingerprints_sql(connection, hosts, paths):
     quote = connection.ops.quote_name
 
     def column(name):
-        return quote(Replica._meta.get_field(name).column)
+        return _quoted_column(connection, name)
 
     return (f"SELECT {column('host')}, {column('path')}, {column('fingerprint')} "
             f"FROM {quote(Replica._meta.db_table)} WHERE {column('state')} = %s "
