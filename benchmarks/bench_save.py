@@ -9,8 +9,10 @@ and 1 MB files:
   published to a private Redis (no worker runs: the queue fills and is emptied between
   rounds);
 - ``HybridStorage`` with 1 and 3 hosts: the master write plus a PUT to every host, within
-  the request, to real ``MediaServer``s on 127.0.0.1 that keep files in memory: a media
-  host's disk belongs to another machine, and here its writes would slow the master's.
+  the request, to real nginx hosts on 127.0.0.1 whose folders are in memory (``/dev/shm``:
+  a media host's disk belongs to another machine, and here its writes would slow the
+  master's), or, without nginx, to ``MediaServer``s in this process, whose CPU the clients
+  then share.
 
 Each configuration is warmed up, then timed save by save for ``--saves`` saves per round
 and ``--rounds`` rounds; within a round the configurations take turns every 20 saves, so
@@ -23,6 +25,7 @@ Run alone: ``.venv/bin/python -m benchmarks.bench_save [--quick] [--output FILE]
 import collections
 import gc
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -31,6 +34,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from benchmarks import common
 
@@ -114,6 +118,59 @@ def time_saves(storage, data, count):
         if saved != name:
             raise AssertionError(f"{name} was saved as {saved}: the benchmark expected fresh names")
     return latencies
+
+
+class NginxHost:
+    """An nginx media host whose folder is in memory, with the part of ``MediaServer``'s API
+    this benchmark uses (``url``, ``address``, ``requests`` read from its access log,
+    ``clear``, ``clear_requests``, ``stop``)."""
+
+    LOG_LINE = re.compile(r'"(?P<method>[A-Z]+) [^"]*" (?P<status>\d{3}) ')
+
+    def __init__(self):
+        from resto_celery.testing.nginx import NginxMediaServer
+
+        memory = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self.folder = Path(tempfile.mkdtemp(prefix="resto-bench-save-host-", dir=memory))
+        self.root = self.folder / "media"
+        # nginx's request bodies land in its workdir, then move into the root: one file system.
+        self.server = NginxMediaServer(self.root, workdir=self.folder / "nginx", listing=False).start()
+        self.url, self.address = self.server.url, self.server.address
+        self._skip = 0
+
+    @property
+    def requests(self):
+        try:
+            lines = (self.server.workdir / "access.log").read_text().splitlines()[self._skip:]
+        except FileNotFoundError:
+            return []
+        found = (self.LOG_LINE.search(line) for line in lines)
+        return [SimpleNamespace(method=m["method"], status=int(m["status"])) for m in found if m]
+
+    def clear(self):
+        for entry in os.scandir(self.root):
+            shutil.rmtree(entry.path) if entry.is_dir() else os.unlink(entry.path)
+
+    def clear_requests(self):
+        self._skip += len(self.requests)
+
+    def stop(self):
+        self.server.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __repr__(self):
+        return f"nginx at {self.url}"
+
+
+def media_hosts(count=3):
+    """``count`` nginx hosts in memory, or ``MediaServer``s in this process without nginx."""
+    from resto_celery.testing import MediaServer
+    from resto_celery.testing.nginx import find_nginx
+
+    if find_nginx() is None:
+        print("  nginx is not installed: HybridStorage PUTs to MediaServers in this process")
+        return [MediaServer().start() for _ in range(count)]  # in memory, emptied every round
+    return [NginxHost() for _ in range(count)]
 
 
 def reset(cases, broker_url):
@@ -341,14 +398,12 @@ def main(argv=None):
     rounds = args.rounds or (2 if args.quick else 5)
     warmup = 5 if args.quick else 50
 
-    from resto_celery.testing import MediaServer
-
     with common.private_redis() as redis_server, tempfile.TemporaryDirectory(prefix="resto-bench-save-") as workdir:
         common.setup_django()
         app = common.celery_app()
         environment = common.environment()
         workdir = Path(workdir)
-        servers = [MediaServer().start() for _ in range(3)]  # in memory, emptied every round
+        servers = media_hosts()
         try:
             cases = build_cases(workdir / "masters", servers)
             results = {}
@@ -371,8 +426,10 @@ def main(argv=None):
             f"{warmup} warm-up saves. Latency: median over rounds of each round's median, and the range of "
             f"the round medians. Ratio: to FileSystemStorage of the same size in the same round "
             f"(median and range over rounds). AsyncStorage publishes to a private Redis (no worker); "
-            f"HybridStorage PUTs to real MediaServers on 127.0.0.1 that keep files in memory (the hosts' disks "
-            f"would otherwise compete with the master's); the servers run in the benchmark's process."
+            f"HybridStorage and django-resto PUT to real hosts on 127.0.0.1 whose files are in memory (the hosts' "
+            f"disks would otherwise compete with the master's): "
+            + ("nginx processes with their folders in /dev/shm." if servers and isinstance(servers[0], NginxHost)
+               else "MediaServers in the benchmark's process, whose CPU the clients share.")
         ),
         parameters={"saves_per_round": saves, "rounds": rounds, "warmup": warmup, "sizes": SIZES},
         environment=environment,

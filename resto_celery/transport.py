@@ -41,6 +41,23 @@ Listing: TypeAlias = "tuple[list[str], dict[str, RemoteFile]]"
 #: 1 MB file took 64 sends; memory stays bounded by one block per transfer).
 SEND_BLOCK_SIZE = 256 * 1024
 
+#: A PUT body up to this size is read whole and sent with the headers in one ``send()``
+#: (a 10 KB PUT to nginx: 1.7 ms as a stream, against django-resto's 1.4 ms as bytes).
+SMALL_BODY = 64 * 1024
+
+
+def _read_exactly(fileobj: IO[bytes], length: int) -> bytes:
+    """Up to ``length`` bytes of ``fileobj``. A file that shrank meanwhile gives fewer: the host
+    then waits for the rest of ``Content-Length``, as for a stream, and the PUT times out."""
+    parts, left = [], length
+    while left > 0:
+        part = fileobj.read(left)
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
+
 
 class _StreamingAdapter(HTTPAdapter):
     """requests' adapter, with urllib3 connections that send bodies in larger blocks."""
@@ -269,8 +286,10 @@ class HostTransport(Transport):
         """
         if length is None:
             length = os.fstat(fileobj.fileno()).st_size - fileobj.tell()
-        # requests sends an empty stream as chunked; an empty bytes body gets Content-Length: 0.
-        body = fileobj if length else b""
+        # A small file goes as bytes, in the same send() as the headers (http.client joins
+        # them; a stream is sent after them). An empty one must be bytes anyway: a stream
+        # would go chunked.
+        body: IO[bytes] | bytes = fileobj if length > SMALL_BODY else _read_exactly(fileobj, length)
         headers = {"Content-Length": str(length), "Content-Type": content_type(name)}
         response = self._send("PUT", name, body, headers)
         return self._expect(response, "PUT", name, PUT_OK)
