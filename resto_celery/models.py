@@ -3,6 +3,8 @@
 Rows are written by workers only, each write in its own autocommit transaction, never by
 the web request. With the master tree, they are the whole truth that ``reconcile`` needs.
 """
+import functools
+
 from django.db import connections, models
 from django.utils import timezone
 
@@ -12,12 +14,9 @@ from .exceptions import TransportError
 #: workers' row writes go straight to the cursor there, the rest through ``bulk_create``.
 ON_CONFLICT_VENDORS = frozenset({"postgresql", "sqlite"})
 
-#: What :meth:`ReplicaQuerySet.record_synced` writes: the columns of a new row, and those a
-#: success overwrites in an existing one (its last error stays, for the admin's history).
-_SYNCED_COLUMNS = ("host", "path", "fingerprint", "state", "attempts", "last_error", "last_success_at",
-                   "pending_since", "retry_at", "task_id", "failed_task_id", "updated_at")
-_SYNCED_UPDATES = ("fingerprint", "state", "attempts", "last_success_at", "pending_since", "retry_at",
-                   "task_id", "updated_at")
+#: The columns a new synced row needs beyond those :func:`_synced_values` sets: empty, not
+#: NULL (the table has no database defaults).
+_NEW_ROW = {"last_error": "", "failed_task_id": ""}
 
 
 class ReplicaQuerySet(models.QuerySet):
@@ -36,20 +35,18 @@ class ReplicaQuerySet(models.QuerySet):
         now = timezone.now()
         connection = connections[self.db]
         if connection.vendor not in ON_CONFLICT_VENDORS:
-            values = {"state": Replica.State.SYNCED, "attempts": 0, "last_success_at": now, "pending_since": None,
-                      "retry_at": None, "task_id": task_id, "updated_at": now}
+            values = _synced_values(now, task_id)
             self.bulk_create(
                 [Replica(host=host, path=path, fingerprint=fingerprint, **values) for host, path, fingerprint in rows],
                 update_conflicts=True, unique_fields=["host", "path"], update_fields=["fingerprint", *values],
             )
             return
-        stamp = connection.ops.adapt_datetimefield_value(now)
-        parameters = []
-        for host, path, fingerprint in rows:
-            parameters += [host, path, fingerprint, Replica.State.SYNCED.value, 0, "", stamp, None, None, task_id, "",
-                           stamp]
+        values = _synced_values(connection.ops.adapt_datetimefield_value(now), task_id)
+        columns = ["host", "path", "fingerprint", *values, *_NEW_ROW]
+        parameters = [value for host, path, fingerprint in rows
+                      for value in (host, path, fingerprint, *values.values(), *_NEW_ROW.values())]
         with connection.cursor() as cursor:
-            cursor.execute(_upsert_synced_sql(connection, len(rows)), parameters)
+            cursor.execute(_upsert_sql(connection, columns, ["fingerprint", *values], len(rows)), parameters)
 
     def record_gone(self, pairs):
         """The hosts of ``(host, path)`` pairs no longer hold the path (nor does the master):
@@ -222,33 +219,32 @@ class ReplicationDashboard(Replica):
         verbose_name_plural = "replication dashboard"
 
 
+def _synced_values(now, task_id):
+    """What a success writes in a row besides its fingerprint (its last error stays, for the
+    admin's history)."""
+    return {"state": Replica.State.SYNCED.value, "attempts": 0, "last_success_at": now, "pending_since": None,
+            "retry_at": None, "task_id": task_id, "updated_at": now}
+
 
 def _quoted_column(connection, name):
     return connection.ops.quote_name(Replica._meta.get_field(name).column)
 
 
-def _upsert_synced_sql(connection, count):
-    """``INSERT ... ON CONFLICT (host, path) DO UPDATE`` of ``count`` synced rows."""
-    quote = connection.ops.quote_name
-
-    def column(name):
-        return _quoted_column(connection, name)
-
-    row = "(" + ", ".join(["%s"] * len(_SYNCED_COLUMNS)) + ")"
-    updates = ", ".join(f"{column(name)} = EXCLUDED.{column(name)}" for name in _SYNCED_UPDATES)
-    return (f"INSERT INTO {quote(Replica._meta.db_table)} ({', '.join(map(column, _SYNCED_COLUMNS))}) "
+def _upsert_sql(connection, columns, updates, count):
+    """``INSERT`` of ``count`` rows of ``columns``; on a ``(host, path)`` conflict, ``updates``
+    take the new values."""
+    column = functools.partial(_quoted_column, connection)
+    row = "(" + ", ".join(["%s"] * len(columns)) + ")"
+    return (f"INSERT INTO {connection.ops.quote_name(Replica._meta.db_table)} ({', '.join(map(column, columns))}) "
             f"VALUES {', '.join([row] * count)} "
-            f"ON CONFLICT ({column('host')}, {column('path')}) DO UPDATE SET {updates}")
+            f"ON CONFLICT ({column('host')}, {column('path')}) DO UPDATE SET "
+            + ", ".join(f"{column(name)} = EXCLUDED.{column(name)}" for name in updates))
 
 
 def _synced_fingerprints_sql(connection, hosts, paths):
     """The synced rows among ``hosts`` x ``paths`` (the caller keeps the pairs it asked for)."""
-    quote = connection.ops.quote_name
-
-    def column(name):
-        return _quoted_column(connection, name)
-
+    column = functools.partial(_quoted_column, connection)
     return (f"SELECT {column('host')}, {column('path')}, {column('fingerprint')} "
-            f"FROM {quote(Replica._meta.db_table)} WHERE {column('state')} = %s "
+            f"FROM {connection.ops.quote_name(Replica._meta.db_table)} WHERE {column('state')} = %s "
             f"AND {column('host')} IN ({', '.join(['%s'] * hosts)}) "
             f"AND {column('path')} IN ({', '.join(['%s'] * paths)})")
