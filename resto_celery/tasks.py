@@ -18,7 +18,8 @@ state. The name says which change caused the task (the admin shows it).
 import logging
 import time
 
-from celery import Task, current_app, shared_task
+from celery import current_app, shared_task
+from celery.contrib.django.task import DjangoTask
 from celery.signals import worker_process_shutdown, worker_ready
 from django.db import DatabaseError, connections
 from redis.exceptions import LockError, RedisError
@@ -45,8 +46,10 @@ RECONCILE_LOCK_TTL = 120
 
 
 
-class DatabaseTask(Task):
+class DatabaseTask(DjangoTask):
     """A task that, failing on the database, closes the connections that no longer work.
+
+    A ``DjangoTask``, as the Django fixup makes every task of a Django project's app.
 
     With ``CELERY_DB_REUSE_MAX`` Celery keeps a worker's connections from task to task; one
     that the database server dropped (a restart, a failover) would fail every task after,
@@ -406,13 +409,19 @@ def check_masters_at_start(**kwargs):
     except (DatabaseError, RedisError, LookupError) as error:
         logger.warning("Could not check the master copies at start: %s", error)
     finally:
-        alias = checks.reconnecting_database()
-        if alias is not None:
-            logger.warning(
-                "This worker reconnects to database %r for every task. %s",
-                alias, checks.RECONNECT_HINT.format(alias=alias),
-            )
         connections.close_all()  # a prefork child must not inherit this connection
+
+
+@worker_ready.connect
+def warn_of_reconnects_at_start(**kwargs):
+    """Say at worker start, at WARNING, when the worker would reconnect to the database of the
+    ``Replica`` rows for every task (``resto_celery.W003`` says it to ``check --deploy``)."""
+    alias = checks.reconnecting_database()
+    if alias is not None:
+        logger.warning(
+            "This worker reconnects to database %r for every task. %s",
+            alias, checks.RECONNECT_HINT.format(alias=alias),
+        )
 
 
 @worker_process_shutdown.connect

@@ -80,7 +80,7 @@ def test_the_ordinary_checks_leave_it_to_deploy(async_settings, replica_database
 @pytest.mark.django_db
 def test_a_starting_worker_logs_that_it_would_reconnect_after_every_task(async_settings, replica_database, caplog):
     with caplog.at_level(logging.WARNING, logger="resto_celery.tasks"):
-        tasks.check_masters_at_start()
+        tasks.warn_of_reconnects_at_start()
     assert "This worker reconnects to database 'default' for every task" in caplog.text
 
 
@@ -88,7 +88,7 @@ def test_a_starting_worker_logs_that_it_would_reconnect_after_every_task(async_s
 def test_a_starting_worker_with_db_reuse_max_says_nothing_of_it(async_settings, replica_database, caplog):
     async_settings.CELERY_DB_REUSE_MAX = 100
     with caplog.at_level(logging.WARNING, logger="resto_celery.tasks"):
-        tasks.check_masters_at_start()
+        tasks.warn_of_reconnects_at_start()
     assert "reconnects" not in caplog.text
 
 
