@@ -138,13 +138,15 @@ class NginxHost:
         self.url, self.address = self.server.url, self.server.address
         self._skip = 0
 
-    @property
-    def requests(self):
+    def _log_lines(self):
         try:
-            lines = (self.server.workdir / "access.log").read_text().splitlines()[self._skip:]
+            return (self.server.workdir / "access.log").read_text().splitlines()
         except FileNotFoundError:
             return []
-        found = (self.LOG_LINE.search(line) for line in lines)
+
+    @property
+    def requests(self):
+        found = (self.LOG_LINE.search(line) for line in self._log_lines()[self._skip:])
         return [SimpleNamespace(method=m["method"], status=int(m["status"])) for m in found if m]
 
     def clear(self):
@@ -152,7 +154,7 @@ class NginxHost:
             shutil.rmtree(entry.path) if entry.is_dir() else os.unlink(entry.path)
 
     def clear_requests(self):
-        self._skip += len(self.requests)
+        self._skip = len(self._log_lines())  # lines, not the requests parsed from them
 
     def stop(self):
         self.server.stop()
