@@ -15,11 +15,11 @@ state. The name says which change caused the task (the admin shows it).
         "resto-reconcile": {"task": "resto_celery.reconcile", "schedule": 300.0, "options": {"expires": 300.0}},
     }
 """
+import functools
 import logging
 import time
 
 from celery import current_app, shared_task
-from celery.contrib.django.task import DjangoTask
 from celery.signals import worker_process_shutdown, worker_ready
 from django.db import DatabaseError, connections
 from redis.exceptions import LockError, RedisError
@@ -46,34 +46,41 @@ RECONCILE_LOCK_TTL = 120
 
 
 
-class DatabaseTask(DjangoTask):
-    """A task that, failing on the database, closes the connections that no longer work.
-
-    A ``DjangoTask``, as the Django fixup makes every task of a Django project's app.
+def database_task(**options):
+    """``shared_task(**options)`` for a task that uses the database: failing on it, the task
+    closes the connections that no longer work before Celery records the failure.
 
     With ``CELERY_DB_REUSE_MAX`` Celery keeps a worker's connections from task to task; one
     that the database server dropped (a restart, a failover) would fail every task after,
-    and the result backend's record of this failure with them.
+    and the result backend's record of this failure with them. The close is in the task's
+    own function, not in an overridden ``Task.__call__``: Celery before 5.5 gives a task
+    with its own ``__call__`` a request without the message's id and retry count.
     """
 
-    def __call__(self, *args, **kwargs):
-        try:
-            return super().__call__(*args, **kwargs)
-        except DatabaseError:
-            for connection in connections.all(initialized_only=True):
-                connection.close_if_unusable_or_obsolete()
-            raise
+    def decorate(run):
+        @functools.wraps(run)
+        def closing_broken_connections(*args, **kwargs):
+            try:
+                return run(*args, **kwargs)
+            except DatabaseError:
+                for connection in connections.all(initialized_only=True):
+                    connection.close_if_unusable_or_obsolete()
+                raise
+
+        return shared_task(**options)(closing_broken_connections)
+
+    return decorate
 
 
 #: A successful transfer is recorded in its ``Replica`` row: the result backend keeps only
 #: failures (``store_errors_even_if_ignored``), which the admin shows by task id.
 TASK_OPTIONS = {
-    "base": DatabaseTask, "bind": True, "acks_late": True, "reject_on_worker_lost": True, "max_retries": None,
+    "bind": True, "acks_late": True, "reject_on_worker_lost": True, "max_retries": None,
     "ignore_result": True, "store_errors_even_if_ignored": True, "track_started": False,
 }
 
 
-@shared_task(name="resto_celery.replicate", **TASK_OPTIONS)
+@database_task(name="resto_celery.replicate", **TASK_OPTIONS)
 def replicate(self, path, hosts, operation="upload"):
     """Bring ``path`` in line with the master on each of ``hosts``: one message per change.
 
@@ -89,7 +96,7 @@ def replicate(self, path, hosts, operation="upload"):
     return {host: action for (host, _), action in done.items()}
 
 
-@shared_task(name="resto_celery.replicate_batch", **TASK_OPTIONS)
+@database_task(name="resto_celery.replicate_batch", **TASK_OPTIONS)
 def replicate_batch(self, changes):
     """Several changes in one message (a burst of saves in one app process, a page of
     reconcile's): each ``(path, hosts, operation)`` as :func:`replicate` handles one, all
@@ -130,13 +137,13 @@ def _replicate_changes(task, changes):
     return done
 
 
-@shared_task(name="resto_celery.upload", **TASK_OPTIONS)
+@database_task(name="resto_celery.upload", **TASK_OPTIONS)
 def upload(self, host, path, failures=0):
     """Replicate ``path`` to ``host`` after a save (sends the master's current state)."""
     return _replicate_one(self, "upload", host, path, failures)
 
 
-@shared_task(name="resto_celery.delete", **TASK_OPTIONS)
+@database_task(name="resto_celery.delete", **TASK_OPTIONS)
 def delete(self, host, path, failures=0):
     """Replicate ``path`` to ``host`` after a delete (sends the master's current state)."""
     return _replicate_one(self, "delete", host, path, failures)
@@ -154,7 +161,7 @@ def _replicate_one(task, operation, host, path, failures):
     return {host: done[(host, path)]}
 
 
-@shared_task(name="resto_celery.probe", **TASK_OPTIONS)
+@database_task(name="resto_celery.probe", **TASK_OPTIONS)
 def probe(self, host):
     """Try a down host with the oldest change waiting for it: the breaker's half-open attempt.
 
@@ -280,7 +287,7 @@ def _schedule_probe(storage, host, coordinator):
 
 
 
-@shared_task(name="resto_celery.reconcile", base=DatabaseTask, acks_late=True)
+@database_task(name="resto_celery.reconcile", acks_late=True)
 def reconcile(allow_deletes=()):
     """Enqueue whatever the master tree and the ``Replica`` rows say is missing or stale.
 
