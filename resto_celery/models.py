@@ -48,6 +48,18 @@ class ReplicaQuerySet(models.QuerySet):
         with connection.cursor() as cursor:
             cursor.execute(_upsert_sql(connection, columns, ["fingerprint", *values], len(rows)), parameters)
 
+    def of_paths(self, paths):
+        """The rows of ``paths``, on every host: how rows are looked up by path.
+
+        On the path alone, never with ``host IN (...)`` beside it: a PostgreSQL planner
+        whose statistics do not know a host yet (one just added, or a table that grew since
+        its last ``ANALYZE``) takes the hosts for the rarer condition and reads every row of
+        those hosts through a host index (7 ms with 30,000 rows, against 0.05 ms through
+        the path index). A path has a row per host at most: the caller keeps the hosts it
+        wants.
+        """
+        return self.filter(path__in=paths)
+
     def record_gone(self, pairs):
         """The hosts of ``(host, path)`` pairs no longer hold the path (nor does the master):
         forget their rows. Returns ``{pair: the fingerprint its row had, "" if none}``.
@@ -56,7 +68,7 @@ class ReplicaQuerySet(models.QuerySet):
         gone = dict.fromkeys(pairs, "")
         if not pairs:
             return gone
-        rows = self.filter(host__in={host for host, _ in pairs}, path__in={path for _, path in pairs})
+        rows = self.of_paths({path for _, path in pairs})
         found = {(host, path): (pk, fingerprint) for pk, host, path, fingerprint
                  in rows.values_list("pk", "host", "path", "fingerprint") if (host, path) in gone}
         gone.update((pair, fingerprint) for pair, (_, fingerprint) in found.items())
@@ -72,12 +84,10 @@ class ReplicaQuerySet(models.QuerySet):
         pairs = set(pairs)
         if not pairs:
             return {}
-        hosts = sorted({host for host, _ in pairs})
         paths = sorted({path for _, path in pairs})
         connection = connections[self.db]
         with connection.cursor() as cursor:
-            cursor.execute(_synced_fingerprints_sql(connection, len(hosts), len(paths)),
-                           [Replica.State.SYNCED.value, *hosts, *paths])
+            cursor.execute(_synced_fingerprints_sql(connection, len(paths)), [Replica.State.SYNCED.value, *paths])
             rows = cursor.fetchall()
         return {(host, path): fingerprint for host, path, fingerprint in rows if (host, path) in pairs}
 
@@ -241,10 +251,10 @@ def _upsert_sql(connection, columns, updates, count):
             + ", ".join(f"{column(name)} = EXCLUDED.{column(name)}" for name in updates))
 
 
-def _synced_fingerprints_sql(connection, hosts, paths):
-    """The synced rows among ``hosts`` x ``paths`` (the caller keeps the pairs it asked for)."""
+def _synced_fingerprints_sql(connection, paths):
+    """The synced rows of ``paths`` on any host (the caller keeps the pairs it asked for; no
+    host condition: see :meth:`ReplicaQuerySet.of_paths`)."""
     column = functools.partial(_quoted_column, connection)
     return (f"SELECT {column('host')}, {column('path')}, {column('fingerprint')} "
             f"FROM {connection.ops.quote_name(Replica._meta.db_table)} WHERE {column('state')} = %s "
-            f"AND {column('host')} IN ({', '.join(['%s'] * hosts)}) "
             f"AND {column('path')} IN ({', '.join(['%s'] * paths)})")

@@ -78,15 +78,17 @@ def reconcile(storage, enqueue, *, batch_size=1000, grace=RETRY_GRACE, max_delet
     # Whether a row's own state asks for another attempt, decided by the database: reading
     # two timestamps per row into Python was most of the time of a reconcile in steady state.
     down = _down_hosts(storage)
-    rows = Replica.objects.filter(host__in=hosts).annotate(due=_due(now, now - timedelta(seconds=grace), down))
+    due = _due(now, now - timedelta(seconds=grace), down)
+    rows = Replica.objects.filter(host__in=hosts).annotate(due=due)
 
     for batch in _batched(walk_master(location), batch_size):
         counts["files"] += len(batch)
+        # The batch's rows on every host (Replica.objects.of_paths); only this storage's
+        # hosts are looked up below.
+        batch_rows = Replica.objects.of_paths([name for name, _ in batch]).annotate(due=due)
         known = {
-            (host, path): (fp, state, due)
-            for host, path, fp, state, due in rows.filter(path__in=[name for name, _ in batch]).values_list(
-                "host", "path", "fingerprint", "state", "due"
-            )
+            (host, path): (fp, state, is_due)
+            for host, path, fp, state, is_due in batch_rows.values_list("host", "path", "fingerprint", "state", "due")
         }
         for name, current in batch:
             for host in hosts:

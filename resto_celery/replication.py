@@ -477,11 +477,14 @@ def _announce(storage, host, name, action, version, coordinator, fresh):
         _send(signals.replicated_to_host, storage, host=host, name=name, action=action)
     if not (fresh or tell_all):
         return
-    rows = Replica.objects.filter(path=name, host__in=storage.hosts)
+    hosts = set(storage.hosts)
+    rows = [(host, state, fingerprint) for host, state, fingerprint
+            in Replica.objects.of_paths([name]).values_list("host", "state", "fingerprint") if host in hosts]
     if action == "upload":
-        everywhere = rows.filter(state=Replica.State.SYNCED, fingerprint=version).count() == len(storage.hosts)
+        everywhere = len(hosts) == sum(state == Replica.State.SYNCED and fingerprint == version
+                                       for _, state, fingerprint in rows)
     else:
-        everywhere = not rows.exists()
+        everywhere = not rows
     if not everywhere:
         return
     if fresh:
