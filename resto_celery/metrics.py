@@ -326,6 +326,9 @@ def _on_worker_init(sender=None, **kwargs):
     pool = getattr(sender, "pool_cls", "")
     name = pool if isinstance(pool, str) else f"{getattr(pool, '__module__', '')}.{getattr(pool, '__name__', '')}"
     start_worker_server(pool=name.lower())
+    # The counters' module, imported once here (its mode chosen just above), not by every
+    # prefork pool process on its first transfer (about 25 ms each).
+    _get_instruments()
 
 
 def _on_worker_shutdown(**kwargs):

@@ -17,10 +17,11 @@ state. The name says which change caused the task (the admin shows it).
 """
 import functools
 import logging
+import mimetypes
 import time
 
 from celery import current_app, shared_task
-from celery.signals import worker_process_shutdown, worker_ready
+from celery.signals import worker_init, worker_process_shutdown, worker_ready
 from django.db import DatabaseError, connections
 from redis.exceptions import LockError, RedisError
 
@@ -400,6 +401,14 @@ def release_backlog(storage, host, limit=BACKLOG_RELEASE_LIMIT):
     if sent:
         logger.info("%s answers again: sent the %d change(s) it was behind on.", host, sent, extra={"host": host})
     return sent
+
+
+@worker_init.connect
+def load_before_the_pool_starts(**kwargs):
+    """Read the system's MIME types (the uploads' ``Content-Type``) in the worker's main
+    process, before a prefork pool forks: each pool process read them on its first
+    transfer otherwise (about 18 ms)."""
+    mimetypes.init()
 
 
 @worker_ready.connect
