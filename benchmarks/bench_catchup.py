@@ -1,6 +1,6 @@
 """Fresh uploads first: the lag of live changes while a host catches up on 10,000 files.
 
-Three nginx hosts, one worker (threads, 8), an app making changes at a steady rate (10 KB
+Three nginx hosts, one worker, an app making changes at a steady rate (10 KB
 files: new files, overwrites, deletes). Hosts 1 and 2 hold the site's 10,000 older files
 (small, 2 KB), host 3 holds none: it was just added. Measured in one run:
 
@@ -11,9 +11,10 @@ files: new files, overwrites, deletes). Hosts 1 and 2 hold the site's 10,000 old
 - the catch-up's duration, and Redis's memory during it (the pass publishes a page at a
   time while the bulk lane holds more than ``BulkPages.HIGH_WATER`` changes).
 
-Twice: with the default set-up (one worker; the bulk lane rides behind the live one in the
-same queue), and with the ``bulk_queue`` option (the bulk lane in a queue of its own, taken
-by a second worker, threads/8 too, that runs under ``nice -n 19``).
+Three set-ups: the default (one worker, the bulk lane riding behind the live one in the
+same queue) with the pool the README advises on this 2-core machine (prefork, a process per
+core), the same with threads/8, and the ``bulk_queue`` option (the bulk lane in a queue of
+its own, taken by a second worker under ``nice -n 19``; threads/8 each).
 
     python -m benchmarks.bench_catchup [--quick] [--output FILE]
 """
@@ -63,10 +64,11 @@ def redis_memory(url):
         return client.info("memory")["used_memory"]
 
 
-#: (label, bulk_queue option) of the set-ups measured.
+#: (label, bulk_queue option, the live worker's pool and concurrency) of the set-ups measured.
 SETUPS = [
-    ("one worker, both lanes in one queue (default)", None),
-    ("bulk_queue, its own worker under nice -n 19", "resto-bulk"),
+    ("one worker prefork/2, both lanes in one queue (default)", None, "prefork", 2),
+    ("one worker threads/8, both lanes in one queue", None, "threads", 8),
+    ("bulk_queue, its own worker under nice -n 19 (threads/8 each)", "resto-bulk", "threads", 8),
 ]
 
 
@@ -92,7 +94,7 @@ def start_bulk_worker(bench, queue):
     )
 
 
-def measure(bench, count, steady_seconds, limit, bulk_queue):
+def measure(bench, count, steady_seconds, limit, bulk_queue, pool="threads", concurrency=8):
     """One set-up: the old files, the workers, then :func:`run`."""
     from resto_celery import marker
 
@@ -101,7 +103,7 @@ def measure(bench, count, steady_seconds, limit, bulk_queue):
     configure(bench, bulk_queue)
     marker.verify(str(bench.master), create=True)
     make_old_files(bench, count)
-    bench.start_worker("threads", 8)
+    bench.start_worker(pool, concurrency)
     bulk_worker = start_bulk_worker(bench, bulk_queue) if bulk_queue else None
     try:
         return run(bench, count, steady_seconds, limit, bulk_queue or "resto")
@@ -184,8 +186,8 @@ def main(argv=None):
         return 0
     measured = {}
     with running_site("resto-bench-catchup-", OPTIONS) as (bench, environment):
-        for label, bulk_queue in SETUPS:
-            measured[label] = measure(bench, count, steady_seconds, limit, bulk_queue)
+        for label, bulk_queue, pool, concurrency in SETUPS:
+            measured[label] = measure(bench, count, steady_seconds, limit, bulk_queue, pool, concurrency)
 
     def lags(pairs):
         return [lag for _, lag in pairs]
@@ -231,9 +233,9 @@ def main(argv=None):
             f"3 nginx hosts on 127.0.0.1, PostgreSQL rows; {RATE:.0f} live changes/s of 10 KB (new files, "
             f"overwrites, deletes). Hosts 1 and 2 hold {count:,} older files of 2 KB, host 3 none; {steady_seconds} s "
             f"of live changes alone, then a reconcile pass sends host 3 its {count:,} files in the bulk lane while "
-            f"the live changes go on. Two set-ups, one after the other: one worker (threads, 8) taking both lanes "
-            f"from one queue; and the bulk_queue option, the live queue's worker (threads, 8) beside a bulk "
-            f"worker (threads, 8) under nice -n 19."
+            f"the live changes go on. Three set-ups, one after the other: one worker taking both lanes from one "
+            f"queue, prefork/2 (a process per core, as the README advises) and threads/8; and the bulk_queue "
+            f"option, the live queue's worker (threads, 8) beside a bulk worker (threads, 8) under nice -n 19."
         ),
         parameters={"files": count, "rate": RATE, "steady_s": steady_seconds},
         environment=environment,
@@ -255,9 +257,10 @@ def main(argv=None):
             "option a queue of its own. Bulk messages carry 10 changes each. The reconcile pass publishes pages "
             "of 1,000 changes and waits while more than 10,000 may be queued, so Redis holds about that many "
             "whatever the number of files: a million-file catch-up takes the same memory as this one.",
-            "On this 2-core machine the default set-up's worker saturates the CPU during the catch-up, and its "
-            "live transfers share the GIL with its bulk ones; a bulk worker of its own at nice 19 takes only the "
-            "CPU the live worker leaves.",
+            "On this 2-core machine a worker taking both lanes saturates the CPU during the catch-up. With "
+            "threads/8 it runs 8 bulk messages at once, whose live transfers share the GIL with the bulk ones, "
+            "and a live message waits for one of them to end; prefork/2 runs 2, each in its own process. A bulk "
+            "worker of its own at nice 19 takes only the CPU the live worker leaves.",
         ],
     )
 
