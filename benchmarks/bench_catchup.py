@@ -192,6 +192,8 @@ def main(argv=None):
     def lags(pairs):
         return [lag for _, lag in pairs]
 
+    from resto_celery.publisher import BULK_CHANGES_PER_MESSAGE
+
     plots = plot(common.results_folder(args.output), measured)
     lag_rows, catch_up_rows, figures, goals = [], [], {}, []
     for label, (steady, during, caught_up, memory_before, memory, backlog, _, _) in measured.items():
@@ -254,7 +256,8 @@ def main(argv=None):
         goals=goals,
         notes=[
             "The bulk lane is a message priority in the same queue (resto_celery.lanes), or with the bulk_queue "
-            "option a queue of its own. Bulk messages carry 10 changes each. The reconcile pass publishes pages "
+            f"option a queue of its own. Bulk messages carry {BULK_CHANGES_PER_MESSAGE} changes each. The reconcile "
+            "pass publishes pages "
             "of 1,000 changes and waits while more than 10,000 may be queued, so Redis holds about that many "
             "whatever the number of files: a million-file catch-up takes the same memory as this one.",
             "On this 2-core machine a worker taking both lanes saturates the CPU during the catch-up. With "
