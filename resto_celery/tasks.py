@@ -16,6 +16,7 @@ state. The name says which change caused the task (the admin shows it).
     }
 """
 import functools
+import inspect
 import logging
 import mimetypes
 import time
@@ -68,6 +69,9 @@ def database_task(**options):
                     connection.close_if_unusable_or_obsolete()
                 raise
 
+        # Celery checks a call's arguments against the task function's own (getfullargspec
+        # does not follow functools.wraps): give it the signature of the one wrapped.
+        closing_broken_connections.__signature__ = inspect.signature(run)
         return shared_task(**options)(closing_broken_connections)
 
     return decorate

@@ -148,3 +148,9 @@ def test_a_kept_connection_that_the_database_dropped_fails_one_task_not_the_next
     _save_and_wait(site, "after.txt")  # on a new connection
     reconcile.run()  # and the failed one is sent by reconcile, as ever
     wait_until(lambda: "during.txt" in site.hosts[0].files(), timeout=30, message="during.txt after reconcile")
+
+
+@pytest.mark.parametrize("task", [tasks.upload, tasks.replicate, tasks.reconcile], ids=lambda task: task.name)
+def test_a_task_sent_with_arguments_it_does_not_take_is_refused_before_it_is_sent(task):
+    with pytest.raises(TypeError, match="positional argument"):
+        task.apply_async(args=("one", "two", "three", "four", "five"))
