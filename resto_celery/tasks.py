@@ -23,7 +23,7 @@ import time
 
 from celery import current_app, shared_task
 from celery.signals import worker_init, worker_process_shutdown, worker_ready
-from django.db import DatabaseError, connections
+from django.db import DatabaseError, close_old_connections, connections
 from redis.exceptions import LockError, RedisError
 
 from . import checks, lanes, marker, metrics, publisher, registry, replication
@@ -65,8 +65,7 @@ def database_task(**options):
             try:
                 return run(*args, **kwargs)
             except DatabaseError:
-                for connection in connections.all(initialized_only=True):
-                    connection.close_if_unusable_or_obsolete()
+                close_old_connections()  # those that no longer work, as after a request
                 raise
 
         # Celery checks a call's arguments against the task function's own (getfullargspec
