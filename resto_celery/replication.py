@@ -1,4 +1,6 @@
-"""Bring one ``(host, path)`` in line with the master copy. Plain functions, no Celery."""
+"""Bring ``(host, path)`` pairs in line with the master copy: the protocol of DESIGN.md, in
+:func:`sync_pairs` (its steps in the order they run). Plain functions, no Celery: the tasks
+call them."""
 import io
 import logging
 import os
