@@ -11,9 +11,10 @@ files: new files, overwrites, deletes). Hosts 1 and 2 hold the site's 10,000 old
 - the catch-up's duration, and Redis's memory during it (the pass publishes a page at a
   time while the bulk lane holds more than ``BulkPages.HIGH_WATER`` changes).
 
-Three set-ups: the default (one worker, the bulk lane riding behind the live one in the
+Four set-ups: the default (one worker, the bulk lane riding behind the live one in the
 same queue) with the pool the README advises on this 2-core machine (prefork, a process per
-core), the same with threads/8, and the ``bulk_queue`` option (the bulk lane in a queue of
+core), the same with ``RESTO_BULK_SLOTS = 1`` (at most one bulk message at a time), the same
+with threads/8, and the ``bulk_queue`` option (the bulk lane in a queue of
 its own, taken by a second worker under ``nice -n 19``; threads/8 each).
 
     python -m benchmarks.bench_catchup [--quick] [--output FILE]
@@ -64,15 +65,17 @@ def redis_memory(url):
         return client.info("memory")["used_memory"]
 
 
-#: (label, bulk_queue option, the live worker's pool and concurrency) of the set-ups measured.
+#: (label, bulk_queue option, the live worker's pool and concurrency, RESTO_BULK_SLOTS) of
+#: the set-ups measured.
 SETUPS = [
-    ("one worker prefork/2, both lanes in one queue (default)", None, "prefork", 2),
-    ("one worker threads/8, both lanes in one queue", None, "threads", 8),
-    ("bulk_queue, its own worker under nice -n 19 (threads/8 each)", "resto-bulk", "threads", 8),
+    ("one worker prefork/2, both lanes in one queue (default)", None, "prefork", 2, None),
+    ("one worker prefork/2, RESTO_BULK_SLOTS = 1", None, "prefork", 2, 1),
+    ("one worker threads/8, both lanes in one queue", None, "threads", 8, None),
+    ("bulk_queue, its own worker under nice -n 19 (threads/8 each)", "resto-bulk", "threads", 8, None),
 ]
 
 
-def configure(bench, bulk_queue):
+def configure(bench, bulk_queue, bulk_slots=None):
     """Make the bench process's storage (and the workers started next) use ``bulk_queue``."""
     from django.conf import settings
     from django.core.files.storage import storages
@@ -83,6 +86,7 @@ def configure(bench, bulk_queue):
     if bulk_queue:
         options["bulk_queue"] = bulk_queue
     os.environ["RESTO_BENCH_STORAGE_OPTIONS"] = json.dumps(options)
+    os.environ["RESTO_BENCH_BULK_SLOTS"] = str(bulk_slots or 0)  # read by the workers' settings
     settings.STORAGES["default"]["OPTIONS"] = options
     storages._storages = {}
     registry.clear()
@@ -94,13 +98,13 @@ def start_bulk_worker(bench, queue):
     )
 
 
-def measure(bench, count, steady_seconds, limit, bulk_queue, pool="threads", concurrency=8):
+def measure(bench, count, steady_seconds, limit, bulk_queue, pool="threads", concurrency=8, bulk_slots=None):
     """One set-up: the old files, the workers, then :func:`run`."""
     from resto_celery import marker
 
     bench.stop_worker()
     bench.reset()
-    configure(bench, bulk_queue)
+    configure(bench, bulk_queue, bulk_slots)
     marker.verify(str(bench.master), create=True)
     make_old_files(bench, count)
     bench.start_worker(pool, concurrency)
@@ -186,8 +190,8 @@ def main(argv=None):
         return 0
     measured = {}
     with running_site("resto-bench-catchup-", OPTIONS) as (bench, environment):
-        for label, bulk_queue, pool, concurrency in SETUPS:
-            measured[label] = measure(bench, count, steady_seconds, limit, bulk_queue, pool, concurrency)
+        for label, bulk_queue, pool, concurrency, bulk_slots in SETUPS:
+            measured[label] = measure(bench, count, steady_seconds, limit, bulk_queue, pool, concurrency, bulk_slots)
 
     def lags(pairs):
         return [lag for _, lag in pairs]
@@ -235,8 +239,9 @@ def main(argv=None):
             f"3 nginx hosts on 127.0.0.1, PostgreSQL rows; {RATE:.0f} live changes/s of 10 KB (new files, "
             f"overwrites, deletes). Hosts 1 and 2 hold {count:,} older files of 2 KB, host 3 none; {steady_seconds} s "
             f"of live changes alone, then a reconcile pass sends host 3 its {count:,} files in the bulk lane while "
-            f"the live changes go on. Three set-ups, one after the other: one worker taking both lanes from one "
-            f"queue, prefork/2 (a process per core, as the README advises) and threads/8; and the bulk_queue "
+            f"the live changes go on. Four set-ups, one after the other: one worker taking both lanes from one "
+            f"queue, prefork/2 (a process per core, as the README advises), the same holding at most one bulk "
+            f"message at a time (RESTO_BULK_SLOTS = 1), and threads/8; and the bulk_queue "
             f"option, the live queue's worker (threads, 8) beside a bulk worker (threads, 8) under nice -n 19."
         ),
         parameters={"files": count, "rate": RATE, "steady_s": steady_seconds},

@@ -97,3 +97,6 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "loggers": {"resto_celery": {"handlers": ["console"], "level": "WARNING"}},
 }
+
+# bench_catchup's bounded set-up: a worker holds at most this many bulk messages at once.
+RESTO_BULK_SLOTS = int(os.environ.get("RESTO_BENCH_BULK_SLOTS", "0")) or None

@@ -176,3 +176,18 @@ def check_worker_connections(app_configs=None, **kwargs):
             id="resto_celery.W003",
         )
     ]
+
+
+@checks.register(checks.Tags.compatibility)
+def check_bulk_slots(app_configs=None, **kwargs):
+    """``RESTO_BULK_SLOTS`` (:mod:`resto_celery.bulk_slots`): None, or a whole number of at least 1."""
+    value = getattr(settings, "RESTO_BULK_SLOTS", None)
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return []
+    return [
+        checks.Error(
+            f"RESTO_BULK_SLOTS must be None (no bound) or a whole number of at least 1, not {value!r}.",
+            hint="It is how many bulk messages (catch-up work) a worker holds at once.",
+            id="resto_celery.E011",
+        )
+    ]
