@@ -14,7 +14,8 @@ catch-up (3.1-4.6x unbounded), but caught up 10,000 files in 98-120 s instead of
 
 This applies to Redis brokers, where the lanes are kombu's priority lists and the worker's
 ``BRPOP`` names the lists it takes from (the same hook Celery's ``worker_disable_prefetch``
-uses). On RabbitMQ the lanes share one queue with priorities and the bound is not
+uses), Redis 6 or newer (the short wait is a ``BRPOP`` timeout of a fraction of a second,
+which older servers refuse). On RabbitMQ the lanes share one queue with priorities and the bound is not
 enforced: give the bulk lane a queue and a worker of its own (``bulk_queue``) to bound it.
 """
 import logging
