@@ -1,6 +1,11 @@
 """Coordination between workers through Redis: per-(host, path) leases and per-host breakers.
 
 No Django, no Celery: a :class:`Coordinator` wraps one Redis connection pool.
+
+The leases are Lua scripts, not redis-py's ``Lock``: a message's pairs are all leased, and
+their hosts' breakers read, in one round trip, and given back (or kept, when in doubt) in
+another, where ``Lock`` takes one key per call. A pass lock, one key, is redis-py's ``Lock``
+(:meth:`Coordinator.pass_lock`). No library has the breaker: it is written here.
 """
 import hashlib
 import os
