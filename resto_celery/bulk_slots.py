@@ -4,22 +4,26 @@ Priorities decide which message a worker takes next, but not how many of its poo
 bulk work may fill: on a catch-up every slot runs a bulk message, and a live change waits
 for one to end, on a machine whose CPU the catch-up saturates. With ``RESTO_BULK_SLOTS = N``
 a worker holds at most N bulk messages at once; while it holds that many, it asks the
-broker for live messages only, and asks again every :data:`FULL_POLL` seconds, so that it
-takes bulk work again soon after a slot frees. The other slots stay free for live changes.
+broker for live messages only, so its other slots stay free for them. When a bulk slot
+frees, that wait is cut short (``CLIENT UNBLOCK``, from a second connection) and the worker
+asks for both lanes again: waiting for the wait's timeout left the slot idle, since Redis
+ends a blocked command only when its event loop wakes (every 100 ms on an idle server at
+the default ``hz``), which made a bounded catch-up five times slower than it needs to be.
 
-It is off by default, because it trades catch-up speed for live lag: one prefork/2 worker
-with ``RESTO_BULK_SLOTS = 1`` kept the live lag p99 within 1.2-1.8x of its value without a
-catch-up (3.1-4.6x unbounded), but caught up 10,000 files in 98-120 s instead of 18-22 s
-(bench_catchup, 2 CPUs, 3 runs each).
+It is off by default: it trades catch-up speed for live lag. One prefork/2 worker with
+``RESTO_BULK_SLOTS = 1`` caught up 10,000 files in 26-28 s instead of 18-22 s, with a
+live lag p99 2.1-2.3x its value without a catch-up, against 3.1-4.6x unbounded
+(bench_catchup, 2 CPUs, by hand; see the README).
 
-This applies to Redis brokers, where the lanes are kombu's priority lists and the worker's
-``BRPOP`` names the lists it takes from (the same hook Celery's ``worker_disable_prefetch``
-uses), Redis 6 or newer (the short wait is a ``BRPOP`` timeout of a fraction of a second,
-which older servers refuse). On RabbitMQ the lanes share one queue with priorities and the bound is not
-enforced: give the bulk lane a queue and a worker of its own (``bulk_queue``) to bound it.
+This applies to Redis brokers (5.0 or newer, for ``CLIENT UNBLOCK``), where the lanes are
+kombu's priority lists and the worker's ``BRPOP`` names the lists it takes from (the hook
+Celery's own ``worker_disable_prefetch`` patches too). On RabbitMQ the lanes share one
+queue with priorities and the bound is not enforced: give the bulk lane a queue and a
+worker of its own (``bulk_queue``) to bound it.
 """
 import logging
 
+import redis
 from celery import bootsteps
 from celery.worker import state
 from django.conf import settings
@@ -28,13 +32,9 @@ from . import lanes
 
 logger = logging.getLogger(__name__)
 
-#: While its bulk slots are full, how long a worker's wait for a live message lasts before it
-#: looks again whether a bulk slot has freed (seconds). Redis ends a blocked command's wait
-#: when its event loop next wakes: on an idle server every 1/hz seconds (100 ms at the
-#: default hz 10; measured on Redis 7.0), so a freed slot can stay idle that long. That, not
-#: this figure, is why a bounded catch-up is slow (the bulk messages of one slot came 10-70
-#: ms apart, each taking 7-9 ms).
-FULL_POLL = 0.005
+#: How often the worker looks whether a bulk slot has freed while it waits for live
+#: messages only (seconds).
+WAKE_CHECK = 0.002
 
 
 def configured_slots():
@@ -60,21 +60,56 @@ class BulkSlots(bootsteps.StartStopStep):
         channel = getattr(consumer.task_consumer, "channel", None)
         if limit is None or channel is None or not hasattr(channel, "_brpop_start"):
             return  # unbounded, or not kombu's Redis transport (see the module)
-        take_any = channel._brpop_start
-        live_steps = [step for step in channel.priority_steps if step < lanes.REDIS_BULK]
-
-        def brpop_start(timeout=None):
-            if bulk_held() < limit:
-                return take_any(timeout)
-            every_step = channel.priority_steps
-            channel.priority_steps = live_steps
-            try:
-                return take_any(FULL_POLL)
-            finally:
-                channel.priority_steps = every_step
-
-        channel._brpop_start = brpop_start
+        _LiveOnlyWhileFull(channel, limit).install(consumer.timer)
         logger.info("This worker holds at most %d bulk message(s) at once.", limit)
+
+
+class _LiveOnlyWhileFull:
+    """Wraps a kombu Redis channel's ``_brpop_start``: live lists only while ``limit`` bulk
+    messages are held; a wait for live messages is cut short once a bulk slot frees."""
+
+    def __init__(self, channel, limit):
+        self.channel, self.limit = channel, limit
+        self.take_any = channel._brpop_start
+        self.live_steps = [step for step in channel.priority_steps if step < lanes.REDIS_BULK]
+        self.unblocker = redis.Redis(connection_pool=channel.client.connection_pool)
+        self.connection, self.connection_id = None, None
+        self.waiting = None  # the client id of a wait for live messages only, while it lasts
+
+    def install(self, timer):
+        self.channel._brpop_start = self.brpop_start
+        timer.call_repeatedly(WAKE_CHECK, self.wake)
+
+    def brpop_start(self, timeout=None):
+        if bulk_held() < self.limit:
+            self.waiting = None
+            return self.take_any(timeout)
+        self.waiting = self._client_id()
+        every_step = self.channel.priority_steps
+        self.channel.priority_steps = self.live_steps
+        try:
+            return self.take_any(timeout)
+        finally:
+            self.channel.priority_steps = every_step
+
+    def wake(self):
+        if self.waiting is None or bulk_held() >= self.limit:
+            return
+        waiting, self.waiting = self.waiting, None
+        try:
+            # Ends the wait as a timeout would (nothing taken); a wait already over is left alone.
+            self.unblocker.execute_command("CLIENT", "UNBLOCK", waiting, "TIMEOUT")
+        except redis.RedisError as error:
+            logger.debug("Could not cut short a wait for live messages: %s", error)
+
+    def _client_id(self):
+        """The Redis client id of the channel's connection (asked again after a reconnection);
+        its ``BRPOP`` is not under way when this is called."""
+        connection = self.channel.client.connection
+        if connection is not self.connection:
+            connection.send_command("CLIENT", "ID")
+            self.connection, self.connection_id = connection, connection.read_response()
+        return self.connection_id
 
 
 def install(app):
