@@ -27,14 +27,20 @@ FAST_OPTIONS = {
 }
 
 
-def wait_until(predicate, timeout=30, interval=0.05, message="condition"):
-    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
+def became_true(predicate, timeout=30, interval=0.05):
+    """Poll ``predicate`` until it is true: True, or False after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
-            return
+            return True
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+    return False
+
+
+def wait_until(predicate, timeout=30, interval=0.05, message="condition"):
+    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
+    if not became_true(predicate, timeout, interval):
+        raise AssertionError(f"timed out after {timeout}s waiting for {message}")
 
 
 def host_entry(host):

@@ -25,6 +25,7 @@ import pytest
 from django.core.files.base import ContentFile
 
 from resto_celery.tasks import reconcile
+from tests.site import became_true
 
 pytestmark = [pytest.mark.chaos, pytest.mark.nginx, pytest.mark.django_db(transaction=True)]
 
@@ -158,14 +159,14 @@ def _chaos(site, redis_server, capsys, operations):
     chaos.heal()
     healed = time.monotonic()
     with _beat(site, RECONCILE_PERIOD) as passes:
-        in_time = _wait_for(lambda: site.drained() and site.converged(), 2 * RECONCILE_PERIOD)
+        in_time = became_true(lambda: site.drained() and site.converged(), 2 * RECONCILE_PERIOD, interval=0.2)
     rounds = passes[0]
     if not in_time:
         # The passes were sent; what they sent may still be running on a slow host (a Tahoe
         # node on a busy machine needs seconds per upload). With no reconcile any more, the
         # queue must drain and leave every host equal to the master: a change that no pass
         # re-sent stays missing.
-        _wait_for(site.drained, DRAIN_TIMEOUT)
+        became_true(site.drained, DRAIN_TIMEOUT, interval=0.2)
         if not site.converged():
             raise AssertionError(
                 f"not repaired by the reconcile passes of two periods ({rounds} sent, seed {seed}): "
@@ -186,16 +187,6 @@ def _chaos(site, redis_server, capsys, operations):
         )
     for host in site.hosts:
         assert host.files() == master, f"{host!r} differs from the master (seed {seed})"
-
-
-def _wait_for(condition, timeout):
-    """Whether ``condition()`` became true within ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return condition()
 
 
 class _beat:
