@@ -13,7 +13,7 @@ from django.core.files.storage import storages
 from django.db import DatabaseError, connections, router
 from django.utils.module_loading import import_string
 
-from . import conf, registry, status
+from . import bulk_slots, conf, registry, status
 from .broker import redis_url_of
 from .models import Replica
 from .storage import ReplicatedStorageMixin
@@ -181,7 +181,7 @@ def check_worker_connections(app_configs=None, **kwargs):
 @checks.register(checks.Tags.compatibility)
 def check_bulk_slots(app_configs=None, **kwargs):
     """``RESTO_BULK_SLOTS`` (:mod:`resto_celery.bulk_slots`): None, or a whole number of at least 1."""
-    value = getattr(settings, "RESTO_BULK_SLOTS", None)
+    value = bulk_slots.configured_slots()
     if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
         return []
     return [
