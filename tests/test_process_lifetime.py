@@ -126,3 +126,26 @@ def test_a_celery_worker_and_its_pool_end_with_their_parent(tmp_path, redis_url)
     parent.kill()
     parent.wait(timeout=10)
     assert_all_end(processes, timeout=10)
+
+
+def test_a_child_whose_parent_died_before_it_asked_to_die_with_it_ends_when_it_asks(tmp_path):
+    """Celery's pool processes and embedded beat ask only once they run: a worker killed in
+    between must not leave them behind (the demo passes the worker's pid)."""
+    parent = _run_parent(tmp_path, """
+        import os, sys, time
+        from resto_celery.testing._support import die_with_parent
+        parent = os.getpid()
+        if os.fork() == 0:
+            os.dup2(os.open(os.devnull, os.O_RDWR), 1)  # let the test's pipe close with the parent
+            for _ in range(1000):  # until the test has killed the parent
+                if os.getppid() != parent:
+                    break
+                time.sleep(0.01)
+            die_with_parent(parent_pid=parent)
+            time.sleep(120)
+            os._exit(0)
+    """)
+    [child] = descendants(parent.pid)
+    parent.kill()
+    parent.wait(timeout=10)
+    assert_all_end([child], timeout=10)

@@ -2,7 +2,8 @@
 import os
 
 from celery import Celery
-from celery.signals import beat_init
+
+from resto_celery.testing.worker import end_children_with_the_worker
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "demo_site.settings")
 
@@ -10,14 +11,5 @@ app = Celery("demo_site")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 
-
-@beat_init.connect
-def _embedded_beat_ends_with_its_worker(**kwargs):
-    """`celery worker --beat` (make demo-serve) runs beat in a child process of the worker,
-    which outlives a SIGKILLed worker: on Linux, have it killed with the worker."""
-    from billiard.process import current_process
-
-    if current_process().name == "Beat":  # not a `celery beat` of its own
-        from resto_celery.testing._support import die_with_parent
-
-        die_with_parent()
+# The demo SIGKILLed kills its worker; the worker's pool and embedded beat end with it.
+end_children_with_the_worker()

@@ -16,15 +16,22 @@ def free_port() -> int:
         return port
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent_pid: int | None = None) -> None:
     """In a child process (``preexec_fn``): ask Linux to SIGKILL it when the process that
-    started it dies, so a killed test run leaves no server or worker behind."""
+    started it dies, so a killed test run leaves no server or worker behind.
+
+    Linux only watches from this call on. A child that asks some time after it was forked
+    (a Celery pool process, embedded beat) passes the pid of the process that forked it:
+    if that one is already gone, the child ends here instead of living on as an orphan.
+    """
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass
+        return
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)
 
 
 def folder_files(root: str | os.PathLike[str]) -> dict[str, bytes]:

@@ -14,6 +14,33 @@ from pathlib import Path
 from ._support import die_with_parent
 
 
+def end_children_with_the_worker() -> None:
+    """On Linux, have a worker's pool processes and embedded beat (``--beat``) end with it.
+
+    Call it in the Celery app module of a worker that :class:`CeleryWorker` starts: its
+    SIGKILL then leaves nothing behind. Celery asks Linux to kill pool processes with their
+    worker once they run, and embedded beat not at all; a worker killed while it forks them
+    would leave them behind. Here each asks, and ends at once if its worker is already gone.
+    """
+    from celery.signals import beat_init, worker_process_init
+
+    beat_init.connect(_embedded_beat_ends_with_its_worker, dispatch_uid=__name__ + ".beat")
+    worker_process_init.connect(_child_ends_with_its_worker, dispatch_uid=__name__ + ".pool")
+
+
+def _embedded_beat_ends_with_its_worker(**kwargs: object) -> None:
+    from billiard.process import current_process
+
+    if current_process().name == "Beat":  # `celery worker --beat`, not a `celery beat` of its own
+        _child_ends_with_its_worker()
+
+
+def _child_ends_with_its_worker(**kwargs: object) -> None:
+    from billiard.process import current_process
+
+    die_with_parent(parent_pid=current_process()._parent_pid)
+
+
 class CeleryWorker:
     """Runs ``python -m celery -A APP worker`` in its own process group.
 
