@@ -3,7 +3,7 @@
 The Redis of the leases, breakers and fresh-URL marks is ``RESTO_REDIS_URL`` (the storage's
 ``redis_url`` option), or the Celery broker when that is Redis.
 """
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 from celery import current_app
 
@@ -46,3 +46,39 @@ def publish_batch(producer):
     """
     batch = getattr(producer, "batch", None)
     return batch() if batch is not None else nullcontext()
+
+
+def send_through_one_redis_client(producer):
+    """Have ``producer``'s channel send every message through one ``redis.Redis`` client.
+
+    kombu's Redis transport makes a new client for each message it sends (``_put`` calls
+    ``conn_or_acquire()`` with no client), and redis-py fills some 170 response callbacks
+    for each: a quarter of the CPU of a publish (372 µs in all, against 36 µs for the LPUSH
+    alone). A client holds no connection of its own (each command takes one from the pool
+    and gives it back), so one per channel is safe; a new one is made when the channel's
+    pool changes (after a fork). Channels of other transports are left as they are.
+    """
+    channel = getattr(producer, "channel", None)
+    if channel is None or getattr(channel, "_resto_one_client", False) or not _is_kombu_redis(channel):
+        return
+    cached = {}
+
+    @contextmanager
+    def conn_or_acquire(client=None):
+        if client is None:
+            pool = channel.pool
+            if cached.get("pool") is not pool:
+                cached.update(pool=pool, client=channel._create_client())
+            client = cached["client"]
+        yield client
+
+    channel.conn_or_acquire = conn_or_acquire
+    channel._resto_one_client = True
+
+
+def _is_kombu_redis(channel):
+    try:
+        from kombu.transport.redis import Channel
+    except ImportError:  # no redis-py: not a Redis broker either
+        return False
+    return isinstance(channel, Channel)

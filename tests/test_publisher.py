@@ -1,12 +1,15 @@
 """The publisher thread: save() hands its change over and returns; bursts go out as few messages."""
 import base64
 import json
+import time
 
 import pytest
 import redis
 from django.core.files.base import ContentFile
+from django.core.signals import request_finished, request_started
 
 from resto_celery import publisher
+from tests.site import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -65,6 +68,42 @@ def test_a_worker_applies_every_change_of_a_batch_message(make_site):
     assert "4.txt" not in site.hosts[0].files()
 
 
+@pytest.fixture
+def in_a_request():
+    """This thread handles a request, as Django's handlers signal it, until the test ends it."""
+    request_started.send(sender=None)
+    yield lambda: request_finished.send(sender=None)
+    request_finished.send(sender=None)
+
+
+def test_a_change_made_during_a_request_is_sent_once_the_request_ends(make_site, in_a_request, monkeypatch):
+    monkeypatch.setattr(publisher, "REQUEST_HOLD_MAX", 30)
+    site = make_site(host_count=1)
+    site.storage.save("a.txt", ContentFile(b"a"))
+    time.sleep(0.2)  # the publisher thread had ample time to send it, were it not held
+    assert _messages(site.redis_url) == []
+    in_a_request()  # the response has gone out: request_finished
+    wait_until(lambda: _messages(site.redis_url), timeout=10, message="the change to be sent")
+    assert _messages(site.redis_url) == [("resto_celery.replicate", ["a.txt", [site.hosts[0].url], "upload"])]
+
+
+def test_a_change_made_during_a_request_that_does_not_end_is_sent_after_the_hold_max(make_site, in_a_request,
+                                                                                     monkeypatch):
+    monkeypatch.setattr(publisher, "REQUEST_HOLD_MAX", 0.3)
+    site = make_site(host_count=1)
+    site.storage.save("a.txt", ContentFile(b"a"))
+    wait_until(lambda: _messages(site.redis_url), timeout=10, message="the change to be sent while the request runs")
+    assert publisher._publisher.held == {}
+
+
+def test_flush_sends_the_changes_held_for_a_request_at_once(make_site, in_a_request, monkeypatch):
+    monkeypatch.setattr(publisher, "REQUEST_HOLD_MAX", 30)
+    site = make_site(host_count=1)
+    site.storage.save("a.txt", ContentFile(b"a"))
+    assert publisher.flush(timeout=10)
+    assert [task for task, _ in _messages(site.redis_url)] == ["resto_celery.replicate"]
+
+
 def test_the_inline_option_sends_before_save_returns(make_site):
     site = make_site(host_count=1, publish="inline")
     with publisher._publisher.condition:  # the thread is held: only an inline send gets through
@@ -87,3 +126,38 @@ def test_a_forked_child_has_none_of_its_parents_changes_nor_its_lock(make_site):
     assert os.waitstatus_to_exitcode(status) == 0
     assert publisher.flush(timeout=10)
     assert len(_messages(site.redis_url)) == 1
+
+
+def test_a_producer_sends_every_message_through_one_redis_client(make_site, project_celery_app, monkeypatch):
+    """kombu's Redis transport would make a redis.Redis client per message; one is enough."""
+    from kombu.transport.redis import Channel
+
+    made = []  # one entry per client made to send (not the channel's own, asynchronous one)
+    create_client = Channel._create_client
+
+    def counting_create_client(self, asynchronous=False):
+        made.append(asynchronous)
+        return create_client(self, asynchronous=asynchronous)
+
+    monkeypatch.setattr(Channel, "_create_client", counting_create_client)
+    site = make_site(host_count=1)
+    for index in range(5):
+        publisher.send_now(project_celery_app, "resto", [(f"{index}.txt", [site.hosts[0].url], "upload")],
+                           failed=pytest.fail)
+    assert len(_messages(site.redis_url)) == 5
+    assert made.count(False) <= 1  # none when an earlier send gave this channel its client
+
+
+def test_the_one_redis_client_follows_the_channel_to_a_new_pool(make_site, project_celery_app):
+    """After a fork kombu gives the channel a new connection pool; the client goes with it."""
+    site = make_site(host_count=1)
+    with project_celery_app.producer_or_acquire() as producer:
+        publisher.send(project_celery_app, "resto_celery.replicate", ("a.txt", [site.hosts[0].url], "upload"),
+                       "resto", producer)
+        old_pool = producer.channel.pool
+        producer.channel._after_fork()  # what kombu does in a forked child: drop the pools
+        publisher.send(project_celery_app, "resto_celery.replicate", ("b.txt", [site.hosts[0].url], "upload"),
+                       "resto", producer)
+        with producer.channel.conn_or_acquire() as client:
+            assert client.connection_pool is producer.channel.pool is not old_pool
+    assert [arguments[0] for _, arguments in _messages(site.redis_url)] == ["a.txt", "b.txt"]
