@@ -86,13 +86,14 @@ def send(app, task, arguments, queue, producer=None, bulk=False):
     live lane or the bulk one, with one quick retry (:data:`RETRY_POLICY`)."""
     from . import tasks  # noqa: F401 - declares the shared tasks (they need the models: not at import)
 
-    if producer is not None:
-        send_through_one_redis_client(producer)
-    return app.tasks[task].apply_async(
+    result = app.tasks[task].apply_async(
         arguments, queue=queue, producer=producer, retry=True, retry_policy=RETRY_POLICY,
         priority=lanes.bulk_priority(app) if bulk else lanes.live_priority(app),
         argsrepr=repr(arguments), kwargsrepr="{}",  # Celery's saferepr of the same was a fifth of a publish
     )
+    if producer is not None:  # now that the publish has opened its channel (kept by its pooled connection)
+        send_through_one_redis_client(producer)
+    return result
 
 
 def send_now(app, queue, changes, failed):
@@ -137,7 +138,7 @@ class Publisher:
             if self.thread is None or not self.thread.is_alive():
                 self.thread = threading.Thread(target=self._run, daemon=True, name="resto-publisher")
                 self.thread.start()
-            self.condition.notify()
+            self.condition.notify_all()  # not notify(): a flush() waiting too must not take the publisher's turn
 
     def release(self, thread_id=None):
         """Queue for sending the changes held for the request of thread ``thread_id``, or of
@@ -146,7 +147,7 @@ class Publisher:
             for ident in [thread_id] if thread_id is not None else list(self.held):
                 if ident in self.held:
                     self.pending.extend(self.held.pop(ident)[1])
-            self.condition.notify()
+            self.condition.notify_all()
 
     def flush(self, timeout=None):
         """Send the changes held for requests now, and wait until every change submitted so
@@ -236,19 +237,39 @@ def submit(app, queue, change, failed):
     """Queue ``change`` (``(path, hosts, operation)``) on this process's publisher thread
     (see :class:`Publisher`); ``failed(error)`` if the broker would not take it. Made while
     this thread handles a request, it goes when the request ends."""
-    _publisher.submit(app, queue, change, failed, hold=getattr(_request, "active", False))
+    _publisher.submit(app, queue, change, failed, hold=threading.get_ident() in _requests)
 
 
-_request = threading.local()  # .active: this thread handles a request (Django's request signals)
+#: Threads handling a request (between Django's request_started and request_finished).
+_requests = set()
+_requests_lock = threading.Lock()
 
 
 def _request_started(**kwargs):
-    _request.active = True
+    with _requests_lock:
+        _requests.add(threading.get_ident())
 
 
 def _request_finished(**kwargs):
-    _request.active = False
-    _publisher.release(threading.get_ident())
+    ident = threading.get_ident()
+    with _requests_lock:
+        if ident in _requests:
+            _requests.discard(ident)
+            ended = ident
+        else:
+            # Ended on another thread than it began (Django's AsyncClient closes the response
+            # off the view's thread): which request ended is unknown, so none is held any more.
+            _requests.clear()
+            ended = None
+    _publisher.release(ended)
+
+
+def _forget_requests_in_child():
+    global _requests, _requests_lock
+    _requests, _requests_lock = set(), threading.Lock()  # the parent's threads (and their lock) are gone
+
+
+os.register_at_fork(after_in_child=_forget_requests_in_child)
 
 
 request_started.connect(_request_started, dispatch_uid=f"{__name__}.request_started")
@@ -264,6 +285,7 @@ def flush(timeout=None):
 def _flush_at_exit():
     if _publisher.pending or _publisher.held or _publisher.in_flight:
         if not flush(EXIT_FLUSH_TIMEOUT):
-            held = sum(len(entries) for _, entries in _publisher.held.values())
+            with _publisher.condition:
+                held = sum(len(entries) for _, entries in _publisher.held.values())
             logger.error("Exiting with %d change(s) not sent to the broker; reconcile will send them.",
                          len(_publisher.pending) + held + _publisher.in_flight)

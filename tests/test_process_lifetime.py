@@ -149,3 +149,22 @@ def test_a_child_whose_parent_died_before_it_asked_to_die_with_it_ends_when_it_a
     parent.kill()
     parent.wait(timeout=10)
     assert_all_end([child], timeout=10)
+
+
+def test_a_solo_worker_is_not_tied_to_the_process_that_launched_it():
+    """The solo pool sends worker_process_init in the worker's own process: a worker started
+    by hand (``nohup celery ... -P solo &``) must outlive its shell."""
+    code = textwrap.dedent("""
+        import ctypes
+        from resto_celery.testing.worker import end_children_with_the_worker
+        from celery.signals import worker_process_init
+        end_children_with_the_worker()
+        worker_process_init.send(sender=None)
+        signal = ctypes.c_int()
+        ctypes.CDLL("libc.so.6").prctl(2, ctypes.byref(signal))  # PR_GET_PDEATHSIG
+        print(signal.value)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0"

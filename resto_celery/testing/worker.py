@@ -38,7 +38,10 @@ def _embedded_beat_ends_with_its_worker(**kwargs: object) -> None:
 def _child_ends_with_its_worker(**kwargs: object) -> None:
     from billiard.process import current_process
 
-    die_with_parent(parent_pid=current_process()._parent_pid)
+    parent_pid = current_process()._parent_pid
+    if parent_pid is None:  # the worker's own process (the solo pool): its parent is no worker
+        return
+    die_with_parent(parent_pid=parent_pid)
 
 
 class CeleryWorker:
