@@ -144,10 +144,13 @@ class Publisher:
         """Queue for sending the changes held for the request of thread ``thread_id``, or of
         every thread when it is ``None``."""
         with self.condition:
+            released = False
             for ident in [thread_id] if thread_id is not None else list(self.held):
                 if ident in self.held:
                     self.pending.extend(self.held.pop(ident)[1])
-            self.condition.notify_all()
+                    released = True
+            if released:  # every request ends here: most hold nothing, and wake nobody
+                self.condition.notify_all()
 
     def flush(self, timeout=None):
         """Send the changes held for requests now, and wait until every change submitted so
