@@ -144,13 +144,18 @@ class Publisher:
         """Queue for sending the changes held for the request of thread ``thread_id``, or of
         every thread when it is ``None``."""
         with self.condition:
-            released = False
-            for ident in [thread_id] if thread_id is not None else list(self.held):
-                if ident in self.held:
-                    self.pending.extend(self.held.pop(ident)[1])
-                    released = True
-            if released:  # every request ends here: most hold nothing, and wake nobody
-                self.condition.notify_all()
+            if self._queue_held([thread_id] if thread_id is not None else list(self.held)):
+                self.condition.notify_all()  # every request ends here: most hold nothing, and wake nobody
+
+    def _queue_held(self, idents):
+        """(With the condition held.) Move the changes held for the threads ``idents`` to the
+        queue; whether there were any."""
+        moved = False
+        for ident in idents:
+            if ident in self.held:
+                self.pending.extend(self.held.pop(ident)[1])
+                moved = True
+        return moved
 
     def flush(self, timeout=None):
         """Send the changes held for requests now, and wait until every change submitted so
@@ -164,10 +169,7 @@ class Publisher:
         while True:
             if self.held:
                 now = time.monotonic()
-                for ident, (deadline, entries) in list(self.held.items()):
-                    if deadline <= now:
-                        self.pending.extend(entries)
-                        del self.held[ident]
+                self._queue_held([ident for ident, (deadline, _) in self.held.items() if deadline <= now])
             if self.pending:
                 return
             timeout = min(deadline for deadline, _ in self.held.values()) - now if self.held else None
@@ -257,7 +259,7 @@ def _request_finished(**kwargs):
     ident = threading.get_ident()
     with _requests_lock:
         if ident in _requests:
-            _requests.discard(ident)
+            _requests.remove(ident)
             ended = ident
         else:
             # Ended on another thread than it began (Django's AsyncClient closes the response
