@@ -25,7 +25,11 @@ def test_duplicates_skips_and_reconciles_announce_nothing_again(make_site):
     site = make_site(host_count=2)
     site.start_worker()
     site.storage.save("a.txt", ContentFile(b"hello"))
-    wait_until(lambda: _heard(site, "everywhere", "upload", "a.txt"), message="the everywhere signal")
+    # A task announces its hosts one by one, and the first may already find the change
+    # everywhere: wait for every host's signal too before taking what was heard.
+    wait_until(lambda: _heard(site, "everywhere", "upload", "a.txt")
+               and _heard(site, "host", "upload", "a.txt") == sorted(host.url for host in site.hosts),
+               message="the signals of the save")
     heard = site.signals()
     for host in site.hosts:
         site.storage.enqueue("upload", host.url, "a.txt")  # a duplicate: the fingerprint matches
