@@ -12,10 +12,11 @@ files: new files, overwrites, deletes). Hosts 1 and 2 hold the site's 10,000 old
   time while the bulk lane holds more than ``BulkPages.HIGH_WATER`` changes).
 
 Four set-ups: the default (one worker, the bulk lane riding behind the live one in the
-same queue) with the pool the README advises on this 2-core machine (prefork, a process per
-core), the same with ``RESTO_BULK_SLOTS = 1`` (at most one bulk message at a time), the same
-with threads/8, and the ``bulk_queue`` option (the bulk lane in a queue of
-its own, taken by a second worker under ``nice -n 19``; threads/8 each).
+same queue, holding at most half the pool's slots: ``RESTO_BULK_SLOTS = "auto"``) with the
+pool the README advises on this 2-core machine (prefork, a process per core, so one bulk
+slot), the same unbounded (``RESTO_BULK_SLOTS = None``), the default with threads/8 (four
+bulk slots), and the ``bulk_queue`` option (the bulk lane in a queue of its own, taken by a
+second worker under ``nice -n 19``; threads/8 each).
 
     python -m benchmarks.bench_catchup [--quick] [--output FILE]
 """
@@ -68,14 +69,14 @@ def redis_memory(url):
 #: (label, bulk_queue option, the live worker's pool and concurrency, RESTO_BULK_SLOTS) of
 #: the set-ups measured.
 SETUPS = [
-    ("one worker prefork/2, both lanes in one queue (default)", None, "prefork", 2, None),
-    ("one worker prefork/2, RESTO_BULK_SLOTS = 1", None, "prefork", 2, 1),
-    ("one worker threads/8, both lanes in one queue", None, "threads", 8, None),
-    ("bulk_queue, its own worker under nice -n 19 (threads/8 each)", "resto-bulk", "threads", 8, None),
+    ("one worker prefork/2, both lanes in one queue, one bulk slot (default)", None, "prefork", 2, "auto"),
+    ("one worker prefork/2, RESTO_BULK_SLOTS = None (unbounded)", None, "prefork", 2, "none"),
+    ("one worker threads/8, both lanes in one queue, four bulk slots (default)", None, "threads", 8, "auto"),
+    ("bulk_queue, its own worker under nice -n 19 (threads/8 each)", "resto-bulk", "threads", 8, "auto"),
 ]
 
 
-def configure(bench, bulk_queue, bulk_slots=None):
+def configure(bench, bulk_queue, bulk_slots="auto"):
     """Make the bench process's storage (and the workers started next) use ``bulk_queue``."""
     from django.conf import settings
     from django.core.files.storage import storages
@@ -86,7 +87,7 @@ def configure(bench, bulk_queue, bulk_slots=None):
     if bulk_queue:
         options["bulk_queue"] = bulk_queue
     os.environ["RESTO_BENCH_STORAGE_OPTIONS"] = json.dumps(options)
-    os.environ["RESTO_BENCH_BULK_SLOTS"] = str(bulk_slots or 0)  # read by the workers' settings
+    os.environ["RESTO_BENCH_BULK_SLOTS"] = str(bulk_slots)  # read by the workers' settings
     settings.STORAGES["default"]["OPTIONS"] = options
     storages._storages = {}
     registry.clear()
@@ -98,7 +99,7 @@ def start_bulk_worker(bench, queue):
     )
 
 
-def measure(bench, count, steady_seconds, limit, bulk_queue, pool="threads", concurrency=8, bulk_slots=None):
+def measure(bench, count, steady_seconds, limit, bulk_queue, pool="threads", concurrency=8, bulk_slots="auto"):
     """One set-up: the old files, the workers, then :func:`run`."""
     from resto_celery import marker
 
@@ -240,9 +241,10 @@ def main(argv=None):
             f"overwrites, deletes). Hosts 1 and 2 hold {count:,} older files of 2 KB, host 3 none; {steady_seconds} s "
             f"of live changes alone, then a reconcile pass sends host 3 its {count:,} files in the bulk lane while "
             f"the live changes go on. Four set-ups, one after the other: one worker taking both lanes from one "
-            f"queue, prefork/2 (a process per core, as the README advises), the same holding at most one bulk "
-            f"message at a time (RESTO_BULK_SLOTS = 1), and threads/8; and the bulk_queue "
-            f"option, the live queue's worker (threads, 8) beside a bulk worker (threads, 8) under nice -n 19."
+            f"queue, prefork/2 (a process per core, as the README advises), holding at most one bulk message at a "
+            f"time (RESTO_BULK_SLOTS's default, half the pool), the same unbounded (RESTO_BULK_SLOTS = None), and "
+            f"threads/8 (four bulk slots); and the bulk_queue option, the live queue's worker (threads, 8) beside "
+            f"a bulk worker (threads, 8) under nice -n 19."
         ),
         parameters={"files": count, "rate": RATE, "steady_s": steady_seconds},
         environment=environment,

@@ -98,5 +98,6 @@ LOGGING = {
     "loggers": {"resto_celery": {"handlers": ["console"], "level": "WARNING"}},
 }
 
-# bench_catchup's bounded set-up: a worker holds at most this many bulk messages at once.
-RESTO_BULK_SLOTS = int(os.environ.get("RESTO_BENCH_BULK_SLOTS", "0")) or None
+# bench_catchup's set-ups: "auto" (the default), "none" (unbounded) or a number of bulk slots.
+_BULK_SLOTS = os.environ.get("RESTO_BENCH_BULK_SLOTS", "auto")
+RESTO_BULK_SLOTS = None if _BULK_SLOTS == "none" else _BULK_SLOTS if _BULK_SLOTS == "auto" else int(_BULK_SLOTS)

@@ -180,13 +180,15 @@ def check_worker_connections(app_configs=None, **kwargs):
 
 @checks.register(checks.Tags.compatibility)
 def check_bulk_slots(app_configs=None, **kwargs):
-    """``RESTO_BULK_SLOTS`` (:mod:`resto_celery.bulk_slots`): None, or a whole number of at least 1."""
+    """``RESTO_BULK_SLOTS`` (:mod:`resto_celery.bulk_slots`): ``"auto"``, None, or a whole number of at least 1."""
     value = bulk_slots.configured_slots()
-    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if value is None or value == bulk_slots.AUTO or (whole and value >= 1):
         return []
     return [
         checks.Error(
-            f"RESTO_BULK_SLOTS must be None (no bound) or a whole number of at least 1, not {value!r}.",
+            f'RESTO_BULK_SLOTS must be "auto" (the default: half the worker\'s pool), None (no bound) '
+            f"or a whole number of at least 1, not {value!r}.",
             hint="It is how many bulk messages (catch-up work) a worker holds at once.",
             id="resto_celery.E011",
         )

@@ -123,8 +123,10 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # Workers keep their database connection for this many tasks (unset: Celery reconnects for every task).
 CELERY_DB_REUSE_MAX = int(os.environ["RESTO_TEST_DB_REUSE_MAX"]) if os.environ.get("RESTO_TEST_DB_REUSE_MAX") else None
 RESTO_REDIS_URL = os.environ.get("RESTO_TEST_REDIS_URL")
-#: A worker bound to this many bulk messages at once (tests of resto_celery.bulk_slots).
-RESTO_BULK_SLOTS = int(os.environ["RESTO_TEST_BULK_SLOTS"]) if os.environ.get("RESTO_TEST_BULK_SLOTS") else None
+#: Tests of resto_celery.bulk_slots: a bound of this many bulk messages, or "none" (unset: the default).
+_BULK_SLOTS = os.environ.get("RESTO_TEST_BULK_SLOTS")
+if _BULK_SLOTS:
+    RESTO_BULK_SLOTS = None if _BULK_SLOTS == "none" else int(_BULK_SLOTS)
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

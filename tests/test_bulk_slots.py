@@ -7,6 +7,7 @@ from django.core.files.base import ContentFile
 from django.test import override_settings
 
 from resto_celery import lanes
+from resto_celery.bulk_slots import can_unblock, slots_for
 from resto_celery.checks import check_bulk_slots
 from resto_celery.tasks import reconcile
 from tests.site import wait_until
@@ -35,7 +36,9 @@ def _most_bulk_messages_running_at_once(site):
 
 
 def _catching_up_site(make_site, monkeypatch, slots):
-    if slots:
+    """A site whose one host catches up on ``FILES`` files, slowly, through a prefork/2 worker
+    with ``RESTO_BULK_SLOTS`` set to ``slots`` ("none": unbounded; None: left unset)."""
+    if slots is not None:
         monkeypatch.setenv("RESTO_TEST_BULK_SLOTS", str(slots))
     site = _site_with_master_files(make_site, FILES)
     reconcile.run()
@@ -45,8 +48,14 @@ def _catching_up_site(make_site, monkeypatch, slots):
 
 
 def test_an_unbounded_worker_of_two_runs_two_bulk_messages_at_once(make_site, monkeypatch):
-    site = _catching_up_site(make_site, monkeypatch, slots=None)
+    site = _catching_up_site(make_site, monkeypatch, slots="none")
     assert _most_bulk_messages_running_at_once(site) == 2
+    site.wait_until_drained_and_converged(timeout=60)
+
+
+def test_a_worker_of_two_keeps_one_slot_for_live_changes_by_default(make_site, monkeypatch):
+    site = _catching_up_site(make_site, monkeypatch, slots=None)
+    assert _most_bulk_messages_running_at_once(site) == 1
     site.wait_until_drained_and_converged(timeout=60)
 
 
@@ -76,7 +85,22 @@ def test_bulk_slots_that_are_not_a_whole_number_of_at_least_one_are_refused(valu
     assert error.id == "resto_celery.E011" and repr(value) in error.msg
 
 
-@pytest.mark.parametrize("value", [None, 1, 4])
-def test_no_bound_or_a_whole_number_is_accepted(value):
+@pytest.mark.parametrize("value", ["auto", None, 1, 4])
+def test_auto_no_bound_or_a_whole_number_is_accepted(value):
     with override_settings(RESTO_BULK_SLOTS=value):
         assert check_bulk_slots() == []
+
+
+@pytest.mark.parametrize(("pool_slots", "bulk_slots"), [(2, 1), (3, 1), (8, 4), (1, None), (None, None)])
+def test_auto_gives_the_bulk_lane_half_the_pool_and_bounds_no_pool_of_one(pool_slots, bulk_slots):
+    assert slots_for("auto", pool_slots) == bulk_slots
+
+
+@pytest.mark.parametrize("setting", [None, 1, 3])
+def test_a_bound_that_is_set_holds_whatever_the_pool(setting):
+    assert slots_for(setting, 8) == setting
+
+
+@pytest.mark.parametrize(("version", "can"), [("7.0.15", True), ("5.0.0", True), ("4.0.14", False), ("unknown", False)])
+def test_only_redis_5_or_newer_can_cut_a_wait_short(version, can):
+    assert can_unblock(version) is can
