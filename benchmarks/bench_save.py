@@ -16,9 +16,13 @@ and 1 MB files:
 
 Each configuration is warmed up, then timed save by save for ``--saves`` saves per round
 and ``--rounds`` rounds; within a round the configurations take turns every 20 saves, so
-that all see the same noise. Each save has a fresh name, so no ``get_available_name`` loop
-runs. Reported: the median over rounds of each round's median latency, the range of the
-round medians, and the ratio to ``FileSystemStorage`` of the same size in the same round.
+that all see the same noise. What a configuration leaves running after its turn (the
+publisher thread's last messages, django-resto's ``AsyncStorage`` threads) ends before
+the next one's turn starts, so it is not timed as the next configuration's. Each save has
+a fresh name, so no ``get_available_name`` loop runs. Reported: the median over rounds of
+each round's median latency, the range of the round medians, and the ratio to
+``FileSystemStorage`` of the same size in the same round; and our ``HybridStorage`` against
+django-resto 1.3's (installed with ``.[bench]``), round by round (goal: 0.7x with 3 hosts).
 
 Run alone: ``.venv/bin/python -m benchmarks.bench_save [--quick] [--output FILE]``.
 """
@@ -30,6 +34,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -40,6 +45,7 @@ from benchmarks import common
 
 SIZES = {"10 KB": 10 * 1024, "1 MB": 1024 * 1024}
 GOAL_RATIO = 2.0  # AsyncStorage.save() within 2x of FileSystemStorage.save()
+HYBRID_GOAL = 0.7  # our HybridStorage.save(), 3 hosts, within 0.7x of django-resto 1.3's
 BLOCK = 20  # saves in a row for one configuration before the next takes its turn
 
 
@@ -236,6 +242,18 @@ def check_replicated(cases, saves, broker_url):
             raise AssertionError(f"{server} answered {len(answered)} PUTs, expected {count * saves}")
 
 
+def settle(case, threads_before):
+    """Let what ``case`` left running after its turn end: the publisher thread's messages,
+    django-resto's ``AsyncStorage`` threads (started during the turn; one per host and save)."""
+    from resto_celery import publisher
+
+    if case.backend == "async" and not publisher.flush(timeout=60):
+        raise AssertionError("the publisher thread did not send a turn's changes within 60 s")
+    if case.backend == "resto13-async":
+        for thread in set(threading.enumerate()) - threads_before:
+            thread.join(timeout=30)
+
+
 def run_round(cases, data, saves, broker_url, rotation):
     """One round: blocks of ``BLOCK`` saves, the cases taking turns block by block.
 
@@ -248,7 +266,9 @@ def run_round(cases, data, saves, broker_url, rotation):
     latencies = {case.label: [] for case in cases}
     for done in range(0, saves, BLOCK):
         for case in order:
+            before = set(threading.enumerate())
             latencies[case.label] += time_saves(case.storage, data, min(BLOCK, saves - done))
+            settle(case, before)
     check_replicated(cases, saves, broker_url)
     return {case.label: statistics.median(latencies[case.label]) for case in cases}
 
@@ -285,6 +305,26 @@ def summarize_size(cases, per_round):
     return summary
 
 
+def hybrid_against_django_resto(results):
+    """``{size: {hosts: ratio summary}}``: our HybridStorage's round medians over django-resto 1.3's."""
+    compared = {}
+    for size, cases in results.items():
+        for hosts in (1, 3):
+            ours = cases.get(f"HybridStorage, {hosts} host{'s' if hosts > 1 else ''}")
+            theirs = cases.get(f"django-resto 1.3 HybridStorage, {hosts} host{'s' if hosts > 1 else ''}")
+            if ours and theirs:
+                ratios = [a / b for a, b in zip(ours["round_medians_ns"], theirs["round_medians_ns"], strict=True)]
+                compared.setdefault(size, {})[hosts] = common.summarize(ratios)
+    return compared
+
+
+def hybrid_rows(compared):
+    return [
+        [size, hosts, common.ratio(ratio["median"]), f"{common.ratio(ratio['min'])} – {common.ratio(ratio['max'])}"]
+        for size, by_hosts in compared.items() for hosts, ratio in by_hosts.items()
+    ]
+
+
 def table_rows(results):
     """Rows of the results table, one per size and case."""
     rows = []
@@ -299,9 +339,19 @@ def table_rows(results):
     return rows
 
 
-def goals(results):
-    """Whether ``AsyncStorage.save()`` stays within 2x of ``FileSystemStorage.save()``."""
+def goals(results, compared):
+    """Whether ``AsyncStorage.save()`` stays within 2x of ``FileSystemStorage.save()``, and our
+    ``HybridStorage.save()`` with 3 hosts within 0.7x of django-resto 1.3's."""
     verdicts = []
+    for size, by_hosts in compared.items():
+        if 3 in by_hosts:
+            ratio = by_hosts[3]
+            verdicts.append({
+                "goal": f"HybridStorage, 3 hosts, {size}: save() within {HYBRID_GOAL:g}x of django-resto 1.3's",
+                "met": ratio["median"] <= HYBRID_GOAL,
+                "detail": f"median ratio {common.ratio(ratio['median'])}, "
+                          f"rounds {common.ratio(ratio['min'])} – {common.ratio(ratio['max'])}",
+            })
     for size, cases in results.items():
         for label, entry in cases.items():
             if not label.startswith("AsyncStorage") or entry["hosts"] == 0:
@@ -420,6 +470,7 @@ def main(argv=None):
             for server in servers:
                 server.stop()
 
+    compared = hybrid_against_django_resto(results)
     return common.write_result(
         args, "bench_save", "save() latency",
         (
@@ -436,17 +487,22 @@ def main(argv=None):
         parameters={"saves_per_round": saves, "rounds": rounds, "warmup": warmup, "sizes": SIZES},
         environment=environment,
         results=results,
+        hybrid_against_django_resto={size: {str(h): r for h, r in by.items()} for size, by in compared.items()},
         publish_ns=publish,
         tables=[{
             "title": "save() latency (µs)",
             "headers": ["size", "storage", "median µs", "round medians µs (min – max)", "ratio", "ratio (min – max)"],
             "rows": table_rows(results),
         }, {
+            "title": "Our HybridStorage.save() against django-resto 1.3's (ratio of round medians)",
+            "headers": ["size", "hosts", "ratio", "ratio (min – max)"],
+            "rows": hybrid_rows(compared),
+        }, {
             "title": "One message to the private Redis (µs per message; AsyncStorage sends one per host)",
             "headers": ["how", "median µs", "round medians µs (min – max)", "ratio to LPUSH"],
             "rows": publish_rows(publish),
         }],
-        goals=goals(results),
+        goals=goals(results, compared),
     )
 
 

@@ -234,3 +234,98 @@ def test_put_memory_does_not_grow_with_the_file_size(make_media_server, tmp_path
           f"320 MB file {peaks[320] / 1024:.0f} KiB")
     assert peaks[320] < 4 * 1024 * 1024
     assert peaks[320] < peaks[16] + 1024 * 1024
+
+
+class _RawServer:
+    """A loopback TCP server whose every connection is handled by ``handle(socket, index)``
+    (``index``: the connection's number, from 0), each in a thread of its own."""
+
+    def __init__(self, handle):
+        import socket
+
+        self.handle, self.connections = handle, 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/media/"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            index, self.connections = self.connections, self.connections + 1
+            threading.Thread(target=self._serve, args=(connection, index), daemon=True).start()
+
+    def _serve(self, connection, index):
+        with connection:
+            self.handle(connection, index)
+
+    def close(self):
+        self.listener.close()
+
+
+def _read_request(connection):
+    """Read one request's head and its ``Content-Length`` body; b"" if the client sent nothing."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = connection.recv(65536)
+        if not chunk:
+            return b""
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lengths = [int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+    length = lengths[0] if lengths else 0
+    while len(body) < length:
+        body += connection.recv(65536)
+    return head
+
+
+def test_a_kept_connection_the_host_drops_as_a_put_goes_out_is_replaced_and_the_put_sent_again(tmp_path):
+    """The host answers the first request of a connection, and closes it unanswered at the
+    second (as a server whose keep-alive timer fired just then): no failure is reported."""
+
+    def first_request_only(connection, index):
+        _read_request(connection)
+        connection.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+        _read_request(connection)  # then closes without an answer
+
+    server = _RawServer(first_request_only)
+    transport = HostTransport(server.url, timeout=2)
+    try:
+        for name in ("a.txt", "b.txt", "c.txt"):
+            assert transport.put(name, _file(tmp_path, name, b"bytes")) == 201
+    finally:
+        transport.close()
+        server.close()
+    assert server.connections == 3
+
+
+def test_a_host_that_refuses_a_body_before_taking_it_is_heard_not_reported_unreachable(tmp_path):
+    """nginx answers 413 as soon as it reads a Content-Length over client_max_body_size."""
+
+    def too_large(connection, index):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += connection.recv(65536)
+        connection.sendall(b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+    server = _RawServer(too_large)
+    transport = HostTransport(server.url, timeout=5)
+    big = tmp_path / "big.bin"
+    with big.open("wb") as f:
+        f.truncate(64 * 1024 * 1024)
+    try:
+        with pytest.raises(UnexpectedStatus, match="413") as raised:
+            with big.open("rb") as f:
+                transport.put("big.bin", f)
+    finally:
+        transport.close()
+        server.close()
+    assert not raised.value.retryable
+
+
+def _file(folder, name, content):
+    path = folder / name
+    path.write_bytes(content)
+    return path.open("rb")
