@@ -13,9 +13,9 @@ the default ``hz``), which made a bounded catch-up five times slower than it nee
 By default (``RESTO_BULK_SLOTS = "auto"``) a worker gives the bulk lane half of its pool
 slots, at least one, and bounds nothing when its pool has a single slot (there is none to
 keep free). ``None`` takes the bound off. It trades catch-up speed for live lag: one
-prefork/2 worker (one bulk slot) caught up 10,000 files in 26 s instead of 16 s, with a
-live lag p99 1.6x its value without a catch-up, against 2.4x unbounded (bench_catchup,
-2 CPUs; see the README).
+prefork/2 worker (one bulk slot) caught up 10,000 files in 26 s instead of 22-24 s, with
+a live lag p99 1.2-1.6x its value without a catch-up, against 2.0-2.5x unbounded
+(bench_catchup, 2 CPUs, two runs; see the README).
 
 This applies to Redis brokers (5.0 or newer, for ``CLIENT UNBLOCK``), where the lanes are
 kombu's priority lists and the worker's ``BRPOP`` names the lists it takes from (the hook
