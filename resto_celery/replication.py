@@ -308,9 +308,6 @@ class _PositionalReader(io.RawIOBase):
     def seekable(self):
         return True
 
-    def fileno(self):
-        return self.fd  # for sendfile(), which reads at the position it is given
-
     def __len__(self):
         return self.size - self.position
 

@@ -432,7 +432,7 @@ class HostTransport(Transport):
                     connected = True
                     connection.sock.settimeout(self._connections.read_timeout)
                 try:
-                    _send_request(connection, method, target, body, sent)
+                    connection.request(method, target, body=body, headers=sent)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the host may have answered before taking the whole body (413), then closed
                 response = connection.getresponse()
@@ -562,24 +562,6 @@ class _KeptConnections:
             idle, self._idle = self._idle, []
         for connection in idle:
             connection.close()
-
-
-def _send_request(
-    connection: http.client.HTTPConnection, method: str, target: str, body: IO[bytes] | bytes | None,
-    headers: Mapping[str, str],
-) -> None:
-    """Send a request; a body read from a file goes from the file to the socket in the kernel
-    (``sendfile``) over plain HTTP, without a copy through Python: ``Content-Length`` bytes
-    from the file's position."""
-    if body is None or isinstance(body, bytes) or isinstance(connection, http.client.HTTPSConnection):
-        connection.request(method, target, body=body, headers=headers)
-        return
-    connection.putrequest(method, target, skip_accept_encoding=True)
-    for header, value in headers.items():
-        connection.putheader(header, value)
-    connection.endheaders()
-    # Files that have no descriptor (in memory) are read and sent by socket.sendfile itself.
-    cast("socket.socket", connection.sock).sendfile(body, body.tell(), int(headers["Content-Length"]))
 
 
 def _closed_by_peer(sock: socket.socket | None) -> bool:
