@@ -40,8 +40,8 @@ Timeout: TypeAlias = "float | tuple[float, float]"
 #: A host's answer to a listing: directory names, and file names to :class:`RemoteFile`.
 Listing: TypeAlias = "tuple[list[str], dict[str, RemoteFile]]"
 
-#: A PUT body is read and sent in blocks of this size (urllib3's default is 16 KiB: a
-#: 1 MB file took 64 sends; memory stays bounded by one block per transfer).
+#: A PUT body is read and sent in blocks of this size (http.client's default is 8 KiB: a
+#: 1 MB file would take 128 sends; memory stays bounded by one block per transfer).
 SEND_BLOCK_SIZE = 256 * 1024
 
 #: A PUT body up to this size is read whole and sent with the headers in one ``send()``
@@ -61,13 +61,6 @@ def _read_exactly(fileobj: IO[bytes], length: int) -> bytes:
         left -= len(part)
     return b"".join(parts)
 
-
-class _StreamingAdapter(HTTPAdapter):
-    """requests' adapter, with urllib3 connections that send bodies in larger blocks."""
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("blocksize", SEND_BLOCK_SIZE)
-        super().init_poolmanager(*args, **kwargs)
 
 PUT_OK = frozenset({200, 201, 204})
 #: As in django-resto: 200 and 204 delete, 404 is already gone (logged: the host was out
@@ -261,7 +254,7 @@ class HostTransport(Transport):
         self.session.auth = cast("tuple[str, str] | None", tuple(auth) if auth else None)
         self.session.headers.update(headers or {})
         self.session.verify = verify
-        adapter = _StreamingAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         # PUT and DELETE, a worker's every transfer, go over http.client connections kept
@@ -449,17 +442,24 @@ class HostTransport(Transport):
         """The :class:`~resto_celery.exceptions.TransportError` for a failure of :meth:`_send`;
         ``connected``: whether the connection was up, so the request may have been sent."""
         if isinstance(exc, ssl.SSLError):
-            return TLSFailure(self.name, method, name, f"TLS error: {_root_cause(exc)}")
+            return self._tls_failure(exc, method, name)
         if isinstance(exc, TimeoutError):  # socket.timeout is TimeoutError
-            if not connected:
-                return HostTimeout(
-                    self.name, method, name, f"timed out connecting (timeout {self.timeout}s)", in_doubt=False,
-                )
-            return HostTimeout(
-                self.name, method, name, f"timed out waiting for an answer (timeout {self.timeout}s)", in_doubt=True,
-            )
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+            return self._timed_out(method, name, connecting=not connected)
+        reason = _root_cause(exc) or type(exc).__name__
         return HostUnreachable(self.name, method, name, f"connection failed: {reason}", in_doubt=connected)
+
+    def _tls_failure(self, exc: BaseException, method: str, name: str) -> TLSFailure:
+        return TLSFailure(self.name, method, name, f"TLS error: {_root_cause(exc)}")
+
+    def _timed_out(self, method: str, name: str, connecting: bool) -> HostTimeout:
+        """A timeout connecting (nothing was sent) or waiting for the answer (it may have been applied)."""
+        if connecting:
+            return HostTimeout(
+                self.name, method, name, f"timed out connecting (timeout {self.timeout}s)", in_doubt=False,
+            )
+        return HostTimeout(
+            self.name, method, name, f"timed out waiting for an answer (timeout {self.timeout}s)", in_doubt=True,
+        )
 
     def _request(self, method: str, name: str, **kwargs: Any) -> requests.Response:
         try:
@@ -484,17 +484,13 @@ class HostTransport(Transport):
         """The :class:`~resto_celery.exceptions.TransportError` for a requests or urllib3 error."""
         refused = _caused_by(exc, urllib3.exceptions.NewConnectionError)  # nothing was sent
         if isinstance(exc, (requests.exceptions.SSLError, urllib3.exceptions.SSLError)):
-            return TLSFailure(self.name, method, name, f"TLS error: {_root_cause(exc)}")
+            return self._tls_failure(exc, method, name)
         if isinstance(exc, requests.ConnectTimeout) or (
             isinstance(exc, urllib3.exceptions.ConnectTimeoutError) and not refused
         ):
-            return HostTimeout(
-                self.name, method, name, f"timed out connecting (timeout {self.timeout}s)", in_doubt=False,
-            )
+            return self._timed_out(method, name, connecting=True)
         if isinstance(exc, requests.Timeout) or (isinstance(exc, urllib3.exceptions.TimeoutError) and not refused):
-            return HostTimeout(
-                self.name, method, name, f"timed out waiting for an answer (timeout {self.timeout}s)", in_doubt=True,
-            )
+            return self._timed_out(method, name, connecting=False)
         in_doubt = not refused
         if isinstance(exc, (requests.ConnectionError, urllib3.exceptions.HTTPError, OSError)):
             return HostUnreachable(self.name, method, name, f"connection failed: {_root_cause(exc)}", in_doubt=in_doubt)
