@@ -151,7 +151,8 @@ def sync(host, name, master_path, transport, coordinator, *, location=None, on_f
 
 
 def sync_pairs(pairs, master_path, transports, coordinator, *, location=None, on_failure=None,
-               on_arrival=None, on_recovery=None, task_id="", force=False, probe=False, bulk=False):
+               on_arrival=None, on_recovery=None, task_id="", force=False, probe=False, bulk=False,
+               fresh=False):
     """Bring each ``(host, name)`` of ``pairs`` in line with the master copy; return an
     :class:`Outcome` per pair, in order. ``master_path(name)`` is the master file's path,
     ``transports`` maps each host to its transport. A path on several hosts (a fan-out) and
@@ -167,7 +168,10 @@ def sync_pairs(pairs, master_path, transports, coordinator, *, location=None, on
        is the breaker's probe, the half-open attempt).
     3. For each pair, read the master's *current* state. Present: PUT those bytes
        (streamed) unless the ``Replica`` row holds this fingerprint already (one query for
-       all; ``force`` sends anyway: resync). Absent (and the master still verified): DELETE.
+       all; ``force`` sends anyway: resync). ``fresh`` pairs, a save's own change, are sent
+       without the query: no host can hold bytes the master wrote a moment ago, and sending
+       them again (a redelivered message) is harmless. Absent (and the master still
+       verified): DELETE.
        The pairs are sent in parallel (on the process's bulk transfer threads when
        ``bulk``, bulk-lane work, so that live changes never queue behind it); once a host
        is unreachable, its other pairs fail without another try.
@@ -214,7 +218,7 @@ def sync_pairs(pairs, master_path, transports, coordinator, *, location=None, on
                 active.append(pair)
         if active:
             with leases.kept_alive(active):
-                _transfer(active, master_path, transports, coordinator, location, force, outcomes, bulk)
+                _transfer(active, master_path, transports, coordinator, location, force or fresh, outcomes, bulk)
             done = [pair for pair in active if outcomes[pair].error is None]
             _record(done, leases, outcomes, task_id)
             succeeded = set(done)

@@ -133,7 +133,7 @@ def _replicate_changes(task, changes):
 
         try:
             done.update(_replicate_to(storage, operations, task.request.id or "", failures=0, waits=0, retry=retry,
-                                      bulk=bulk))
+                                      bulk=bulk, fresh=not bulk))
         except Exception as error:  # noqa: BLE001 - the other storages' changes go on
             final = final or error
     if final is not None:
@@ -192,14 +192,15 @@ def probe(self, host):
     return {host: done[(host, path)]}
 
 
-def _replicate_to(storage, operations, task_id, *, failures, waits, retry, probe=False, bulk=False):
+def _replicate_to(storage, operations, task_id, *, failures, waits, retry, probe=False, bulk=False, fresh=False):
     """Bring each ``(host, path)`` of ``operations`` (which maps it to the operation that caused
     it) in line (:func:`resto_celery.replication.sync_pairs`), then act on each failure:
     ``retry(host, path, countdown, failures, exc)`` for a busy lease or a retryable error (a
     task of its own, or this task's retry), the host's probe when the host is down. A final
     failure is raised once every pair was tried (the result backend keeps it). Returns
     ``{(host, path): action}``, ``"wait"`` for a pair that failed. ``bulk``: the pairs came
-    in the bulk lane.
+    in the bulk lane; ``fresh``: they are a save's own changes (no row is read before
+    sending, see :func:`~resto_celery.replication.sync_pairs`).
     """
     options = storage.options
     coordinator = coordinator_for(options)
@@ -213,7 +214,7 @@ def _replicate_to(storage, operations, task_id, *, failures, waits, retry, probe
     hosts = dict.fromkeys(host for host, _ in operations)
     outcomes = replication.sync_pairs(
         list(operations), storage.path, {host: storage.transport(host) for host in hosts}, coordinator,
-        location=storage.location, on_failure=recorder, task_id=task_id, probe=probe, bulk=bulk,
+        location=storage.location, on_failure=recorder, task_id=task_id, probe=probe, bulk=bulk, fresh=fresh,
         on_arrival=lambda host, path, action, version: replication.announce(
             storage, host, path, action, version, coordinator
         ),

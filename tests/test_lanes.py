@@ -63,6 +63,25 @@ def test_reconcile_sends_its_work_in_the_bulk_lane_and_saves_in_the_live_lane(ma
     assert _bulk_backlog(site) == 5  # reconcile's five uploads
 
 
+def test_a_saves_message_is_sent_at_once_and_a_bulk_one_skips_what_the_host_holds(make_site):
+    from celery import current_app
+
+    site = _site_with_master_files(make_site, 0)
+    site.storage.save("a.txt", ContentFile(b"saved once"))
+    site.start_worker(concurrency=1)
+    site.wait_until_drained_and_converged()
+    host, server = site.storage.hosts[0], site.hosts[0]
+    puts = lambda: sum(1 for r in server.requests if r.method == "PUT")  # noqa: E731
+    assert puts() == 1
+
+    publisher.publish(current_app, site.queue, [("a.txt", [host], "upload")], bulk=True)  # reconcile's
+    site.wait_until_drained_and_converged()
+    assert puts() == 1  # its row says the host holds these bytes
+    publisher.publish(current_app, site.queue, [("a.txt", [host], "upload")])  # a save's, redelivered
+    site.wait_until_drained_and_converged()
+    assert puts() == 2  # sent without reading the row
+
+
 def test_a_save_made_during_a_catch_up_overtakes_the_backlog(make_site):
     host_delay = 0.05  # a slow host: the backlog takes seconds
     site = _site_with_master_files(make_site, BACKLOG)

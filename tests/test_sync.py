@@ -224,6 +224,33 @@ def test_a_batch_costs_the_same_queries_whatever_its_size(master, make_media_ser
     assert counts[0] == counts[1]  # a fingerprint query and one row write, for 10 pairs or 110
 
 
+def test_a_fresh_change_is_sent_without_reading_the_hosts_rows(master, make_media_server, coordinator):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    servers = {"h1": make_media_server(), "h2": make_media_server()}
+    master.save("new.txt", ContentFile(b"just saved"))
+    with CaptureQueriesContext(connection) as queries:
+        outcomes = _sync_pairs(master, servers, coordinator, [("h1", "new.txt"), ("h2", "new.txt")], fresh=True)
+
+    assert [o.action for o in outcomes] == ["upload", "upload"]
+    assert [q["sql"].split()[0] for q in queries] == ["INSERT"]  # the rows are written, never read
+    assert Replica.objects.filter(path="new.txt", state="synced").count() == 2
+
+
+def test_a_fresh_change_the_host_holds_already_is_sent_again_where_a_bulk_one_is_skipped(
+    master, host, coordinator
+):
+    master.save("a.txt", ContentFile(b"v1"))
+    _sync_pairs(master, {"h1": host}, coordinator, [("h1", "a.txt")])  # the host holds these bytes now
+
+    (bulk,) = _sync_pairs(master, {"h1": host}, coordinator, [("h1", "a.txt")], bulk=True)
+    (fresh,) = _sync_pairs(master, {"h1": host}, coordinator, [("h1", "a.txt")], fresh=True)
+
+    assert (bulk.action, fresh.action) == ("skip", "upload")  # a redelivered save's message: one PUT more
+    assert len(_puts(host)) == 2 and host.files() == {"a.txt": b"v1"}
+
+
 def test_a_batch_stops_trying_a_host_once_it_is_unreachable(master, make_media_server, coordinator):
     up, down = make_media_server(), make_media_server()
     down.stop()
