@@ -68,7 +68,7 @@ class ReplicatedStorageMixin:
         a :class:`~resto_celery.exceptions.ReplicationError` is raised afterwards, once
         every host was tried.
         """
-        outcomes = replication.in_parallel(lambda host: self.execute_one(operation, host, name, **kwargs), self.hosts)
+        outcomes = self._execute_everywhere(operation, name, **kwargs)
         failures: dict[str, BaseException] = {}
         for host, error in outcomes:
             if error is not None:
@@ -80,6 +80,10 @@ class ReplicatedStorageMixin:
                 )
         if failures and self.options.fatal_exceptions:
             raise ReplicationError(operation, name, failures, len(outcomes))
+
+    def _execute_everywhere(self, operation: str, name: str, **kwargs: Any) -> list[tuple[str, BaseException | None]]:
+        """``[(host, error or None)]`` of :meth:`execute_one` on every host, in parallel."""
+        return replication.in_parallel(lambda host: self.execute_one(operation, host, name, **kwargs), self.hosts)
 
     def execute_one(self, operation: str, host: str, name: str, **kwargs: Any) -> None:  # pragma: no cover - abstract
         """Apply ``operation`` (``"upload"`` or ``"delete"``) for ``name`` on one host."""
@@ -166,6 +170,15 @@ class HybridStorage(ReplicatedStorageMixin, MasterStorage):
         queue can call it later on any machine that sees the master copy.
         """
         return replication.push(self.path(name), self.transport(host), clean_name(name))
+
+    def _execute_everywhere(self, operation: str, name: str, **kwargs: Any) -> list[tuple[str, BaseException | None]]:
+        # Every host at once from this thread (replication.push_everywhere), unless a subclass
+        # changed what one host gets: then its execute_one, host by host.
+        kind = type(self)
+        if kind.execute_one is not HybridStorage.execute_one or kind.replicate is not HybridStorage.replicate:
+            return super()._execute_everywhere(operation, name, **kwargs)
+        transports = {host: self.transport(host) for host in self.hosts}
+        return replication.push_everywhere(self.path(name), transports, clean_name(name))
 
 
 @deconstructible(path="resto_celery.storage.AsyncStorage")

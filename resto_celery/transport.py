@@ -17,13 +17,15 @@ import json
 import logging
 import mimetypes
 import os
+import selectors
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Collection, Iterator, Mapping
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import IO, TYPE_CHECKING, Any, TypeAlias, cast
+from typing import IO, TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, cast
 from urllib.parse import quote, urlsplit
 
 import requests
@@ -39,6 +41,7 @@ logger = logging.getLogger(__name__)
 Timeout: TypeAlias = "float | tuple[float, float]"
 #: A host's answer to a listing: directory names, and file names to :class:`RemoteFile`.
 Listing: TypeAlias = "tuple[list[str], dict[str, RemoteFile]]"
+_R = TypeVar("_R")
 
 #: A PUT body is read and sent in blocks of this size (http.client's default is 8 KiB: a
 #: 1 MB file would take 128 sends; memory stays bounded by one block per transfer).
@@ -282,10 +285,7 @@ class HostTransport(Transport):
         # A small file goes as bytes, in the same send() as the headers (http.client joins
         # them; a stream is sent after them). An empty one must be bytes anyway: a stream
         # would go chunked.
-        body: IO[bytes] | bytes = fileobj if length > SMALL_BODY else _read_exactly(fileobj, length)
-        headers = {"Content-Length": str(length), "Content-Type": content_type(name)}
-        response = self._send("PUT", name, body, headers)
-        return self._expect(response, "PUT", name, PUT_OK)
+        return self.start_put(name, fileobj, length).finish()
 
     def delete(self, name: str) -> bool:
         """Delete ``name``. Returns True if it was deleted, False if it was already gone.
@@ -294,9 +294,44 @@ class HostTransport(Transport):
         django-resto's words (``DELETE on missing file <name> on <host>.``). A status other
         than 200, 204 or 404 raises a ``TransportError``.
         """
-        response = self._send("DELETE", name)
-        self._expect(response, "DELETE", name, DELETE_OK)
-        if response.status_code == 404:
+        return self.start_delete(name).finish()
+
+    @property
+    def pipelines(self) -> bool:
+        """Whether :meth:`start_put` and :meth:`start_delete` are this host's PUT and DELETE:
+        false for a subclass that changes :meth:`put` or :meth:`delete` (WebDAV, Tahoe-LAFS)."""
+        kind = type(self)
+        return kind.put is HostTransport.put and kind.delete is HostTransport.delete
+
+    def start_put(self, name: str, fileobj: IO[bytes], length: int | None = None) -> PendingRequest[int]:
+        """Begin a PUT of ``fileobj`` as ``name`` and return: the request is sent, with its
+        body when that is small (up to :data:`SMALL_BODY`); the :class:`PendingRequest`'s
+        ``finish()`` sends the rest and reads the answer, as :meth:`put` returns it.
+
+        One thread can so send a file to every host, then read their answers, the hosts
+        working meanwhile (:func:`finish_together`, as
+        :func:`resto_celery.replication.push_everywhere` does). A failure to connect or send
+        the request is raised here, a later one by ``finish()``.
+        """
+        if length is None:
+            length = os.fstat(fileobj.fileno()).st_size - fileobj.tell()
+        body: IO[bytes] | bytes = fileobj if length > SMALL_BODY else _read_exactly(fileobj, length)
+        exchange = self._start("PUT", name, body, self._put_headers(name, length))
+        return PendingRequest(exchange, lambda answer: self._put_answered(answer, name))
+
+    def start_delete(self, name: str) -> PendingRequest[bool]:
+        """Send a DELETE of ``name`` and return; ``finish()`` answers as :meth:`delete`."""
+        return PendingRequest(self._start("DELETE", name), lambda answer: self._delete_answered(answer, name))
+
+    def _put_headers(self, name: str, length: int) -> dict[str, str]:
+        return {"Content-Length": str(length), "Content-Type": content_type(name)}
+
+    def _put_answered(self, answer: _Answer, name: str) -> int:
+        return self._expect(answer, "PUT", name, PUT_OK)
+
+    def _delete_answered(self, answer: _Answer, name: str) -> bool:
+        self._expect(answer, "DELETE", name, DELETE_OK)
+        if answer.status_code == 404:
             logger.warning("DELETE on missing file %s on %s.", name, self.name)
             return False
         return True
@@ -400,12 +435,14 @@ class HostTransport(Transport):
         self.session.close()
         self._connections.clear()
 
-    def _send(
+    def _start(
         self, method: str, name: str, body: IO[bytes] | bytes | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> _Answer:
-        """``method`` on ``name`` over a kept-alive connection, with the session's headers,
-        basic auth and TLS settings; no redirect. Returns an :class:`_Answer`.
+    ) -> _Exchange:
+        """Send ``method`` on ``name`` over a kept-alive connection, with the session's
+        headers, basic auth and TLS settings (no redirect); the :class:`_Exchange`'s
+        ``finish()`` reads the answer. A body that is a stream is sent by
+        :func:`finish_together`.
 
         A connection the host closed while it was idle is found before it is used; one it
         closed as the request went out fails with nothing answered, and a bytes (or empty)
@@ -414,29 +451,10 @@ class HostTransport(Transport):
         sent: dict[str, Any] = {**self.session.headers, "Accept-Encoding": "identity", **(headers or {})}
         if self.session.auth:
             sent.update(urllib3.util.make_headers(basic_auth=":".join(cast("tuple[str, str]", self.session.auth))))
-        target = self._connections.target(self.url(name))
-        repeatable = body is None or isinstance(body, bytes)
-        while True:
-            connection, reused = self._connections.take()
-            connected = reused
-            try:
-                if not reused:
-                    connection.connect()
-                    connected = True
-                    connection.sock.settimeout(self._connections.read_timeout)
-                try:
-                    connection.request(method, target, body=body, headers=sent)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the host may have answered before taking the whole body (413), then closed
-                response = connection.getresponse()
-                content = response.read()
-            except (OSError, http.client.HTTPException) as exc:
-                connection.close()
-                if reused and repeatable and isinstance(exc, _DROPPED):
-                    continue  # the host closed the kept connection as we sent: send again, on a new one
-                raise self._translate_sent(exc, method, name, connected) from None  # see _request
-            self._connections.give_back(connection, keep=not response.will_close)
-            return _Answer(response.status, response.reason, content)
+        exchange = _Exchange(self, method, name, self._connections.target(self.url(name)), body, sent)
+        exchange.send()
+        return exchange
+
 
     def _translate_sent(self, exc: BaseException, method: str, name: str, connected: bool) -> TransportError:
         """The :class:`~resto_celery.exceptions.TransportError` for a failure of :meth:`_send`;
@@ -495,6 +513,167 @@ class HostTransport(Transport):
         if isinstance(exc, (requests.ConnectionError, urllib3.exceptions.HTTPError, OSError)):
             return HostUnreachable(self.name, method, name, f"connection failed: {_root_cause(exc)}", in_doubt=in_doubt)
         return HostUnreachable(self.name, method, name, f"{type(exc).__name__}: {exc}", in_doubt=in_doubt)
+
+class _Exchange:
+    """One request of :meth:`HostTransport._start`: :meth:`send` puts it on a connection
+    (with its body when that is bytes; a stream's blocks go by :meth:`send_block`, see
+    :func:`finish_together`), :meth:`finish` reads the answer and gives the connection back."""
+
+    def __init__(
+        self, transport: HostTransport, method: str, name: str, target: str, body: IO[bytes] | bytes | None,
+        headers: Mapping[str, str],
+    ) -> None:
+        self.transport, self.method, self.name, self.target = transport, method, name, target
+        self.headers = headers
+        self.repeatable = body is None or isinstance(body, bytes)
+        self.body = body if self.repeatable else None
+        self.stream = None if self.repeatable else cast("IO[bytes]", body)
+        self.left = int(headers.get("Content-Length", 0)) if self.stream is not None else 0
+        self.block = memoryview(b"")
+        self.failure: BaseException | None = None  # what stopped the stream (the answer may still come)
+        self.connection: http.client.HTTPConnection | None = None
+        self.reused = False
+
+    def send(self) -> None:
+        connections = self.transport._connections
+        while True:
+            connection, self.reused = connections.take()
+            self.connection, connected = connection, self.reused
+            try:
+                if not self.reused:
+                    connection.connect()
+                    connected = True
+                    connection.sock.settimeout(connections.read_timeout)
+                try:
+                    connection.request(self.method, self.target, body=self.body, headers=dict(self.headers))
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the host may have answered before taking the whole body (413), then closed
+                return
+            except (OSError, http.client.HTTPException) as exc:
+                connection.close()
+                if self._send_again(exc):
+                    continue
+                raise self.transport._translate_sent(exc, self.method, self.name, connected) from None  # see _request
+
+    @property
+    def sending(self) -> bool:
+        """Whether some of the stream is still to send (and nothing stopped it)."""
+        return self.left > 0 and self.failure is None
+
+    def send_block(self) -> None:
+        """Send what the socket takes now of the stream's current block (read the next one
+        first if it is all sent); the socket is non-blocking. A failure stops the stream."""
+        if not self.block:
+            self.block = memoryview(self.stream.read(min(SEND_BLOCK_SIZE, self.left)))  # type: ignore[union-attr]
+            if not self.block:  # the file ended early: the host waits for the rest, then gives up
+                self.failure = TimeoutError("the file ended before its Content-Length")
+                return
+        try:
+            sent = cast("http.client.HTTPConnection", self.connection).sock.send(self.block)
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return
+        except (BrokenPipeError, ConnectionResetError):
+            self.left = 0  # the host may have answered before taking the whole body (413), then closed
+            return
+        except OSError as exc:
+            self.failure = exc
+            return
+        self.block = self.block[sent:]
+        self.left -= sent
+
+    def finish(self) -> _Answer:
+        connection = cast("http.client.HTTPConnection", self.connection)
+        if self.failure is not None:
+            connection.close()
+            raise self.transport._translate_sent(self.failure, self.method, self.name, True) from None
+        try:
+            response = connection.getresponse()
+            content = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            connection.close()
+            if self._send_again(exc):
+                self.send()
+                return self.finish()
+            raise self.transport._translate_sent(exc, self.method, self.name, True) from None  # see _request
+        self.transport._connections.give_back(connection, keep=not response.will_close)
+        return _Answer(response.status, response.reason, content)
+
+    def _send_again(self, exc: BaseException) -> bool:
+        """Whether to send again on a new connection: the host closed a kept one as the
+        request went out (nothing was answered), and the body can be sent twice."""
+        return self.reused and self.repeatable and isinstance(exc, _DROPPED)
+
+
+class PendingRequest(Generic[_R]):
+    """A request to a host whose answer is not read yet, and perhaps not all of its body
+    sent (:meth:`HostTransport.start_put`, :meth:`HostTransport.start_delete`)."""
+
+    def __init__(self, exchange: _Exchange, answered: Callable[[_Answer], _R]) -> None:
+        self.exchange, self.answered = exchange, answered
+
+    def finish(self) -> _R:
+        """Send the rest of the body, then read the answer: what :meth:`HostTransport.put`
+        or ``delete`` would return, or the
+        :class:`~resto_celery.exceptions.TransportError` they would raise."""
+        (outcome,) = finish_together([self])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+
+def finish_together(requests: Sequence[PendingRequest[Any]]) -> list[Any]:
+    """Finish every request of ``requests`` from this thread: the rest of each body goes a
+    block at a time to whichever host's socket takes one, then every answer is read.
+    Returns, in order, what each ``finish()`` returns, or the
+    :class:`~resto_celery.exceptions.TransportError` it raises.
+
+    A host that takes nothing for its transport's read timeout fails with a timeout (in
+    doubt: it has part of the body); the others go on.
+    """
+    streaming = [request.exchange for request in requests if request.exchange.sending]
+    if streaming:
+        _send_streams(streaming)
+    outcomes: list[Any] = []
+    for request in requests:
+        try:
+            outcomes.append(request.answered(request.exchange.finish()))
+        except TransportError as error:
+            outcomes.append(error)
+    return outcomes
+
+
+def _send_streams(exchanges: list[_Exchange]) -> None:
+    selector = selectors.DefaultSelector()
+    sockets = [cast("http.client.HTTPConnection", exchange.connection).sock for exchange in exchanges]
+    try:
+        now = time.monotonic()
+        deadlines = {}
+        for exchange, sock in zip(exchanges, sockets, strict=True):
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_WRITE, exchange)
+            deadlines[exchange] = now + exchange.transport._connections.read_timeout
+        while deadlines:
+            ready = selector.select(max(0.0, min(deadlines.values()) - time.monotonic()))
+            now = time.monotonic()
+            for key, _ in ready:
+                exchange = key.data
+                left = exchange.left
+                exchange.send_block()
+                if not exchange.sending:
+                    selector.unregister(key.fileobj)
+                    del deadlines[exchange]
+                elif exchange.left < left:
+                    deadlines[exchange] = now + exchange.transport._connections.read_timeout
+            for exchange, deadline in list(deadlines.items()):
+                if deadline <= now:  # the host took nothing for a whole read timeout
+                    exchange.failure = TimeoutError("the host stopped taking the body")
+                    selector.unregister(cast("http.client.HTTPConnection", exchange.connection).sock)
+                    del deadlines[exchange]
+    finally:
+        selector.close()
+        for exchange, sock in zip(exchanges, sockets, strict=True):
+            if sock.fileno() >= 0:
+                sock.settimeout(exchange.transport._connections.read_timeout)
 
 
 #: How a kept-alive connection that the host closed while the request went out fails.

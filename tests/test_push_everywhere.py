@@ -1,0 +1,191 @@
+"""HybridStorage's fan-out: a small file or a delete goes to every plain HTTP host from the
+saving thread (every request sent, then every answer read); larger files, other kinds of
+host and subclasses that change what one host gets go host by host on the transfer threads.
+Real hosts: the project's MediaServer, and raw loopback servers where the order of the
+bytes on the wire is the point."""
+import io
+import logging
+import os
+import socket
+import threading
+
+import pytest
+from django.core.files.base import ContentFile
+
+from resto_celery import replication
+from resto_celery.exceptions import HostTimeout, HostUnreachable, ReplicationError
+from resto_celery.storage import HybridStorage
+from resto_celery.transport import HostTransport, finish_together
+from tests.site import wait_until
+
+
+@pytest.fixture
+def no_transfer_threads(monkeypatch):
+    """The process's transfer thread pools, emptied: what a save makes shows up here."""
+    pools = {}
+    monkeypatch.setattr(replication, "_pools", pools)
+    return pools
+
+
+def _storage(media_root, hosts, cls=HybridStorage):
+    return cls(location=str(media_root), hosts=[host.url for host in hosts], timeout=2)
+
+
+def test_a_small_file_reaches_every_host_without_a_transfer_thread(media_root, make_media_server, no_transfer_threads):
+    hosts = [make_media_server() for _ in range(3)]
+    storage = _storage(media_root, hosts)
+
+    storage.save("small.txt", ContentFile(b"x" * 10_000))
+    storage.delete("small.txt")
+
+    assert no_transfer_threads == {}  # sent and answered from the saving thread
+    assert [len([r for r in h.requests if r.method in ("PUT", "DELETE")]) for h in hosts] == [2, 2, 2]
+    assert all(h.files() == {} for h in hosts)
+
+
+def test_a_large_file_streams_to_every_host_from_the_saving_thread(media_root, make_media_server, no_transfer_threads):
+    hosts = [make_media_server() for _ in range(3)]
+    data = os.urandom(3 * 1024 * 1024 + 1)  # many send blocks, an odd last one
+
+    _storage(media_root, hosts).save("large.bin", ContentFile(data))
+
+    assert no_transfer_threads == {}
+    assert all(h.files() == {"large.bin": data} for h in hosts)
+
+
+def test_hosts_of_another_kind_get_a_transfer_thread_each(media_root, make_dav_server, no_transfer_threads):
+    webdav = [make_dav_server("wsgidav") for _ in range(2)]
+    storage = HybridStorage(location=str(media_root), hosts=[host.host_entry for host in webdav])
+
+    storage.save("photos/cat.jpg", ContentFile(b"jpeg"))  # WebDAV makes the folder first: its own put()
+
+    assert not storage.transport(storage.hosts[0]).pipelines
+    assert "live" in no_transfer_threads  # the first host in the saving thread, the other on a transfer thread
+    assert all(host.files() == {"photos/cat.jpg": b"jpeg"} for host in webdav)
+
+
+def test_a_subclass_that_changes_what_one_host_gets_is_still_called_for_each_host(media_root, make_media_server):
+    hosts = [make_media_server() for _ in range(3)]
+    called = []
+
+    class Counting(HybridStorage):
+        def replicate(self, host, name):
+            called.append(host)
+            return super().replicate(host, name)
+
+    storage = _storage(media_root, hosts, Counting)
+    storage.save("a.txt", ContentFile(b"a"))
+
+    assert sorted(called) == sorted(storage.hosts)
+    assert all(h.files() == {"a.txt": b"a"} for h in hosts)
+
+
+def test_a_host_that_is_down_fails_alone_and_the_others_get_the_file(media_root, make_media_server, caplog):
+    up, down, also_up = make_media_server(), make_media_server(), make_media_server()
+    down.stop()
+    storage = _storage(media_root, [up, down, also_up])
+
+    with caplog.at_level(logging.ERROR, logger="resto_celery"), pytest.raises(ReplicationError) as raised:
+        storage.save("a.txt", ContentFile(b"bytes"))
+
+    assert up.files() == also_up.files() == {"a.txt": b"bytes"}
+    assert list(raised.value.failures) == [storage.hosts[1]]
+    failed = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(failed) == 1 and failed[0].startswith("Failed to upload a.txt on ")
+
+
+class _HoldingServer:
+    """A loopback HTTP server that reads each request whole, records that it came, and
+    answers 201 only once ``answer`` is set."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/media/"
+        self.received, self.answer = threading.Event(), threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        connection, _ = self.listener.accept()
+        with connection:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += connection.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))
+            while len(body) < length:
+                body += connection.recv(65536)
+            self.received.set()
+            if self.answer.wait(10):
+                connection.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+
+    def close(self):
+        self.answer.set()
+        self.listener.close()
+
+
+def test_a_started_put_reaches_every_host_before_any_answer_is_read():
+    servers = [_HoldingServer() for _ in range(3)]
+    transports = [HostTransport(server.url, timeout=5) for server in servers]
+    try:
+        pending = [transport.start_put("a.txt", io.BytesIO(b"bytes"), 5) for transport in transports]
+
+        wait_until(lambda: all(server.received.is_set() for server in servers), timeout=5,
+                   message="every host to have the whole request, none answered yet")
+        for server in servers:
+            server.answer.set()
+        assert [request.finish() for request in pending] == [201, 201, 201]
+    finally:
+        for transport, server in zip(transports, servers, strict=True):
+            transport.close()
+            server.close()
+
+
+def test_a_start_to_a_host_that_refuses_connections_fails_at_once_and_not_in_doubt(make_media_server):
+    server = make_media_server()
+    url = server.url
+    server.stop()
+
+    with pytest.raises(HostUnreachable) as raised:
+        HostTransport(url, timeout=2).start_put("a.txt", io.BytesIO(b"bytes"), 5)
+
+    assert not raised.value.in_doubt  # nothing was sent: no lease need wait for it
+
+
+class _StalledServer:
+    """A loopback server that reads a request's head and then nothing more."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/media/"
+        self.done = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        connection, _ = self.listener.accept()
+        with connection:
+            connection.recv(1024)
+            self.done.wait(30)
+
+    def close(self):
+        self.done.set()
+        self.listener.close()
+
+
+def test_a_host_that_stops_taking_the_body_times_out_in_doubt_and_the_others_finish(tmp_path, make_media_server):
+    stalled, server = _StalledServer(), make_media_server()
+    source = tmp_path / "big.bin"
+    data = os.urandom(32 * 1024 * 1024)  # more than the loopback socket buffers take
+    source.write_bytes(data)
+    transports = [HostTransport(stalled.url, timeout=1), HostTransport(server.url, timeout=5)]
+    try:
+        with source.open("rb") as first, source.open("rb") as second:
+            pending = [transports[0].start_put("big.bin", first), transports[1].start_put("big.bin", second)]
+            timed_out, stored = finish_together(pending)
+    finally:
+        stalled.close()
+        for transport in transports:
+            transport.close()
+
+    assert isinstance(timed_out, HostTimeout) and timed_out.in_doubt
+    assert stored == 201 and server.files() == {"big.bin": data}
