@@ -16,7 +16,14 @@ from django.utils import timezone
 from redis.exceptions import RedisError
 
 from . import marker, signals
-from .exceptions import HostShortCircuited, HostUnreachable, MasterError, MasterReadError, TransportError
+from .exceptions import (
+    HostShortCircuited,
+    HostTimeout,
+    HostUnreachable,
+    MasterError,
+    MasterReadError,
+    TransportError,
+)
 from .freshness import DELETED, Unconfirmed
 from .master import is_temporary
 from .models import Replica
@@ -58,58 +65,75 @@ def push_everywhere(master_path, transports, name, location=None):
     """:func:`push` of ``name`` to every host of ``transports`` (``{host: transport}``):
     ``[(host, error or None)]``, in order.
 
-    When every host speaks plain HTTP (:attr:`~resto_celery.transport.HostTransport.pipelines`),
+    When every host speaks plain HTTP (:attr:`~resto_celery.transport.Transport.pipelines`),
     this thread sends the requests to every host, then the file's blocks to whichever host
     takes one (each at its own pace), then reads every answer
     (:func:`~resto_celery.transport.finish_together`). A thread per host added a hand-off
     each: ``HybridStorage.save()`` to 3 nginx hosts took about twice as long at 10 KB, a
     quarter longer at 1 MB. Other kinds of host get a transfer thread each (:func:`in_parallel`).
     """
-    if not all(getattr(transport, "pipelines", False) for transport in transports.values()):
+    if not all(transport.pipelines for transport in transports.values()):
         return in_parallel(lambda host: push(master_path, transports[host], name, location), transports)
+    outcomes = {}
+    started = []
     try:
-        source = open_master(master_path, location, name)
-        if source is None and location:
-            marker.verify(location, name)
-    except MasterError as error:
-        return [(host, error) for host in transports]
-    outcomes, pending = {}, []
-    with source if source is not None else nullcontext():
-        size = os.fstat(source.fileno()).st_size if source is not None else 0
         for host, transport in transports.items():
             try:
-                if source is None:
-                    pending.append((host, transport.start_delete(name)))
-                else:
-                    pending.append((host, transport.start_put(name, _PositionalReader(source.fileno(), size), size)))
+                _, _, _, request, source = _start_current_state(master_path, transport, name, location)
             except Exception as error:  # noqa: BLE001 - the caller sorts the outcomes out, as in_parallel's
                 outcomes[host] = error
-        for (host, _), outcome in zip(pending, finish_together([request for _, request in pending]), strict=True):
-            outcomes[host] = outcome if isinstance(outcome, BaseException) else None
+            else:
+                started.append((host, request, source))
+        finished = finish_together([request for _, request, _ in started])
+    finally:
+        for _, _, source in started:
+            if source is not None:
+                source.close()
+    for (host, _, _), outcome in zip(started, finished, strict=True):
+        outcomes[host] = outcome if isinstance(outcome, BaseException) else None
     return [(host, outcomes[host]) for host in transports]
 
 
 def _send_current_state(master_path, transport, name, location, has=None, before_put=None):
+    """:func:`_start_current_state`, finished: ``(action, fingerprint, bytes sent)``."""
+    action, version, nbytes, request, source = _start_current_state(
+        master_path, transport, name, location, has, before_put
+    )
+    with source if source is not None else nullcontext():
+        if request is not None:
+            request.finish()
+    return action, version, nbytes
+
+
+def _start_current_state(master_path, transport, name, location, has=None, before_put=None):
     """The one rule of :func:`push` and :func:`sync_pairs`: the master's current state of
     ``name`` goes to the host. Absent (from a master verified when ``location`` is given):
     DELETE. Present: PUT, streamed, unless ``has`` is its fingerprint already (the host's
-    row says it holds those bytes); ``before_put()`` first. Returns ``(action, fingerprint,
-    bytes sent)``, the action ``"upload"``, ``"delete"`` or ``"skip"``."""
+    row says it holds those bytes); ``before_put()`` first.
+
+    Returns ``(action, fingerprint, bytes, request, source)``: the action ``"upload"``,
+    ``"delete"`` or ``"skip"``; the :class:`~resto_celery.transport.PendingRequest` to
+    finish (None for a skip) and the master file it reads, to close once it is finished
+    (None but for an upload).
+    """
     source = open_master(master_path, location, name)
     if source is None:
         if location:
             marker.verify(location, name)  # absent from a master that is (still) there
-        transport.delete(name)
-        return "delete", "", 0
-    with source:
+        return "delete", "", 0, transport.start_delete(name), None
+    try:
         stat = os.fstat(source.fileno())
         version = fingerprint(stat)
         if has == version:
-            return "skip", version, 0
+            source.close()
+            return "skip", version, 0, None, None
         if before_put is not None:
             before_put()
-        transport.put(name, _PositionalReader(source.fileno(), stat.st_size), stat.st_size)
-        return "upload", version, stat.st_size
+        request = transport.start_put(name, _PositionalReader(source.fileno(), stat.st_size), stat.st_size)
+    except BaseException:
+        source.close()
+        raise
+    return "upload", version, stat.st_size, request, source
 
 
 class Fingerprint(NamedTuple):
@@ -287,30 +311,100 @@ def sync_pairs(pairs, master_path, transports, coordinator, *, location=None, on
 
 def _transfer(pairs, master_path, transports, coordinator, location, force, outcomes, bulk):
     """Send the master's current state of each pair's name to its host (the leases held);
-    fill in each outcome's ``action`` and ``version``, or its ``error``."""
+    fill in each outcome's ``action`` and ``version``, or its ``error``.
+
+    When every host pipelines (plain HTTP), this thread keeps up to
+    :data:`TRANSFER_THREADS` transfers going at once (:func:`_transfer_pipelined`); else
+    each pair has a transfer thread (the process's pool of the lane).
+    """
     has = {} if force else Replica.objects.synced_fingerprints(pairs)
     unreachable = {}
 
-    def bring_in_line(pair):
+    def start(pair):
+        """Begin the pair's transfer: ``(request, source)`` as :func:`_start_current_state`'s."""
         host, name = pair
         outcome, transport = outcomes[pair], transports[host]
         if host in unreachable:
             raise unreachable[host]
-        started = time.perf_counter()
         try:
-            outcome.action, outcome.version, outcome.nbytes = _send_current_state(
+            outcome.action, outcome.version, outcome.nbytes, request, source = _start_current_state(
                 master_path(name), transport, name, location, has=has.get(pair),
                 before_put=lambda: _make_directories(host, name, transport, coordinator),
             )
-        except HostUnreachable as error:
-            unreachable.setdefault(host, error)
+        except (HostUnreachable, HostTimeout) as error:
+            if _unreachable(error):
+                unreachable.setdefault(host, error)
             raise
-        finally:
-            outcome.seconds = time.perf_counter() - started
+        return request, source
 
-    for pair, error in _transfers_in_parallel(bring_in_line, pairs, "bulk" if bulk else "live"):
+    if all(transports[host].pipelines for host, _ in pairs):
+        results = _transfer_pipelined(pairs, start, outcomes, unreachable)
+    else:
+        def bring_in_line(pair):
+            started = time.perf_counter()
+            try:
+                request, source = start(pair)
+                with source if source is not None else nullcontext():
+                    if request is not None:
+                        request.finish()
+            except (HostUnreachable, HostTimeout) as error:
+                if _unreachable(error):
+                    unreachable.setdefault(pair[0], error)
+                raise
+            finally:
+                outcomes[pair].seconds = time.perf_counter() - started
+
+        results = _transfers_in_parallel(bring_in_line, pairs, "bulk" if bulk else "live")
+    for pair, error in results:
         if error is not None:
             outcomes[pair].action, outcomes[pair].error = "", error
+
+
+def _unreachable(error):
+    """Whether ``error`` says the host cannot be reached at all: its other pairs then fail
+    without another try. A refused connection or one that timed out connecting; not a
+    timeout waiting for an answer (that host is there, and slow)."""
+    return isinstance(error, HostUnreachable) or (isinstance(error, HostTimeout) and not error.in_doubt)
+
+
+def _transfer_pipelined(pairs, start, outcomes, unreachable):
+    """``[(pair, error or None)]`` of ``start(pair)`` and the request it begins, from this
+    thread: :data:`TRANSFER_THREADS` pairs at a time are begun, then finished together
+    (:func:`~resto_celery.transport.finish_together`). Transport and master failures are
+    outcomes; anything else is raised once the requests begun are finished."""
+    results = []
+    for first in range(0, len(pairs), TRANSFER_THREADS):
+        started, errors, unexpected = [], {}, None
+        begun = time.perf_counter()
+        try:
+            for pair in pairs[first:first + TRANSFER_THREADS]:
+                try:
+                    request, source = start(pair)
+                except (TransportError, MasterError, LeaseBusy) as error:
+                    errors[pair] = error
+                except Exception as error:  # noqa: BLE001 - raised below, once the requests begun are done
+                    unexpected = error
+                    break
+                else:
+                    if request is not None:
+                        started.append((pair, request, source))
+            finished = finish_together([request for _, request, _ in started])
+        finally:
+            for _, _, source in started:
+                if source is not None:
+                    source.close()
+        if unexpected is not None:
+            raise unexpected
+        seconds = time.perf_counter() - begun
+        for (pair, _, _), outcome in zip(started, finished, strict=True):
+            if isinstance(outcome, BaseException):
+                errors[pair] = outcome
+                if _unreachable(outcome):
+                    unreachable.setdefault(pair[0], outcome)
+        for pair in pairs[first:first + TRANSFER_THREADS]:
+            outcomes[pair].seconds = seconds
+            results.append((pair, errors.get(pair)))
+    return results
 
 
 def _record(pairs, leases, outcomes, task_id):

@@ -188,6 +188,21 @@ class Transport:
     def close(self) -> None:
         """Close the pooled connections."""
 
+    @property
+    def pipelines(self) -> bool:
+        """Whether :meth:`start_put` and :meth:`start_delete` return before the host has
+        answered, so that one thread can keep requests to several hosts going at once
+        (:func:`finish_together`). When false they do the whole request."""
+        return False
+
+    def start_put(self, name: str, fileobj: IO[bytes], length: int | None = None) -> PendingRequest[int]:
+        """Begin a :meth:`put`; ``finish()`` of what it returns ends it (see :attr:`pipelines`)."""
+        return _Done(self.put(name, fileobj, length))
+
+    def start_delete(self, name: str) -> PendingRequest[bool]:
+        """Begin a :meth:`delete`; ``finish()`` of what it returns ends it (see :attr:`pipelines`)."""
+        return _Done(self.delete(name))
+
     if TYPE_CHECKING:  # What each kind of host implements (declared for type checkers only).
 
         def put(self, name: str, fileobj: IO[bytes], length: int | None = None) -> int:
@@ -285,7 +300,7 @@ class HostTransport(Transport):
         # A small file goes as bytes, in the same send() as the headers (http.client joins
         # them; a stream is sent after them). An empty one must be bytes anyway: a stream
         # would go chunked.
-        return self.start_put(name, fileobj, length).finish()
+        return self._start_put(name, fileobj, length).finish()
 
     def delete(self, name: str) -> bool:
         """Delete ``name``. Returns True if it was deleted, False if it was already gone.
@@ -294,12 +309,12 @@ class HostTransport(Transport):
         django-resto's words (``DELETE on missing file <name> on <host>.``). A status other
         than 200, 204 or 404 raises a ``TransportError``.
         """
-        return self.start_delete(name).finish()
+        return self._start_delete(name).finish()
 
     @property
     def pipelines(self) -> bool:
-        """Whether :meth:`start_put` and :meth:`start_delete` are this host's PUT and DELETE:
-        false for a subclass that changes :meth:`put` or :meth:`delete` (WebDAV, Tahoe-LAFS)."""
+        """True, unless a subclass changes :meth:`put` or :meth:`delete` (WebDAV, Tahoe-LAFS):
+        :meth:`start_put` and :meth:`start_delete` would not do what those do."""
         kind = type(self)
         return kind.put is HostTransport.put and kind.delete is HostTransport.delete
 
@@ -313,14 +328,24 @@ class HostTransport(Transport):
         :func:`resto_celery.replication.push_everywhere` does). A failure to connect or send
         the request is raised here, a later one by ``finish()``.
         """
+        if not self.pipelines:
+            return super().start_put(name, fileobj, length)
+        return self._start_put(name, fileobj, length)
+
+    def start_delete(self, name: str) -> PendingRequest[bool]:
+        """Send a DELETE of ``name`` and return; ``finish()`` answers as :meth:`delete`."""
+        if not self.pipelines:
+            return super().start_delete(name)
+        return self._start_delete(name)
+
+    def _start_put(self, name: str, fileobj: IO[bytes], length: int | None) -> PendingRequest[int]:
         if length is None:
             length = os.fstat(fileobj.fileno()).st_size - fileobj.tell()
         body: IO[bytes] | bytes = fileobj if length > SMALL_BODY else _read_exactly(fileobj, length)
         exchange = self._start("PUT", name, body, self._put_headers(name, length))
         return PendingRequest(exchange, lambda answer: self._put_answered(answer, name))
 
-    def start_delete(self, name: str) -> PendingRequest[bool]:
-        """Send a DELETE of ``name`` and return; ``finish()`` answers as :meth:`delete`."""
+    def _start_delete(self, name: str) -> PendingRequest[bool]:
         return PendingRequest(self._start("DELETE", name), lambda answer: self._delete_answered(answer, name))
 
     def _put_headers(self, name: str, length: int) -> dict[str, str]:
@@ -608,8 +633,11 @@ class PendingRequest(Generic[_R]):
     """A request to a host whose answer is not read yet, and perhaps not all of its body
     sent (:meth:`HostTransport.start_put`, :meth:`HostTransport.start_delete`)."""
 
-    def __init__(self, exchange: _Exchange, answered: Callable[[_Answer], _R]) -> None:
+    def __init__(self, exchange: _Exchange | None, answered: Callable[[_Answer], _R]) -> None:
         self.exchange, self.answered = exchange, answered
+
+    def _answer(self) -> _R:
+        return self.answered(cast("_Exchange", self.exchange).finish())
 
     def finish(self) -> _R:
         """Send the rest of the body, then read the answer: what :meth:`HostTransport.put`
@@ -621,6 +649,17 @@ class PendingRequest(Generic[_R]):
         return outcome
 
 
+class _Done(PendingRequest[_R]):
+    """A request that a host which does not pipeline has done whole already."""
+
+    def __init__(self, result: _R) -> None:
+        super().__init__(None, lambda _answer: result)
+        self.result = result
+
+    def _answer(self) -> _R:
+        return self.result
+
+
 def finish_together(requests: Sequence[PendingRequest[Any]]) -> list[Any]:
     """Finish every request of ``requests`` from this thread: the rest of each body goes a
     block at a time to whichever host's socket takes one, then every answer is read.
@@ -630,13 +669,13 @@ def finish_together(requests: Sequence[PendingRequest[Any]]) -> list[Any]:
     A host that takes nothing for its transport's read timeout fails with a timeout (in
     doubt: it has part of the body); the others go on.
     """
-    streaming = [request.exchange for request in requests if request.exchange.sending]
+    streaming = [request.exchange for request in requests if request.exchange is not None and request.exchange.sending]
     if streaming:
         _send_streams(streaming)
     outcomes: list[Any] = []
     for request in requests:
         try:
-            outcomes.append(request.answered(request.exchange.finish()))
+            outcomes.append(request._answer())
         except TransportError as error:
             outcomes.append(error)
     return outcomes

@@ -251,6 +251,22 @@ def test_a_fresh_change_the_host_holds_already_is_sent_again_where_a_bulk_one_is
     assert len(_puts(host)) == 2 and host.files() == {"a.txt": b"v1"}
 
 
+def test_a_batch_to_plain_http_hosts_is_sent_from_the_tasks_thread(master, make_media_server, coordinator, monkeypatch):
+    pools = {}
+    monkeypatch.setattr(replication, "_pools", pools)
+    servers = {"h1": make_media_server(), "h2": make_media_server(), "h3": make_media_server()}
+    for index in range(40):  # more pairs than one round of TRANSFER_THREADS
+        master.save(f"p/{index}.txt", ContentFile(f"file {index}".encode()))
+    pairs = [(host, f"p/{index}.txt") for index in range(40) for host in servers]
+
+    outcomes = _sync_pairs(master, servers, coordinator, pairs)
+
+    assert pools == {}  # no transfer thread: every request begun, then every answer read, here
+    assert all(o.action == "upload" and o.error is None for o in outcomes)
+    for server in servers.values():
+        assert server.files() == {f"p/{index}.txt": f"file {index}".encode() for index in range(40)}
+
+
 def test_a_batch_stops_trying_a_host_once_it_is_unreachable(master, make_media_server, coordinator):
     up, down = make_media_server(), make_media_server()
     down.stop()
