@@ -129,7 +129,8 @@ def _start_current_state(master_path, transport, name, location, has=None, befor
             return "skip", version, 0, None, None
         if before_put is not None:
             before_put()
-        request = transport.start_put(name, _PositionalReader(source.fileno(), stat.st_size), stat.st_size)
+        reader = _PositionalReader(source.fileno(), stat.st_size, location or os.path.dirname(master_path), name)
+        request = transport.start_put(name, reader, stat.st_size)
     except BaseException:
         source.close()
         raise
@@ -363,8 +364,9 @@ def _transfer(pairs, master_path, transports, coordinator, location, force, outc
 def _unreachable(error):
     """Whether ``error`` says the host cannot be reached at all: its other pairs then fail
     without another try. A refused connection or one that timed out connecting; not a
-    timeout waiting for an answer (that host is there, and slow)."""
-    return isinstance(error, HostUnreachable) or (isinstance(error, HostTimeout) and not error.in_doubt)
+    timeout waiting for an answer (that host is there, and slow), nor a connection dropped
+    once the request was sent."""
+    return isinstance(error, (HostUnreachable, HostTimeout)) and not error.in_doubt
 
 
 def _transfer_pipelined(pairs, start, outcomes, unreachable):
@@ -430,12 +432,15 @@ def _record(pairs, leases, outcomes, task_id):
 
 
 class _PositionalReader(io.RawIOBase):
-    """A read-only view of an open file with a position of its own (``os.pread``): one
-    open master file streamed to several hosts at once, each at its own pace."""
+    """A read-only view of an open master file with a position of its own (``os.pread``):
+    one file streamed to several hosts at once, each at its own pace. A read that fails
+    raises :class:`~resto_celery.exceptions.MasterReadError` (the master's fault, not the
+    host's: a failure to retry)."""
 
-    def __init__(self, fd, size):
+    def __init__(self, fd, size, location, name):
         super().__init__()
         self.fd, self.size, self.position = fd, size, 0
+        self.location, self.name = location, name
 
     def readable(self):
         return True
@@ -449,7 +454,10 @@ class _PositionalReader(io.RawIOBase):
     def read(self, size=-1):
         if size is None or size < 0:
             size = self.size - self.position
-        chunk = os.pread(self.fd, min(size, self.size - self.position), self.position)
+        try:
+            chunk = os.pread(self.fd, min(size, self.size - self.position), self.position)
+        except OSError as error:
+            raise MasterReadError(self.location, self.name, f"cannot be read ({error.strerror or error})") from error
         self.position += len(chunk)
         return chunk
 

@@ -550,14 +550,19 @@ class _Exchange:
     ) -> None:
         self.transport, self.method, self.name, self.target = transport, method, name, target
         self.headers = headers
-        self.repeatable = body is None or isinstance(body, bytes)
-        self.body = body if self.repeatable else None
-        self.stream = None if self.repeatable else cast("IO[bytes]", body)
-        self.left = int(headers.get("Content-Length", 0)) if self.stream is not None else 0
+        in_memory = body is None or isinstance(body, bytes)
+        self.body = body if in_memory else None
+        self.stream = None if in_memory else cast("IO[bytes]", body)
+        self.length = int(headers.get("Content-Length", 0)) if self.stream is not None else 0
+        self.stream_start = None if self.stream is None else _position(self.stream)
+        self.repeatable = in_memory or self.stream_start is not None
+        self.left = self.length
         self.block = memoryview(b"")
         self.failure: BaseException | None = None  # what stopped the stream (the answer may still come)
+        self.unreadable: Exception | None = None  # what reading the body raised: the request's outcome
         self.connection: http.client.HTTPConnection | None = None
         self.reused = False
+        self.answer_by = 0.0  # when the host has had a whole read timeout since it got the last of the body
 
     def send(self) -> None:
         connections = self.transport._connections
@@ -573,6 +578,7 @@ class _Exchange:
                     connection.request(self.method, self.target, body=self.body, headers=dict(self.headers))
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the host may have answered before taking the whole body (413), then closed
+                self.answer_by = time.monotonic() + connections.read_timeout
                 return
             except (OSError, http.client.HTTPException) as exc:
                 connection.close()
@@ -589,7 +595,11 @@ class _Exchange:
         """Send what the socket takes now of the stream's current block (read the next one
         first if it is all sent); the socket is non-blocking. A failure stops the stream."""
         if not self.block:
-            self.block = memoryview(self.stream.read(min(SEND_BLOCK_SIZE, self.left)))  # type: ignore[union-attr]
+            try:
+                self.block = memoryview(self.stream.read(min(SEND_BLOCK_SIZE, self.left)))  # type: ignore[union-attr]
+            except Exception as exc:  # noqa: BLE001 - the file's fault, not the host's: finish() raises it
+                self.unreadable, self.left = exc, 0
+                return
             if not self.block:  # the file ended early: the host waits for the rest, then gives up
                 self.failure = TimeoutError("the file ended before its Content-Length")
                 return
@@ -605,19 +615,30 @@ class _Exchange:
             return
         self.block = self.block[sent:]
         self.left -= sent
+        self.answer_by = time.monotonic() + self.transport._connections.read_timeout
 
     def finish(self) -> _Answer:
+        """Read the answer, waiting at most until :attr:`answer_by` (each host has its own
+        read timeout from its last block, however long the answers read before took)."""
         connection = cast("http.client.HTTPConnection", self.connection)
+        if self.unreadable is not None:
+            connection.close()  # the host has part of the body: it drops it
+            raise self.unreadable
         if self.failure is not None:
             connection.close()
             raise self.transport._translate_sent(self.failure, self.method, self.name, True) from None
+        read_timeout = self.transport._connections.read_timeout
         try:
+            if connection.sock is not None:
+                connection.sock.settimeout(max(0.001, min(read_timeout, self.answer_by - time.monotonic())))
             response = connection.getresponse()
+            if connection.sock is not None:
+                connection.sock.settimeout(read_timeout)
             content = response.read()
         except (OSError, http.client.HTTPException) as exc:
             connection.close()
             if self._send_again(exc):
-                self.send()
+                self._send_whole()
                 return self.finish()
             raise self.transport._translate_sent(exc, self.method, self.name, True) from None  # see _request
         self.transport._connections.give_back(connection, keep=not response.will_close)
@@ -625,8 +646,18 @@ class _Exchange:
 
     def _send_again(self, exc: BaseException) -> bool:
         """Whether to send again on a new connection: the host closed a kept one as the
-        request went out (nothing was answered), and the body can be sent twice."""
+        request went out (nothing was answered), and the body can be sent twice (bytes, or
+        a stream that can go back to where it began)."""
         return self.reused and self.repeatable and isinstance(exc, _DROPPED)
+
+    def _send_whole(self) -> None:
+        """Send the request again, from the start of its body."""
+        if self.stream is not None:
+            self.stream.seek(cast("int", self.stream_start))
+            self.left, self.block, self.failure = self.length, memoryview(b""), None
+        self.send()
+        if self.sending:
+            _send_streams([self])
 
 
 class PendingRequest(Generic[_R]):
@@ -667,17 +698,30 @@ def finish_together(requests: Sequence[PendingRequest[Any]]) -> list[Any]:
     :class:`~resto_celery.exceptions.TransportError` it raises.
 
     A host that takes nothing for its transport's read timeout fails with a timeout (in
-    doubt: it has part of the body); the others go on.
+    doubt: it has part of the body); the others go on. What reading a body raised (the
+    file's own error) is that request's outcome, as is. Anything else raised (a bug, a
+    time limit) closes the connections of the requests not finished, then goes up.
     """
-    streaming = [request.exchange for request in requests if request.exchange is not None and request.exchange.sending]
-    if streaming:
-        _send_streams(streaming)
     outcomes: list[Any] = []
-    for request in requests:
-        try:
-            outcomes.append(request._answer())
-        except TransportError as error:
-            outcomes.append(error)
+    try:
+        streaming = [request.exchange for request in requests
+                     if request.exchange is not None and request.exchange.sending]
+        if streaming:
+            _send_streams(streaming)
+        for request in requests:
+            try:
+                outcomes.append(request._answer())
+            except TransportError as error:
+                outcomes.append(error)
+            except Exception as error:
+                if request.exchange is None or error is not request.exchange.unreadable:
+                    raise
+                outcomes.append(error)
+    except BaseException:
+        for request in requests[len(outcomes):]:
+            if request.exchange is not None and request.exchange.connection is not None:
+                request.exchange.connection.close()
+        raise
     return outcomes
 
 
@@ -713,6 +757,14 @@ def _send_streams(exchanges: list[_Exchange]) -> None:
         for exchange, sock in zip(exchanges, sockets, strict=True):
             if sock.fileno() >= 0:
                 sock.settimeout(exchange.transport._connections.read_timeout)
+
+
+def _position(stream: IO[bytes]) -> int | None:
+    """Where ``stream`` is, if it can go back there (None if not)."""
+    try:
+        return stream.tell() if stream.seekable() else None
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 #: How a kept-alive connection that the host closed while the request went out fails.

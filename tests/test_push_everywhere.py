@@ -8,12 +8,13 @@ import logging
 import os
 import socket
 import threading
+import time
 
 import pytest
 from django.core.files.base import ContentFile
 
 from resto_celery import replication
-from resto_celery.exceptions import HostTimeout, HostUnreachable, ReplicationError
+from resto_celery.exceptions import HostTimeout, HostUnreachable, MasterReadError, ReplicationError
 from resto_celery.storage import HybridStorage
 from resto_celery.transport import HostTransport, finish_together
 from tests.site import wait_until
@@ -189,3 +190,93 @@ def test_a_host_that_stops_taking_the_body_times_out_in_doubt_and_the_others_fin
 
     assert isinstance(timed_out, HostTimeout) and timed_out.in_doubt
     assert stored == 201 and server.files() == {"big.bin": data}
+
+
+class _SilentServer:
+    """A loopback server that reads every request whole and never answers."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/media/"
+        self.done = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._hold, args=(connection,), daemon=True).start()
+
+    def _hold(self, connection):
+        with connection:
+            connection.recv(65536)
+            self.done.wait(30)
+
+    def close(self):
+        self.done.set()
+        self.listener.close()
+
+
+def test_answers_are_awaited_together_so_a_silent_host_costs_one_timeout_not_one_per_request():
+    silent = _SilentServer()
+    transport = HostTransport(silent.url, timeout=0.5)
+    try:
+        pending = [transport.start_put(f"{n}.txt", io.BytesIO(b"bytes"), 5) for n in range(6)]
+        started = time.monotonic()
+        outcomes = finish_together(pending)
+        waited = time.monotonic() - started
+    finally:
+        transport.close()
+        silent.close()
+
+    assert all(isinstance(outcome, HostTimeout) and outcome.in_doubt for outcome in outcomes)
+    assert waited < 1.5, f"{waited:.2f} s: each answer got a read timeout of its own (6 x 0.5 s)"
+
+
+class _FailingStream(io.RawIOBase):
+    """A file whose second read fails, as a disk or NFS error in the middle of a file."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.reads = 0
+        self.size = size
+
+    def readable(self):
+        return True
+
+    def read(self, size=-1):
+        self.reads += 1
+        if self.reads > 1:
+            raise OSError(5, "Input/output error")
+        return b"x" * size
+
+
+def test_a_body_that_fails_to_read_midway_is_that_requests_outcome_and_the_others_finish(make_media_server):
+    broken_host, good_host = make_media_server(), make_media_server()
+    transports = [HostTransport(broken_host.url, timeout=2), HostTransport(good_host.url, timeout=2)]
+    size = 1024 * 1024
+    try:
+        pending = [transports[0].start_put("a.bin", _FailingStream(size), size),
+                   transports[1].start_put("a.bin", io.BytesIO(b"y" * size), size)]
+        failed, stored = finish_together(pending)
+        idle = len(transports[0]._connections._idle)
+    finally:
+        for transport in transports:
+            transport.close()
+
+    assert isinstance(failed, OSError) and failed.errno == 5  # the file's error, not the host's
+    assert stored == 201 and good_host.files() == {"a.bin": b"y" * size}
+    assert broken_host.files() == {} and idle == 0  # its half-sent connection was closed, not kept
+
+
+def test_a_master_file_that_cannot_be_read_is_a_master_read_error_not_a_host_failure(tmp_path):
+    source = tmp_path / "a.bin"
+    source.write_bytes(b"x" * 100)
+    fd = os.open(source, os.O_RDONLY)
+    reader = replication._PositionalReader(fd, 100, str(tmp_path), "a.bin")
+    os.close(fd)  # reads now fail as on a stale NFS handle: EBADF
+
+    with pytest.raises(MasterReadError, match=r"a\.bin.*cannot be read"):
+        reader.read(10)

@@ -283,6 +283,17 @@ def test_a_batch_stops_trying_a_host_once_it_is_unreachable(master, make_media_s
     assert len(up.files()) == 200 and all(o.error is None for o in outcomes if o.host == "up")
 
 
+@pytest.mark.parametrize(("error", "cut_off"), [
+    (HostUnreachable("h", "PUT", "a", "connection refused", in_doubt=False), True),
+    (HostTimeout("h", "PUT", "a", "timed out connecting", in_doubt=False), True),
+    (HostUnreachable("h", "PUT", "a", "closed without an answer", in_doubt=True), False),
+    (HostTimeout("h", "PUT", "a", "timed out waiting for an answer", in_doubt=True), False),
+], ids=["refused", "connect timeout", "dropped after sending", "answer timeout"])
+def test_only_a_host_that_took_nothing_has_its_other_pairs_failed_at_once(error, cut_off):
+    """A host that got the request is there: one connection's trouble says nothing of the next."""
+    assert replication._unreachable(error) is cut_off
+
+
 def test_a_busy_pair_in_a_batch_waits_and_the_others_go_on(master, host, coordinator):
     master.save("a.txt", ContentFile(b"a"))
     master.save("b.txt", ContentFile(b"b"))

@@ -301,6 +301,44 @@ def test_a_kept_connection_the_host_drops_as_a_put_goes_out_is_replaced_and_the_
     assert server.connections == 3
 
 
+def test_a_kept_connection_the_host_drops_as_a_large_put_goes_out_is_replaced_and_the_whole_file_sent_again(tmp_path):
+    """As above, with a body streamed from the file (over 64 KiB): it goes again from its start."""
+    bodies = []
+
+    def first_request_only(connection, index):
+        bodies.append(_read_body(connection))
+        connection.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+        _read_body(connection)  # then closes without an answer
+
+    data = bytes(range(256)) * 1024  # 256 KiB
+    server = _RawServer(first_request_only)
+    transport = HostTransport(server.url, timeout=2)
+    try:
+        for name in ("a.bin", "b.bin", "c.bin"):
+            assert transport.put(name, _file(tmp_path, name, data)) == 201
+    finally:
+        transport.close()
+        server.close()
+    assert server.connections == 3
+    assert bodies == [data, data, data]
+
+
+def _read_body(connection):
+    """Read one request; its body (b"" if the client sent nothing)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = connection.recv(65536)
+        if not chunk:
+            return b""
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        body += connection.recv(65536)
+    return body
+
+
 def test_a_host_that_refuses_a_body_before_taking_it_is_heard_not_reported_unreachable(tmp_path):
     """nginx answers 413 as soon as it reads a Content-Length over client_max_body_size."""
 
