@@ -28,6 +28,13 @@ class ReplicaQuerySet(models.QuerySet):
         file on every host: on PostgreSQL and SQLite the statement goes to the cursor as it
         is (0.9 ms for three rows against 1.9 ms through ``bulk_create``, which builds a
         model per row and wraps the one statement in a transaction).
+
+        On PostgreSQL, in autocommit, the statement's own transaction commits without
+        waiting for the WAL to reach the disk (``synchronous_commit`` off for it alone: 0.15
+        ms a statement instead of 0.5 here, more on a busy disk). A crash of the database
+        server can then lose the last fraction of a second of these rows, never a part of
+        one, and never a later write without the earlier ones: a row falls back to an older
+        state, which reconcile reads as "send again", never as "skip".
         """
         rows = list(rows)
         if not rows:
@@ -45,8 +52,13 @@ class ReplicaQuerySet(models.QuerySet):
         columns = ["host", "path", "fingerprint", *values, *_NEW_ROW]
         parameters = [value for host, path, fingerprint in rows
                       for value in (host, path, fingerprint, *values.values(), *_NEW_ROW.values())]
+        sql = _upsert_sql(connection, columns, ["fingerprint", *values], len(rows))
+        if connection.vendor == "postgresql" and connection.get_autocommit():
+            # Evaluated once per row written, inside the statement's implicit transaction,
+            # which reads the setting when it commits; a local setting ends with it.
+            sql += " RETURNING set_config('synchronous_commit', 'off', true)"
         with connection.cursor() as cursor:
-            cursor.execute(_upsert_sql(connection, columns, ["fingerprint", *values], len(rows)), parameters)
+            cursor.execute(sql, parameters)
 
     def of_paths(self, paths):
         """The rows of ``paths``, on every host: how rows are looked up by path.

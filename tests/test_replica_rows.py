@@ -4,6 +4,8 @@ through ``bulk_create`` as on the other backends."""
 from datetime import timedelta
 
 import pytest
+from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from resto_celery import models
@@ -78,3 +80,40 @@ def test_synced_fingerprints_finds_odd_names():
         ("h1", name): "9:9:9" for name in ODD_NAMES
     }
     assert Replica.objects.synced_fingerprints([]) == {}
+
+
+postgresql_only = pytest.mark.skipif(connection.vendor != "postgresql", reason="a PostgreSQL setting")
+
+
+def _synchronous_commit():
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        return cursor.fetchone()[0]
+
+
+@postgresql_only
+@pytest.mark.django_db(transaction=True)
+def test_a_workers_synced_rows_commit_without_waiting_for_postgresqls_disk_flush():
+    with CaptureQueriesContext(connection) as queries:
+        Replica.objects.record_synced([("h1", "a", "1:1:1"), ("h2", "a", "1:1:1")])
+
+    [statement] = [query["sql"] for query in queries.captured_queries]
+    assert "set_config('synchronous_commit', 'off', true)" in statement
+    pairs = [("h1", "a"), ("h2", "a")]
+    assert Replica.objects.synced_fingerprints(pairs) == dict.fromkeys(pairs, "1:1:1")
+
+
+@postgresql_only
+@pytest.mark.django_db(transaction=True)
+def test_the_flush_setting_ends_with_the_rows_statement_and_leaves_the_connection_durable():
+    Replica.objects.record_synced([("h1", "a", "1:1:1")])
+
+    assert _synchronous_commit() == "on"
+
+
+@postgresql_only
+@pytest.mark.django_db(transaction=True)
+def test_synced_rows_written_inside_a_callers_transaction_leave_its_durability_alone():
+    with transaction.atomic():
+        Replica.objects.record_synced([("h1", "a", "1:1:1")])
+        assert _synchronous_commit() == "on"
