@@ -204,7 +204,7 @@ def sync(host, name, master_path, transport, coordinator, *, location=None, on_f
     (outcome,) = sync_pairs(
         [(host, name)], lambda _name: master_path, {host: transport}, coordinator, location=location,
         on_failure=(lambda _host, _name, error, _down: on_failure(error)) if on_failure else None,
-        on_arrival=(lambda _host, _name, action, version: on_arrival(action, version)) if on_arrival else None,
+        on_arrivals=(lambda arrivals: on_arrival(*arrivals[0][2:])) if on_arrival else None,
         on_recovery=on_recovery, task_id=task_id, force=force, probe=probe,
     )
     if outcome.error is not None:
@@ -213,7 +213,7 @@ def sync(host, name, master_path, transport, coordinator, *, location=None, on_f
 
 
 def sync_pairs(pairs, master_path, transports, coordinator, *, location=None, on_failure=None,
-               on_arrival=None, on_recovery=None, task_id="", force=False, probe=False, bulk=False,
+               on_arrivals=None, on_recovery=None, task_id="", force=False, probe=False, bulk=False,
                fresh=False):
     """Bring each ``(host, name)`` of ``pairs`` in line with the master copy; return an
     :class:`Outcome` per pair, in order. ``master_path(name)`` is the master file's path,
@@ -245,7 +245,8 @@ def sync_pairs(pairs, master_path, transports, coordinator, *, location=None, on
        whose outcome is in doubt (a timeout: the host may still apply what was sent) is
        left to expire, fencing off the pair until then.
     6. ``on_recovery(host)`` for each host that had been failing (its backlog can go now),
-       ``on_arrival(host, name, action, fingerprint)`` for each transfer (:func:`announce`).
+       then ``on_arrivals([(host, name, action, fingerprint), ...])`` once, with every
+       transfer made (:func:`announce`).
     """
     outcomes = {pair: Outcome(*pair) for pair in pairs}
 
@@ -303,10 +304,9 @@ def sync_pairs(pairs, master_path, transports, coordinator, *, location=None, on
             host_recovered(host)
             if on_recovery is not None:
                 on_recovery(host)
-    if on_arrival is not None:
-        for outcome in outcomes.values():
-            if outcome.action in ("upload", "delete"):
-                on_arrival(outcome.host, outcome.name, outcome.action, outcome.version)
+    arrivals = [(o.host, o.name, o.action, o.version) for o in outcomes.values() if o.action in ("upload", "delete")]
+    if on_arrivals is not None and arrivals:
+        on_arrivals(arrivals)
     return list(outcomes.values())
 
 
@@ -594,48 +594,66 @@ def walk_master(root):
                     logger.error("Failed to check %s%s in the master copy: %s", prefix, entry.name, error)
 
 
-def announce(storage, host, name, action, version, coordinator):
-    """Tell the site that a change just arrived on ``host``: signals, and fresh URLs.
+def announce(storage, arrivals, coordinator):
+    """Tell the site that changes just arrived: signals, and fresh URLs. ``arrivals`` are
+    one task's transfers, ``(host, name, action, fingerprint)``: the fingerprint the host
+    now holds (a delete: the one it held).
 
-    ``version`` is the fingerprint the host now holds (a delete: the one it held). When
-    the change is now on every host (every row holds this fingerprint, for an upload; no
-    host has a row left, for a delete), the path's read-your-writes mark is confirmed
-    (:mod:`resto_celery.freshness`, storages with ``master_url``) and
-    ``replicated_everywhere`` is sent. Each signal goes out once per change: a Redis
-    ``SET NX`` per (host or "all", name, action, version) lets only the first sender
-    through, whatever redelivery or duplicate follows. Costs nothing when nobody listens
-    and ``master_url`` is off.
+    First ``replicated_to_host`` for each arrival; then, for each change now on every host
+    (every row holds this fingerprint, for an upload; no host has a row left, for a
+    delete), the path's read-your-writes mark is confirmed (:mod:`resto_celery.freshness`,
+    storages with ``master_url``) and ``replicated_everywhere`` is sent: after the
+    per-host signals of the same task. Each signal goes out once per change: a Redis ``SET
+    NX`` per (host or "all", name, action, fingerprint) lets only the first sender through,
+    whatever redelivery or duplicate follows. Costs nothing when nobody listens and
+    ``master_url`` is off.
     """
     fresh = storage.options.master_url is not None
     if not (fresh or signals.replicated_to_host.has_listeners() or signals.replicated_everywhere.has_listeners()):
         return
-    try:
-        _announce(storage, host, name, action, version, coordinator, fresh)
-    except (RedisError, DatabaseError) as error:  # the transfer stands; only the news is lost
-        logger.error("Could not announce the %s of %s on %s: %s", action, name, host, error,
-                     extra={"host": host, "path": name})
+    if signals.replicated_to_host.has_listeners():
+        for host, name, action, version in arrivals:
+            try:
+                if coordinator.first_to_tell(host, name, action, version):
+                    _send(signals.replicated_to_host, storage, host=host, name=name, action=action)
+            except (RedisError, DatabaseError) as error:
+                _not_told(action, name, host, error)
+    if fresh or signals.replicated_everywhere.has_listeners():
+        changes = dict.fromkeys((name, action, version) for _, name, action, version in arrivals)
+        try:
+            _announce_everywhere(storage, changes, coordinator, fresh)
+        except (RedisError, DatabaseError) as error:
+            _not_told("changes", ", ".join(name for name, _, _ in changes), "every host", error)
 
 
-def _announce(storage, host, name, action, version, coordinator, fresh):
-    tell_all = signals.replicated_everywhere.has_listeners()
-    if signals.replicated_to_host.has_listeners() and coordinator.first_to_tell(host, name, action, version):
-        _send(signals.replicated_to_host, storage, host=host, name=name, action=action)
-    if not (fresh or tell_all):
-        return
+def _not_told(action, name, host, error):
+    """The transfer stands; only the news is lost."""
+    logger.error("Could not announce the %s of %s on %s: %s", action, name, host, error,
+                 extra={"host": host, "path": name})
+
+
+def _announce_everywhere(storage, changes, coordinator, fresh):
+    """The changes of ``changes`` (``(name, action, fingerprint)``) now on every host: confirmed and told."""
     hosts = set(storage.hosts)
-    rows = [(host, state, fingerprint) for host, state, fingerprint
-            in Replica.objects.of_paths([name]).values_list("host", "state", "fingerprint") if host in hosts]
-    if action == "upload":
-        everywhere = len(hosts) == sum(state == Replica.State.SYNCED and fingerprint == version
-                                       for _, state, fingerprint in rows)
-    else:
-        everywhere = not rows
-    if not everywhere:
-        return
-    if fresh:
-        Unconfirmed(coordinator.client, storage.location).confirm(name, version if action == "upload" else DELETED)
-    if tell_all and coordinator.first_to_tell("", name, action, version):
-        _send(signals.replicated_everywhere, storage, name=name, action=action)
+    rows = {}
+    for host, path, state, fingerprint in Replica.objects.of_paths({name for name, _, _ in changes}).values_list(
+        "host", "path", "state", "fingerprint",
+    ):
+        if host in hosts:
+            rows.setdefault(path, []).append((state, fingerprint))
+    for name, action, version in changes:
+        held = rows.get(name, [])
+        if action == "upload":
+            everywhere = len(hosts) == sum(state == Replica.State.SYNCED and fingerprint == version
+                                           for state, fingerprint in held)
+        else:
+            everywhere = not held
+        if not everywhere:
+            continue
+        if fresh:
+            Unconfirmed(coordinator.client, storage.location).confirm(name, version if action == "upload" else DELETED)
+        if signals.replicated_everywhere.has_listeners() and coordinator.first_to_tell("", name, action, version):
+            _send(signals.replicated_everywhere, storage, name=name, action=action)
 
 
 def _send(signal, storage, **arguments):

@@ -215,9 +215,7 @@ def _replicate_to(storage, operations, task_id, *, failures, waits, retry, probe
     outcomes = replication.sync_pairs(
         list(operations), storage.path, {host: storage.transport(host) for host in hosts}, coordinator,
         location=storage.location, on_failure=recorder, task_id=task_id, probe=probe, bulk=bulk, fresh=fresh,
-        on_arrival=lambda host, path, action, version: replication.announce(
-            storage, host, path, action, version, coordinator
-        ),
+        on_arrivals=lambda arrivals: replication.announce(storage, arrivals, coordinator),
         on_recovery=host_back,
     )
     if probe:
