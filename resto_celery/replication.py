@@ -397,14 +397,16 @@ def _transfer_pipelined(pairs, start, outcomes, unreachable):
                     source.close()
         if unexpected is not None:
             raise unexpected
-        seconds = time.perf_counter() - begun
-        for (pair, _, _), outcome in zip(started, finished, strict=True):
+        ended = time.perf_counter()
+        answered = {}
+        for (pair, request, _), outcome in zip(started, finished, strict=True):
+            answered[pair] = request.answered_at or ended
             if isinstance(outcome, BaseException):
                 errors[pair] = outcome
                 if _unreachable(outcome):
                     unreachable.setdefault(pair[0], outcome)
         for pair in pairs[first:first + TRANSFER_THREADS]:
-            outcomes[pair].seconds = seconds
+            outcomes[pair].seconds = answered.get(pair, ended) - begun  # a slow host's time is its own
             results.append((pair, errors.get(pair)))
     return results
 

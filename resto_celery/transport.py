@@ -11,6 +11,7 @@ URL and a few connection settings, and speaks plain HTTP/1.1 ``PUT``, ``DELETE``
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import http.client
 import json
@@ -22,7 +23,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import IO, TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, cast
@@ -666,6 +667,7 @@ class PendingRequest(Generic[_R]):
 
     def __init__(self, exchange: _Exchange | None, answered: Callable[[_Answer], _R]) -> None:
         self.exchange, self.answered = exchange, answered
+        self.answered_at: float | None = None  # set by finish_together()
 
     def _answer(self) -> _R:
         return self.answered(cast("_Exchange", self.exchange).finish())
@@ -693,36 +695,74 @@ class _Done(PendingRequest[_R]):
 
 def finish_together(requests: Sequence[PendingRequest[Any]]) -> list[Any]:
     """Finish every request of ``requests`` from this thread: the rest of each body goes a
-    block at a time to whichever host's socket takes one, then every answer is read.
-    Returns, in order, what each ``finish()`` returns, or the
-    :class:`~resto_celery.exceptions.TransportError` it raises.
+    block at a time to whichever host's socket takes one, then each answer is read as it
+    comes. Returns, in order, what each ``finish()`` returns, or the
+    :class:`~resto_celery.exceptions.TransportError` it raises; each request's
+    :attr:`~PendingRequest.answered_at` (``time.perf_counter()``) says when it ended.
 
     A host that takes nothing for its transport's read timeout fails with a timeout (in
     doubt: it has part of the body); the others go on. What reading a body raised (the
     file's own error) is that request's outcome, as is. Anything else raised (a bug, a
     time limit) closes the connections of the requests not finished, then goes up.
     """
-    outcomes: list[Any] = []
+    outcomes: dict[int, Any] = {}
     try:
         streaming = [request.exchange for request in requests
                      if request.exchange is not None and request.exchange.sending]
         if streaming:
             _send_streams(streaming)
-        for request in requests:
-            try:
-                outcomes.append(request._answer())
-            except TransportError as error:
-                outcomes.append(error)
-            except Exception as error:
-                if request.exchange is None or error is not request.exchange.unreadable:
-                    raise
-                outcomes.append(error)
+        with contextlib.closing(_in_answer_order(requests)) as ready:
+            for index in ready:
+                _read_answer(requests[index], index, outcomes)
     except BaseException:
-        for request in requests[len(outcomes):]:
-            if request.exchange is not None and request.exchange.connection is not None:
+        for index, request in enumerate(requests):
+            if index not in outcomes and request.exchange is not None and request.exchange.connection is not None:
                 request.exchange.connection.close()
         raise
-    return outcomes
+    return [outcomes[index] for index in range(len(requests))]
+
+
+def _read_answer(request: PendingRequest[Any], index: int, outcomes: dict[int, Any]) -> None:
+    try:
+        outcomes[index] = request._answer()
+    except TransportError as error:
+        outcomes[index] = error
+    except Exception as error:
+        if request.exchange is None or error is not request.exchange.unreadable:
+            raise
+        outcomes[index] = error
+    request.answered_at = time.perf_counter()
+
+
+def _in_answer_order(requests: Sequence[PendingRequest[Any]]) -> Generator[int, None, None]:
+    """The indexes of ``requests``, each once its answer can be read: first those that wait
+    for nothing (done, failed), then each host's as its answer arrives or its time is up."""
+    waiting: dict[int, _Exchange] = {}
+    for index, request in enumerate(requests):
+        exchange = request.exchange
+        sock = None if exchange is None or exchange.connection is None else exchange.connection.sock
+        if sock is None or exchange is None or exchange.failure is not None or exchange.unreadable is not None:
+            yield index
+        elif isinstance(sock, ssl.SSLSocket) and sock.pending():
+            yield index  # TLS has part of the answer already
+        else:
+            waiting[index] = exchange
+    if not waiting:
+        return
+    selector = selectors.DefaultSelector()
+    try:
+        for index, exchange in waiting.items():
+            selector.register(cast("http.client.HTTPConnection", exchange.connection).sock, selectors.EVENT_READ, index)
+        while waiting:
+            soonest = min(exchange.answer_by for exchange in waiting.values())
+            ready = [key.data for key, _ in selector.select(max(0.0, soonest - time.monotonic()))]
+            now = time.monotonic()
+            ready += [index for index, exchange in waiting.items() if exchange.answer_by <= now and index not in ready]
+            for index in ready:
+                selector.unregister(cast("http.client.HTTPConnection", waiting.pop(index).connection).sock)
+                yield index  # an answer past its time fails with a timeout in finish()
+    finally:
+        selector.close()
 
 
 def _send_streams(exchanges: list[_Exchange]) -> None:

@@ -280,3 +280,19 @@ def test_a_master_file_that_cannot_be_read_is_a_master_read_error_not_a_host_fai
 
     with pytest.raises(MasterReadError, match=r"a\.bin.*cannot be read"):
         reader.read(10)
+
+
+def test_each_answer_is_read_as_it_comes_so_a_quick_host_is_not_timed_by_a_slow_one(make_media_server):
+    slow, quick = make_media_server(), make_media_server()
+    slow.set_delay(0.3, methods="PUT")
+    transports = [HostTransport(slow.url, timeout=2), HostTransport(quick.url, timeout=2)]
+    try:
+        pending = [transports[0].start_put("a.txt", io.BytesIO(b"bytes"), 5),
+                   transports[1].start_put("a.txt", io.BytesIO(b"bytes"), 5)]
+        assert finish_together(pending) == [201, 201]
+    finally:
+        for transport in transports:
+            transport.close()
+
+    slow_request, quick_request = pending
+    assert quick_request.answered_at < slow_request.answered_at
