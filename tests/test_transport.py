@@ -267,18 +267,27 @@ class _RawServer:
 
 def _read_request(connection):
     """Read one request's head and its ``Content-Length`` body; b"" if the client sent nothing."""
+    return _read_head_and_body(connection)[0]
+
+
+def _read_body(connection):
+    """Read one request; its body (b"" if the client sent nothing)."""
+    return _read_head_and_body(connection)[1]
+
+
+def _read_head_and_body(connection):
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = connection.recv(65536)
         if not chunk:
-            return b""
+            return b"", b""
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
     lengths = [int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
     length = lengths[0] if lengths else 0
     while len(body) < length:
         body += connection.recv(65536)
-    return head
+    return head, body
 
 
 def test_a_kept_connection_the_host_drops_as_a_put_goes_out_is_replaced_and_the_put_sent_again(tmp_path):
@@ -321,22 +330,6 @@ def test_a_kept_connection_the_host_drops_as_a_large_put_goes_out_is_replaced_an
         server.close()
     assert server.connections == 3
     assert bodies == [data, data, data]
-
-
-def _read_body(connection):
-    """Read one request; its body (b"" if the client sent nothing)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = connection.recv(65536)
-        if not chunk:
-            return b""
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                  if line.lower().startswith(b"content-length:"))
-    while len(body) < length:
-        body += connection.recv(65536)
-    return body
 
 
 def test_a_host_that_refuses_a_body_before_taking_it_is_heard_not_reported_unreachable(tmp_path):
