@@ -167,28 +167,33 @@ def throughput(bench, pool, concurrency, count, size, rounds):
 
 
 def lag(bench, count, rate):
-    """Seconds from each save returning to its last host, at ``rate`` saves per second, on a
-    warm worker; and the same for the :data:`WARM_UP_SECONDS` of saves before, the first a
-    freshly started worker took (each pool process opens its connections on its first
-    tasks: PostgreSQL, Redis, the hosts)."""
+    """Seconds from each save returning to the end of its last host's PUT (nginx's log), at
+    ``rate`` saves per second, on a warm worker; the same for the :data:`WARM_UP_SECONDS`
+    of saves before, the first a freshly started worker took (each pool process opens its
+    connections on its first tasks: PostgreSQL, Redis, the hosts); and the warm lags as the
+    watcher polling the hosts' folders every 2 ms saw them."""
     bench.reset()
-    cold = _lags(bench, rate, "cold", max(1, round(rate * WARM_UP_SECONDS)))
-    warm = _lags(bench, rate, "lag", count)
+    cold, _ = _lags(bench, rate, "cold", max(1, round(rate * WARM_UP_SECONDS)))
+    warm, polled = _lags(bench, rate, "lag", count)
     bench.check_synced(len(cold) + count)
-    return warm, cold
+    return warm, cold, polled
 
 
 def _lags(bench, rate, prefix, count):
+    """``(lags from the hosts' logs, lags as polled)`` of ``count`` new files."""
     changes = Changes(bench, rate, prefix=prefix, mixed=False)
     try:
         changes.run(count=count)
         changes.wait(CONVERGE_TIMEOUT)
+        deadline = time.monotonic() + 5  # nginx logs a request just after the file is in place
+        while len(changes.lags_from_host_logs()) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         changes.close()
-    lags = changes.lags_to_every_host()
-    if len(lags) != count:
-        raise AssertionError(f"only {len(lags)} of {count} files reached every host")
-    return lags
+    logged, polled = changes.lags_from_host_logs(), changes.lags_to_every_host()
+    if len(logged) != count or len(polled) != count:
+        raise AssertionError(f"only {len(logged)} (log) / {len(polled)} (polled) of {count} files reached every host")
+    return logged, polled
 
 
 def direct_put(bench, count=50):
@@ -287,7 +292,7 @@ def main(argv=None):
         put_seconds = direct_put(bench)
         best_files_s = statistics.median(small_count / o for o, _, _ in sweep[best])
         rate = max(1.0, best_files_s / 4)
-        lags, cold_lags = lag(bench, lag_count, rate)
+        lags, cold_lags, polled_lags = lag(bench, lag_count, rate)
         bench.stop_worker()
         peak_small = memory(bench, *best, LARGE)
         free = shutil.disk_usage(bench.workdir).free
@@ -312,6 +317,7 @@ def main(argv=None):
     fractions = (("p50", .5), ("p95", .95), ("p99", .99), ("max", 1))
     lag_ms = {name: percentile(lags, fraction) * 1000 for name, fraction in fractions}
     cold_ms = {name: percentile(cold_lags, fraction) * 1000 for name, fraction in fractions}
+    polled_ms = {name: percentile(polled_lags, fraction) * 1000 for name, fraction in fractions}
     plot_files = plots(common.results_folder(args.output), sweep_rows, large_row, lags, put_seconds)
 
     def rng(entry, fmt="{:,.0f}"):
@@ -345,7 +351,7 @@ def main(argv=None):
         recommended={"pool": best[0], "concurrency": best[1]},
         results={"sweep": sweep_rows, "large": large_row, "lag_ms": lag_ms, "direct_put_ms": put_seconds * 1000,
                  "lags_ms": [value * 1000 for value in lags], "cold_lag_ms": cold_ms,
-                 "cold_lags_ms": [value * 1000 for value in cold_lags],
+                 "cold_lags_ms": [value * 1000 for value in cold_lags], "polled_lag_ms": polled_ms,
                  "peak_rss": {"10 MB": peak_small, "huge": peak_huge}},
         tables=[{
             "title": "Throughput to all 3 hosts (medians)",
@@ -353,7 +359,7 @@ def main(argv=None):
                         "share (min – max)", "no-op tasks/s", "share of no-op", "share of no-op (min – max)"],
             "rows": rows,
         }, {
-            "title": "Convergence lag (save() returned → last host has the file)",
+            "title": "Convergence lag (save() returned → the last host's nginx logged the PUT's end)",
             "headers": ["worker", "saves", "p50 ms", "p95 ms", "p99 ms", "max ms", "one direct PUT ms", "p50 / PUT",
                         "p99 / PUT"],
             "rows": [[label, str(len(values)), f"{ms['p50']:.1f}", f"{ms['p95']:.1f}", f"{ms['p99']:.1f}",
@@ -362,6 +368,7 @@ def main(argv=None):
                      for label, values, ms in [
                          ("warm", lags, lag_ms),
                          (f"just started: its first {WARM_UP_SECONDS:.0f} s", cold_lags, cold_ms),
+                         ("warm, as polled (a look at the hosts' folders every 2 ms)", polled_lags, polled_ms),
                      ]],
         }, {
             "title": "Worker peak RSS (VmHWM, all worker processes)",
@@ -384,6 +391,10 @@ def main(argv=None):
             "Each file goes to 3 hosts: files/s counts files on all three (3 PUTs each).",
             "No-op tasks/s: the same worker running one task per file that only INCRs a Redis key (one message "
             "per file, as a save sends): Celery's own floor at these settings; share of no-op = ours / that.",
+            "Lag: from save() returning (time.time()) to the end of the last host's PUT as its nginx logged it "
+            "($msec, to the millisecond); the direct PUT is timed by its client, answer included. The last row "
+            "is the same warm saves as a watcher saw them, looking at the hosts' folders every 2 ms (up to 2 ms "
+            "later than the log; how this benchmark measured before).",
         ],
     )
 

@@ -10,6 +10,7 @@ them.
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 import threading
@@ -21,6 +22,10 @@ from pathlib import Path
 from benchmarks import common
 
 CONVERGE_TIMEOUT = 600
+
+#: A successful PUT in an nginx host's access log (``resto_celery.testing.nginx``'s format:
+#: combined, then ``$msec``).
+_PUT_LOGGED = re.compile(r'"PUT (?P<path>\S+) [^"]*" (?:200|201|204) .* (?P<msec>\d+\.\d{3})$', re.MULTILINE)
 CHANGE_SIZE = 10 * 1024  # the app's files
 
 
@@ -175,6 +180,7 @@ class Changes:
         self.watcher = threading.Thread(target=self._watch, daemon=True)
         self.watcher.start()
         self.random = random.Random(19)
+        self.made_at = {}  # name: time.time() when its last change was made
 
     def run(self, seconds=None, count=None):
         """Make changes for ``seconds``, or ``count`` changes."""
@@ -208,6 +214,7 @@ class Changes:
 
     def _expect(self, name, size):
         made = time.perf_counter()
+        self.made_at[name] = time.time()  # to compare with nginx's log ($msec)
         with self.lock:
             for index in range(len(self.bench.hosts)):
                 self.pending[(index, name)] = (size, made)  # a newer change supersedes an older one
@@ -247,6 +254,31 @@ class Changes:
         for index, name, made, lag in self.landed:
             reached.setdefault((made, name), {})[index] = lag
         return [max(lags.values()) for _, lags in sorted(reached.items()) if len(lags) == len(self.bench.hosts)]
+
+    def lags_from_host_logs(self):
+        """Per new file that reached every host, in the order they were made: the seconds from
+        its save() returning to the end of the last host's PUT, as that host's nginx logged
+        it (``$msec``, to the millisecond). For runs of new files only (``mixed=False``).
+
+        The watcher that fills :attr:`landed` looks every 2 ms, which adds up to that much
+        to each lag; nginx's log does not (its clock is the kernel's, as ``time.time()``)."""
+        from urllib.parse import unquote, urlsplit
+
+        ended = {}
+        for host in self.bench.hosts:
+            prefix = urlsplit(host.url).path
+            per_host = {}
+            for match in _PUT_LOGGED.finditer((host.workdir / "access.log").read_text(errors="replace")):
+                path = unquote(match["path"])
+                if path.startswith(prefix):
+                    per_host.setdefault(path[len(prefix):], float(match["msec"]))
+            for name, at in per_host.items():
+                ended.setdefault(name, []).append(at)
+        lags = []
+        for name, made in sorted(self.made_at.items(), key=lambda item: item[1]):
+            if len(ended.get(name, [])) == len(self.bench.hosts):
+                lags.append(max(ended[name]) - made)
+        return lags
 
     def close(self):
         self.stop.set()

@@ -94,6 +94,9 @@ class NginxMediaServer:
     127.0.0.1 answers nginx's JSON autoindex (``LISTING_CONF``); files are served and
     written as without it. ``listing=False`` gives a host that cannot list (GET of a
     folder: 403), as nginx's default.
+
+    Requests are logged in ``workdir/access.log``, in nginx's ``combined`` format followed
+    by ``$msec``: when the request ended, in seconds since the epoch, to the millisecond.
     """
 
     def __init__(
@@ -183,7 +186,9 @@ events {{
 http {{
     include {_quote(MIME_TYPES_CONF)};
     default_type application/octet-stream;
-    access_log {_quote(w / "access.log")};
+    log_format resto_combined_msec '$remote_addr - $remote_user [$time_local] "$request" $status '
+                                   '$body_bytes_sent "$http_referer" "$http_user_agent" $msec';
+    access_log {_quote(w / "access.log")} resto_combined_msec;
     client_body_temp_path {_quote(w / "temp" / "client_body")};
     proxy_temp_path {_quote(w / "temp" / "proxy")};
     fastcgi_temp_path {_quote(w / "temp" / "fastcgi")};
