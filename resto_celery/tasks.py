@@ -26,7 +26,7 @@ from celery.signals import worker_init, worker_process_shutdown, worker_ready
 from django.db import DatabaseError, close_old_connections, connections
 from redis.exceptions import LockError, RedisError
 
-from . import bulk_slots, checks, lanes, marker, metrics, publisher, registry, replication
+from . import broker, bulk_slots, checks, lanes, marker, metrics, publisher, registry, replication
 from .broker import coordinator_for, publish_batch
 from .exceptions import HostShortCircuited, MasterUnavailable
 from .models import Replica
@@ -414,10 +414,12 @@ def load_before_the_pool_starts(**kwargs):
 
 
 @worker_init.connect
-def bound_the_bulk_lane(sender=None, **kwargs):
-    """Give the worker's consumer its bulk slots (:mod:`resto_celery.bulk_slots`)."""
+def add_consumer_steps(sender=None, **kwargs):
+    """Give the worker's consumer its bulk slots (:mod:`resto_celery.bulk_slots`) and one
+    Redis client for its acknowledgements (:class:`resto_celery.broker.OneRedisClient`)."""
     if sender is not None and getattr(sender, "app", None) is not None:
         bulk_slots.install(sender.app)
+        broker.install_consumer_steps(sender.app)
 
 
 @worker_ready.connect
