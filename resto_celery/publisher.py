@@ -83,15 +83,17 @@ def publish_in_messages(app, queue, changes, producer=None, bulk=False):
 
 def send(app, task, arguments, queue, producer=None, bulk=False):
     """Publish the task named ``task`` with ``arguments`` to ``queue`` through ``app``, in the
-    live lane or the bulk one, with one quick retry (:data:`RETRY_POLICY`)."""
+    live lane or the bulk one, with one quick retry (:data:`RETRY_POLICY`); through
+    ``producer``, or one of ``app``'s pool (as Celery would take)."""
     from . import tasks  # noqa: F401 - declares the shared tasks (they need the models: not at import)
 
-    result = app.tasks[task].apply_async(
-        arguments, queue=queue, producer=producer, retry=True, retry_policy=RETRY_POLICY,
-        priority=lanes.bulk_priority(app) if bulk else lanes.live_priority(app),
-        argsrepr=repr(arguments), kwargsrepr="{}",  # Celery's saferepr of the same was a fifth of a publish
-    )
-    if producer is not None:  # now that the publish has opened its channel (kept by its pooled connection)
+    with app.producer_or_acquire(producer) as producer:
+        result = app.tasks[task].apply_async(
+            arguments, queue=queue, producer=producer, retry=True, retry_policy=RETRY_POLICY,
+            priority=lanes.bulk_priority(app) if bulk else lanes.live_priority(app),
+            argsrepr=repr(arguments), kwargsrepr="{}",  # Celery's saferepr of the same was a fifth of a publish
+        )
+        # Now that the publish has opened its channel (kept by its pooled connection).
         send_through_one_redis_client(producer)
     return result
 

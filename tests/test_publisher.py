@@ -165,6 +165,29 @@ def test_a_producer_sends_every_message_through_one_redis_client(make_site, proj
     assert made.count(False) == 0
 
 
+def test_a_message_sent_without_a_producer_goes_through_one_redis_client(make_site, project_celery_app,
+                                                                        monkeypatch):
+    """AsyncStorage.enqueue() and other callers that give no producer take one of the app's
+    pool, whose channel keeps one client as a producer given by the caller does."""
+    from kombu.transport.redis import Channel
+
+    made = []
+    create_client = Channel._create_client
+
+    def counting_create_client(self, asynchronous=False):
+        made.append(asynchronous)
+        return create_client(self, asynchronous=asynchronous)
+
+    monkeypatch.setattr(Channel, "_create_client", counting_create_client)
+    site = make_site(host_count=1)
+    for index in range(7):
+        if index == 2:
+            made.clear()
+        site.storage.enqueue("upload", site.hosts[0].url, f"{index}.txt", bulk=False)
+    assert len(_messages(site.redis_url)) == 7
+    assert made.count(False) == 0
+
+
 def test_the_one_redis_client_follows_the_channel_to_a_new_pool(make_site, project_celery_app):
     """After a fork kombu gives the channel a new connection pool; the client goes with it."""
     site = make_site(host_count=1)
