@@ -19,7 +19,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from benchmarks import common
+from benchmarks import arrivals, common
 
 CONVERGE_TIMEOUT = 600
 
@@ -167,8 +167,9 @@ class Changes:
     With ``mixed``, the changes are new files, overwrites (a new size) and deletes; without,
     new files only. ``landed`` holds ``(host index, name, made at, lag seconds)`` per change
     and host. Without ``watch`` there is no watcher (its stat() calls every 2 ms cost the
-    saving process CPU): new files only, their lags read from the hosts' logs
-    (:meth:`lags_from_host_logs`).
+    saving process CPU): new files only, their lags read from inotify's stamps of their
+    arrival in the hosts' folders (:meth:`lags_from_arrivals`, :mod:`benchmarks.arrivals`)
+    or from the hosts' logs (:meth:`lags_from_host_logs`).
     """
 
     def __init__(self, bench, rate, prefix="outage", mixed=True, watch=True):
@@ -182,6 +183,12 @@ class Changes:
         self.watcher = threading.Thread(target=self._watch, daemon=True) if watch else None
         if self.watcher is not None:
             self.watcher.start()
+        self.arrivals = None
+        if not watch and arrivals.available():
+            self.folders = [host.root / prefix for host in bench.hosts]
+            for folder in self.folders:
+                folder.mkdir(parents=True, exist_ok=True)  # watched before the first file arrives
+            self.arrivals = arrivals.Arrivals(self.folders)
         self.random = random.Random(19)
         self.made_at = {}  # name: time.time() when its last change was made
 
@@ -246,12 +253,13 @@ class Changes:
 
     def wait(self, timeout):
         """Wait (at most ``timeout`` seconds) until every host holds every change (without a
-        watcher: until every host's log has every new file's PUT)."""
+        watcher: until every host's log has every new file's PUT, and inotify saw it arrive)."""
         deadline = time.perf_counter() + timeout
         while time.perf_counter() < deadline:
             if self.watcher is not None and not self.pending:
                 return
-            if self.watcher is None and len(self.lags_from_host_logs()) == len(self.made_at):
+            if self.watcher is None and len(self.lags_from_host_logs()) == len(self.made_at) and (
+                    self.arrivals is None or len(self.lags_from_arrivals()) == len(self.made_at)):
                 return
             time.sleep(0.05)
 
@@ -288,7 +296,23 @@ class Changes:
                 lags.append(max(ended[name]) - made)
         return lags
 
+    def lags_from_arrivals(self):
+        """Per new file that reached every host, in the order they were made: the seconds from
+        its save() returning to its arrival in the last host's folder (inotify's stamp, see
+        :mod:`benchmarks.arrivals`). Empty without inotify. For runs of new files only."""
+        if self.arrivals is None:
+            return []
+        lags = []
+        for name, made in sorted(self.made_at.items(), key=lambda item: item[1]):
+            basename = name.rsplit("/", 1)[-1]
+            stamps = [self.arrivals.at(folder, basename) for folder in self.folders]
+            if None not in stamps:
+                lags.append(max(stamps) - made)
+        return lags
+
     def close(self):
         self.stop.set()
         if self.watcher is not None:
             self.watcher.join(5)
+        if self.arrivals is not None:
+            self.arrivals.close()
