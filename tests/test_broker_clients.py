@@ -7,8 +7,9 @@ import redis
 from resto_celery.broker import OneRedisClient, install_consumer_steps
 
 
-def _counting_client_creation(monkeypatch):
-    """The sync ``redis.Redis`` clients kombu's Redis channels make from now on (a list that grows)."""
+def sync_redis_clients_made(monkeypatch):
+    """The sync ``redis.Redis`` clients kombu's Redis channels make from now on, a list that
+    grows by the channel of each (not a channel's own asynchronous client, for its BRPOP)."""
     from kombu.transport.redis import Channel
 
     made = []
@@ -40,7 +41,7 @@ def _publish(app, queue, count):
 
 def test_a_worker_channel_acknowledges_through_one_redis_client(project_celery_app, redis_url, monkeypatch):
     _publish(project_celery_app, "one-client", 6)
-    made = _counting_client_creation(monkeypatch)
+    made = sync_redis_clients_made(monkeypatch)
     with project_celery_app.connection_for_read() as connection:
         channel = connection.default_channel
         OneRedisClient(parent=None).start(SimpleNamespace(task_consumer=SimpleNamespace(channel=channel)))
@@ -54,7 +55,7 @@ def test_without_the_step_kombu_makes_a_client_per_pipeline(project_celery_app, 
     has one of its own), one to keep the message as unacknowledged, one to acknowledge it.
     If kombu stops doing this, the step can go."""
     _publish(project_celery_app, "one-client", 3)
-    made = _counting_client_creation(monkeypatch)
+    made = sync_redis_clients_made(monkeypatch)
     with project_celery_app.connection_for_read() as connection:
         _receive_and_acknowledge(connection.default_channel, "one-client", 3)
     assert len(made) == 3 * 3

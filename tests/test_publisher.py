@@ -10,6 +10,7 @@ from django.core.signals import request_finished, request_started
 
 from resto_celery import publisher
 from tests.site import wait_until
+from tests.test_broker_clients import sync_redis_clients_made
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -145,16 +146,7 @@ def test_a_forked_child_has_none_of_its_parents_changes_nor_its_lock(make_site):
 
 def test_a_producer_sends_every_message_through_one_redis_client(make_site, project_celery_app, monkeypatch):
     """kombu's Redis transport would make a redis.Redis client per message; one is enough."""
-    from kombu.transport.redis import Channel
-
-    made = []  # one entry per client made to send (not the channel's own, asynchronous one)
-    create_client = Channel._create_client
-
-    def counting_create_client(self, asynchronous=False):
-        made.append(asynchronous)
-        return create_client(self, asynchronous=asynchronous)
-
-    monkeypatch.setattr(Channel, "_create_client", counting_create_client)
+    made = sync_redis_clients_made(monkeypatch)
     site = make_site(host_count=1)
     for index in range(7):
         if index == 2:  # the first send opened the producer's channel, the second gave it its client
@@ -162,30 +154,21 @@ def test_a_producer_sends_every_message_through_one_redis_client(make_site, proj
         publisher.send_now(project_celery_app, "resto", [(f"{index}.txt", [site.hosts[0].url], "upload")],
                            failed=pytest.fail)
     assert len(_messages(site.redis_url)) == 7
-    assert made.count(False) == 0
+    assert made == []
 
 
 def test_a_message_sent_without_a_producer_goes_through_one_redis_client(make_site, project_celery_app,
                                                                         monkeypatch):
     """AsyncStorage.enqueue() and other callers that give no producer take one of the app's
     pool, whose channel keeps one client as a producer given by the caller does."""
-    from kombu.transport.redis import Channel
-
-    made = []
-    create_client = Channel._create_client
-
-    def counting_create_client(self, asynchronous=False):
-        made.append(asynchronous)
-        return create_client(self, asynchronous=asynchronous)
-
-    monkeypatch.setattr(Channel, "_create_client", counting_create_client)
+    made = sync_redis_clients_made(monkeypatch)
     site = make_site(host_count=1)
     for index in range(7):
         if index == 2:
             made.clear()
         site.storage.enqueue("upload", site.hosts[0].url, f"{index}.txt", bulk=False)
     assert len(_messages(site.redis_url)) == 7
-    assert made.count(False) == 0
+    assert made == []
 
 
 def test_the_one_redis_client_follows_the_channel_to_a_new_pool(make_site, project_celery_app):
