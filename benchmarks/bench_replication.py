@@ -173,10 +173,11 @@ def throughput(bench, pool, concurrency, count, size, rounds):
 def lag(bench, count, rate):
     """``(warm lags, cold lags, warm lags from the logs, direct PUT seconds)``: seconds from
     each save returning to its arrival on the last host (:func:`_lags`), at ``rate`` saves
-    per second, on a warm worker; the same for the :data:`WARM_UP_SECONDS` of saves before, the first a freshly
-    started worker took (each pool process opens its connections on its first tasks:
-    PostgreSQL, Redis, the hosts); and the median of :data:`DIRECT_PUTS` direct PUTs,
-    timed first, on the idle site (the hosts' and the master's writes flushed to disk).
+    per second, on a warm worker; the same for the :data:`WARM_UP_SECONDS` of saves before,
+    the first a freshly started worker took (each pool process opens its connections on
+    its first tasks: PostgreSQL, Redis, the hosts); and the median of :data:`DIRECT_PUTS`
+    direct PUTs, timed first, on the idle site (the hosts' and the master's writes flushed
+    to disk).
 
     Not after the saves: the kernel then writes their files back to disk, and a direct PUT
     timed during that took 2.3 ms against 1.25 ms before them (probe by hand)."""

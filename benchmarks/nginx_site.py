@@ -224,7 +224,7 @@ class Changes:
 
     def _expect(self, name, size):
         made = time.perf_counter()
-        self.made_at[name] = time.time()  # to compare with nginx's log ($msec)
+        self.made_at[name] = time.time()  # to compare with the hosts' logs and inotify's stamps
         with self.lock:
             for index in range(len(self.bench.hosts)):
                 self.pending[(index, name)] = (size, made)  # a newer change supersedes an older one
@@ -274,10 +274,10 @@ class Changes:
     def lags_from_host_logs(self):
         """Per new file that reached every host, in the order they were made: the seconds from
         its save() returning to the end of the last host's PUT, as that host's nginx logged
-        it (``$msec``, to the millisecond). For runs of new files only (``mixed=False``).
+        it (``$msec``). For runs of new files only (``mixed=False``).
 
-        The watcher that fills :attr:`landed` looks every 2 ms, which adds up to that much
-        to each lag; nginx's log does not (its clock is the kernel's, as ``time.time()``)."""
+        ``$msec`` is nginx's event-loop time, cached, to the millisecond: these lags end up
+        to a millisecond and more early (:meth:`lags_from_arrivals` does not)."""
         from urllib.parse import unquote, urlsplit
 
         ended = {}
@@ -290,11 +290,7 @@ class Changes:
                     per_host.setdefault(path[len(prefix):], float(match["msec"]))
             for name, at in per_host.items():
                 ended.setdefault(name, []).append(at)
-        lags = []
-        for name, made in sorted(self.made_at.items(), key=lambda item: item[1]):
-            if len(ended.get(name, [])) == len(self.bench.hosts):
-                lags.append(max(ended[name]) - made)
-        return lags
+        return self._lags_to_last_host(lambda name: ended.get(name, []))
 
     def lags_from_arrivals(self):
         """Per new file that reached every host, in the order they were made: the seconds from
@@ -302,12 +298,21 @@ class Changes:
         :mod:`benchmarks.arrivals`). Empty without inotify. For runs of new files only."""
         if self.arrivals is None:
             return []
+
+        def stamps(name):
+            basename = name.rsplit("/", 1)[-1]
+            return [at for at in (self.arrivals.at(folder, basename) for folder in self.folders) if at is not None]
+
+        return self._lags_to_last_host(stamps)
+
+    def _lags_to_last_host(self, times_on_hosts):
+        """``max(times_on_hosts(name)) - made`` for each new file, in the order they were made,
+        when ``times_on_hosts(name)`` (``time.time()`` values) has one per host."""
         lags = []
         for name, made in sorted(self.made_at.items(), key=lambda item: item[1]):
-            basename = name.rsplit("/", 1)[-1]
-            stamps = [self.arrivals.at(folder, basename) for folder in self.folders]
-            if None not in stamps:
-                lags.append(max(stamps) - made)
+            times = times_on_hosts(name)
+            if len(times) == len(self.bench.hosts):
+                lags.append(max(times) - made)
         return lags
 
     def close(self):
