@@ -20,37 +20,41 @@ _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
 """
-_ACQUIRE = """
-if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, redis.call('pttl', KEYS[2])} end
-return {0, redis.call('pttl', KEYS[1])}
-"""
+# KEYS: the pairs' leases, their hosts' breakers' open keys, then their causes. Returns per
+# pair {1, how long the breaker stays open, and why when it is open} with the lease, or
+# {0, how long the holder keeps it}.
 _ACQUIRE_MANY = """
-local n = #KEYS / 2
+local n = #KEYS / 3
 local out = {}
 for i = 1, n do
   if redis.call('set', KEYS[i], ARGV[i], 'NX', 'PX', ARGV[n + 1]) then
-    out[i] = {1, redis.call('pttl', KEYS[n + i])}
+    local open = redis.call('pttl', KEYS[n + i])
+    if open > 0 then
+      out[i] = {1, open, redis.call('get', KEYS[2 * n + i]) or ''}
+    else
+      out[i] = {1, open}
+    end
   else
     out[i] = {0, redis.call('pttl', KEYS[i])}
   end
 end
 return out
 """
-# KEYS, five per (host, path) pair: its lease, then its host's breaker keys (failures, open,
-# down-since, back-at). ARGV: the tokens ("" for a lease to keep), then per pair "1" to
+# KEYS, six per (host, path) pair: its lease, then its host's breaker keys (failures, open,
+# down-since, back-at, cause). ARGV: the tokens ("" for a lease to keep), then per pair "1" to
 # close the breaker (a success) or "0", then the time and how long to remember it. Returns
 # per pair 1 when it closed a breaker that had counted failures: the host has just come back.
 _RELEASE_MANY = """
-local n = #KEYS / 5
+local n = #KEYS / 6
 local now = ARGV[2 * n + 1]
 local out = {}
 for i = 1, n do
-  local base = (i - 1) * 5
+  local base = (i - 1) * 6
   out[i] = 0
   if ARGV[n + i] == '1' then
     if redis.call('del', KEYS[base + 2], KEYS[base + 3]) > 0 then
       out[i] = 1
-      redis.call('del', KEYS[base + 4])
+      redis.call('del', KEYS[base + 4], KEYS[base + 6])
       redis.call('set', KEYS[base + 5], now, 'PX', ARGV[2 * n + 2])
     end
   end
@@ -170,26 +174,33 @@ class Leases:
         self.leases = {pair: coordinator.lease(*pair) for pair in pairs}
         self.breakers = {host: coordinator.breaker(host) for host, _ in self.leases}
         self.ours = set()
+        #: Why each host's breaker is open, as read by :meth:`acquire` (hosts whose breaker is open).
+        self.causes = {}
 
     def acquire(self):
         """Take every free lease and read every host's breaker in one round trip.
 
         Returns ``{pair: (acquired, wait)}``: with the lease, ``wait`` is how long the host's
-        breaker stays open (0 when closed); without it, how long the holder's lease lasts.
+        breaker stays open (0 when closed; why it is open is in :attr:`causes`); without it,
+        how long the holder's lease lasts.
         """
         pairs = list(self.leases)
         if not pairs:
             return {}
-        keys = [self.leases[pair].key for pair in pairs] + [self.breakers[host].open_key for host, _ in pairs]
+        breakers = [self.breakers[host] for host, _ in pairs]
+        keys = [self.leases[pair].key for pair in pairs]
+        keys += [breaker.open_key for breaker in breakers] + [breaker.cause_key for breaker in breakers]
         tokens = [self.leases[pair].token for pair in pairs]
         ttl_ms = self.leases[pairs[0]].ttl_ms
         answers = self.client.eval(_ACQUIRE_MANY, len(keys), *keys, *tokens, ttl_ms)
         states = {}
-        for pair, (acquired, ttl) in zip(pairs, answers, strict=True):
+        for pair, (acquired, ttl, *cause) in zip(pairs, answers, strict=True):
             if acquired:
                 self.ours.add(pair)
                 if not self.breakers[pair[0]].threshold:
                     ttl = 0
+                elif ttl > 0:
+                    self.causes[pair[0]] = _text(cause[0]) if cause else ""
             states[pair] = (bool(acquired), max(ttl, 0) / 1000)
         return states
 
@@ -231,7 +242,10 @@ class Leases:
         for pair in pairs:
             lease, breaker = self.leases[pair], self.breakers[pair[0]]
             _renewer.forget(lease)
-            keys += [lease.key, breaker.failures_key, breaker.open_key, breaker.down_since_key, breaker.back_at_key]
+            keys += [
+                lease.key, breaker.failures_key, breaker.open_key, breaker.down_since_key, breaker.back_at_key,
+                breaker.cause_key,
+            ]
             tokens.append("" if pair in keep else lease.token)
             closes.append("1" if pair in succeeded else "0")
         answers = self.client.eval(
@@ -319,6 +333,7 @@ class CircuitBreaker:
         self.open_key = base + ":open"
         self.down_since_key = base + ":down-since"
         self.back_at_key = base + ":back-at"
+        self.cause_key = base + ":cause"
         self.probe_key = base + ":probe"
         self.threshold = threshold
         self.cooldown_ms = int(cooldown * 1000)
@@ -329,8 +344,10 @@ class CircuitBreaker:
             return 0
         return max(self.client.pttl(self.open_key), 0) / 1000
 
-    def record_failure(self):
-        """Count a retryable failure; return True if the breaker is now open.
+    def record_failure(self, cause=""):
+        """Count a retryable failure, ``cause`` its error as an operator reads it (the
+        dashboard shows the last one beside "down since"); return True if the breaker is now
+        open.
 
         Failures are counted even with the breaker disabled (threshold 0): the count is how
         a success (:meth:`Leases.release`) knows that the host has just come back.
@@ -339,7 +356,8 @@ class CircuitBreaker:
         pipe = self.client.pipeline()
         pipe.incr(self.failures_key)
         pipe.pexpire(self.failures_key, remembered)
-        failures, _ = pipe.execute()
+        pipe.set(self.cause_key, str(cause)[:500], px=remembered)
+        failures, *_ = pipe.execute()
         if self.threshold and failures >= self.threshold:
             pipe = self.client.pipeline()
             pipe.set(self.open_key, failures, px=self.cooldown_ms)
@@ -360,17 +378,24 @@ class CircuitBreaker:
         self.client.delete(self.probe_key)
 
     def health(self):
-        """``(open_for, down_since, back_at)``: seconds the breaker stays open (0: closed), and
-        the Unix times when the host went down (None: it is not) and last came back (None:
-        not within a day). One round trip."""
+        """``(open_for, down_since, back_at, cause)``: seconds the breaker stays open (0:
+        closed), the Unix times when the host went down (None: it is not) and last came back
+        (None: not within a day), and the last failure's error while it is down ("" when it
+        is up). One round trip."""
         pipe = self.client.pipeline(transaction=False)
         pipe.pttl(self.open_key)
         pipe.get(self.down_since_key)
         pipe.get(self.back_at_key)
-        open_ms, down_since, back_at = pipe.execute()
+        pipe.get(self.cause_key)
+        open_ms, down_since, back_at, cause = pipe.execute()
         open_for = max(open_ms, 0) / 1000 if self.threshold else 0
-        return open_for, _float(down_since), _float(back_at)
+        cause = _text(cause) if down_since is not None or open_for else ""
+        return open_for, _float(down_since), _float(back_at), cause
 
 
 def _float(value):
     return float(value) if value is not None else None
+
+
+def _text(value):
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else (value or "")

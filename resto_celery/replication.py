@@ -273,9 +273,11 @@ def sync_pairs(pairs, master_path, transports, coordinator, *, location=None, on
             if not acquired:
                 outcomes[pair].error = LeaseBusy(host, name, wait)
             elif wait and not probe:
+                cause = leases.causes.get(host)
                 fail(pair, HostShortCircuited(
                     host, "PUT/DELETE", name,
-                    f"circuit breaker open after repeated failures; next try in {wait:.1f}s", wait=wait,
+                    f"circuit breaker open after repeated failures{f' ({cause})' if cause else ''}; "
+                    f"next try in {wait:.1f}s", wait=wait,
                 ), host_down=True)
             else:
                 active.append(pair)
@@ -290,7 +292,7 @@ def sync_pairs(pairs, master_path, transports, coordinator, *, location=None, on
                 if isinstance(error, TransportError):
                     down = False
                     if error.retryable:
-                        down = leases.breakers[pair[0]].record_failure()
+                        down = leases.breakers[pair[0]].record_failure(error.reason)
                     if error.in_doubt:
                         in_doubt.add(pair)
                     fail(pair, error, down)

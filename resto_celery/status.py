@@ -36,6 +36,7 @@ class HostStatus:
     last_error_path: str = ""
     breaker_open_for: float | None = None  # seconds; None when Redis could not be asked
     down_since: datetime | None = None  # when the breaker opened, while the host is down
+    down_cause: str = ""  # the last failure's error, while the host is down
     back_at: datetime | None = None  # when the host last came back (within a day)
     catch_up: dict | None = None  # the bulk lane's last pass for this host: sent, done, rate, eta
     held_deletes: int = 0  # deletions the brake holds back, waiting for an operator
@@ -240,15 +241,17 @@ def check(statuses, masters, max_lag=None, max_failed=None):
 
 
 def _read_breaker(status, storage):
-    """The host's breaker: open for how long, down since when, back since when (one round trip)."""
+    """The host's breaker: open for how long, down since when and why, back since when (one
+    round trip)."""
     try:
         coordinator = coordinator_for(storage.options)
-        open_for, down_since, back_at = coordinator.breaker(status.host).health()
+        open_for, down_since, back_at, cause = coordinator.breaker(status.host).health()
     except Exception as error:  # noqa: BLE001 - the dashboard must render without Redis
         logger.warning("Could not read the circuit breaker of %s: %s", status.host, error)
         return
     status.breaker_open_for = open_for
     status.down_since = _moment(down_since)
+    status.down_cause = cause
     status.back_at = _moment(back_at)
     status.catch_up = _catch_up(coordinator.client, status.host)
 

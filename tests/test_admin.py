@@ -94,8 +94,8 @@ def test_dashboard_shows_a_host_whose_breaker_opened_as_down_since_then(async_se
 
     storage = AsyncStorage(hosts=[async_hosts[0].url], redis_url=redis_url, breaker_threshold=2)
     breaker = coordinator_for(storage.options).breaker(async_hosts[0].url)
-    breaker.record_failure()
-    breaker.record_failure()
+    breaker.record_failure("connection failed: Connection refused")
+    breaker.record_failure("connection failed: Connection refused")
     response = viewer.get(reverse(DASHBOARD))
     by_host = {status.host: status for status in response.context["statuses"]}
     assert by_host[async_hosts[0].url].breaker_open_for > 0
@@ -105,6 +105,8 @@ def test_dashboard_shows_a_host_whose_breaker_opened_as_down_since_then(async_se
     assert b"down since" in response.content and b"circuit breaker open" in response.content
     assert b"down since <span" in response.content and b"just now</span>" in response.content  # not "0 minutes ago"
     assert b"0\xc2\xa0minutes ago" not in response.content
+    assert by_host[async_hosts[0].url].down_cause == "connection failed: Connection refused"
+    assert b'<div class="resto-down-cause">connection failed: Connection refused</div>' in response.content
 
 
 @pytest.mark.django_db

@@ -64,6 +64,7 @@ def test_a_host_that_comes_back_gets_every_waiting_change_from_its_probe_within_
     wait_until(lambda: _waiting(broken) == 20, message="the changes to wait for the host")
     status = {s.host: s for s in host_statuses()}[broken.url]
     assert status.down and status.waiting == 20 and status.down_since <= timezone.now()
+    assert "Connection refused" in status.down_cause, status.down_cause
 
     broken.come_back()
     returned = time.monotonic()

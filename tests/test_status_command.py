@@ -115,11 +115,13 @@ def test_a_host_down_within_max_lag_is_a_warning(async_settings, async_hosts, re
 
     storage = AsyncStorage(hosts=[async_hosts[0].url], redis_url=redis_url, breaker_threshold=2)
     breaker = coordinator_for(storage.options).breaker(async_hosts[0].url)
-    breaker.record_failure()
-    breaker.record_failure()
+    breaker.record_failure("HTTP 503 Service Unavailable")
+    breaker.record_failure("HTTP 503 Service Unavailable")
     code, lines = _check("--max-lag", "300")
     assert code == 1
     assert lines[0].startswith(f"RESTO WARNING - {async_hosts[0].url} down")
+    [host_line] = [line for line in lines if line.startswith(f"{async_hosts[0].url}:")]
+    assert "DOWN since" in host_line and host_line.endswith("): HTTP 503 Service Unavailable")
 
 
 def test_lag_beats_a_warning_when_both_are_there(async_settings, async_hosts):

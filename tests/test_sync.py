@@ -145,6 +145,31 @@ def test_the_breaker_opens_after_repeated_failures_and_spares_the_host(master, h
     assert host.requests == []
 
 
+def test_a_short_circuited_transfer_says_what_opened_the_breaker(master, host, coordinator):
+    master.save("a.txt", ContentFile(b"v1"))
+    host.go_down()
+    for _ in range(3):
+        with pytest.raises(HostUnreachable):
+            _sync(master, host, coordinator, "a.txt")
+    with pytest.raises(HostShortCircuited, match=r"circuit breaker open .*\(connection failed: .*Connection refused"):
+        _sync(master, host, coordinator, "a.txt")
+
+
+def test_the_breaker_keeps_the_last_failure_while_the_host_is_down_and_forgets_it_once_back(
+    master, host, coordinator,
+):
+    master.save("a.txt", ContentFile(b"v1"))
+    host.fail_next(count=3, status=503)
+    for _ in range(3):
+        with pytest.raises(UnexpectedStatus):
+            _sync(master, host, coordinator, "a.txt")
+    open_for, down_since, _, cause = coordinator.breaker("h1").health()
+    assert open_for > 0 and down_since is not None and "503" in cause
+    _sync(master, host, coordinator, "a.txt", probe=True)
+    _, down_since, back_at, cause = coordinator.breaker("h1").health()
+    assert (down_since, cause) == (None, "") and back_at is not None
+
+
 def test_a_success_closes_the_breaker(master, host, coordinator):
     master.save("a.txt", ContentFile(b"v1"))
     host.fail_next(count=2, status=503)

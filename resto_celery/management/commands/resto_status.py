@@ -149,12 +149,14 @@ def _ago(moment):
 
 
 def _host_state(host_status):
-    """"up", "up, back 2 minutes ago", "DOWN since 5 minutes ago (breaker open 25s)", "?" (no Redis)."""
+    """"up", "up, back 2 minutes ago", "DOWN since 5 minutes ago (breaker open 25s): connection
+    failed: Connection refused", "?" (no Redis)."""
     if host_status.breaker_open_for is None:
         return "?" if host_status.configured else ""
     if host_status.down:
         since = f" since {_ago(host_status.down_since)}" if host_status.down_since else ""
-        return f"DOWN{since} (breaker open {host_status.breaker_open_for:.0f}s)"
+        cause = f": {host_status.down_cause}" if host_status.down_cause else ""
+        return f"DOWN{since} (breaker open {host_status.breaker_open_for:.0f}s){cause}"
     state = f"up, back {_ago(host_status.back_at)}" if host_status.back_at else "up"
     if host_status.catching_up:
         catch_up = host_status.catch_up
