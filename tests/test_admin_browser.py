@@ -311,3 +311,31 @@ def test_an_operator_finds_a_failed_upload_on_the_dashboard_and_repairs_it(
         assert [r.content_type for r in host.requests if r.method == "PUT" and r.name == FAILING_NAME][-1:] == [
             "image/jpeg"
         ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_down_host_shows_why_beside_down_since_and_a_long_error_still_fits_a_laptop(
+    async_settings, async_hosts, redis_url, live_server, launch_browser,
+):
+    from resto_celery.broker import coordinator_for
+    from resto_celery.storage import AsyncStorage
+
+    down = async_hosts[0].url
+    storage = AsyncStorage(hosts=[down], redis_url=redis_url, breaker_threshold=2)
+    breaker = coordinator_for(storage.options).breaker(down)
+    cause = ("connection failed: HTTPSConnectionPool(host='media-2.internal.example.org', port=443): "
+             "Max retries exceeded with url: /photos/2025/a-rather-long-folder-name/night-market.jpg "
+             "(Caused by SSLError(SSLCertVerificationError(1, '[SSL: CERTIFICATE_VERIFY_FAILED]')))")
+    breaker.record_failure(cause)
+    breaker.record_failure(cause)
+    username, password = _operator()
+
+    browser = launch_browser()
+    context = browser.new_context(viewport=LAPTOP)
+    page = context.new_page()
+    _log_in(page, live_server.url, username, password)
+    updown = _host_row(page, down)["up or down"]
+    assert updown.startswith("down since just now\nconnection failed: HTTPSConnectionPool") and "SSLError" in updown
+    assert _host_row(page, async_hosts[1].url)["up or down"] == "up"
+    _assert_fits(page, [down, async_hosts[1].url])
+    context.close()
