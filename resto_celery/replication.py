@@ -27,7 +27,7 @@ from .exceptions import (
 from .freshness import DELETED, Unconfirmed
 from .master import is_temporary
 from .models import Replica
-from .transport import finish_together
+from .transport import as_connected, finish_together
 
 logger = logging.getLogger(__name__)
 
@@ -70,14 +70,22 @@ def push_everywhere(master_path, transports, name, location=None):
     takes one (each at its own pace), then reads every answer
     (:func:`~resto_celery.transport.finish_together`). A thread per host added a hand-off
     each: ``HybridStorage.save()`` to 3 nginx hosts took about twice as long at 10 KB, a
-    quarter longer at 1 MB. Other kinds of host get a transfer thread each (:func:`in_parallel`).
+    quarter longer at 1 MB. Hosts with no kept-alive connection are connected to at once,
+    each request sent as its host's connection opens
+    (:func:`~resto_celery.transport.as_connected`): hosts that do not answer cost one
+    connect timeout, not one each, and hold back no small file to the others. Other kinds
+    of host get a transfer thread each (:func:`in_parallel`).
     """
     if not all(transport.pipelines for transport in transports.values()):
         return in_parallel(lambda host: push(master_path, transports[host], name, location), transports)
     outcomes = {}
     started = []
     try:
-        for host, transport in transports.items():
+        for host, failed_to_connect in as_connected(transports):
+            transport = transports[host]
+            if failed_to_connect is not None:
+                outcomes[host] = transport.failed_to_connect(failed_to_connect, _method_for(master_path), name)
+                continue
             try:
                 _, _, _, request, source = _start_current_state(master_path, transport, name, location)
             except Exception as error:  # noqa: BLE001 - the caller sorts the outcomes out, as in_parallel's
@@ -92,6 +100,11 @@ def push_everywhere(master_path, transports, name, location=None):
     for (host, _, _), outcome in zip(started, finished, strict=True):
         outcomes[host] = outcome if isinstance(outcome, BaseException) else None
     return [(host, outcomes[host]) for host in transports]
+
+
+def _method_for(master_path):
+    """The request the master's current state of a file calls for: PUT, or DELETE when it is gone."""
+    return "PUT" if os.path.exists(master_path) else "DELETE"
 
 
 def _send_current_state(master_path, transport, name, location, has=None, before_put=None):
@@ -317,8 +330,10 @@ def _transfer(pairs, master_path, transports, coordinator, location, force, outc
     fill in each outcome's ``action`` and ``version``, or its ``error``.
 
     When every host pipelines (plain HTTP), this thread keeps up to
-    :data:`TRANSFER_THREADS` transfers going at once (:func:`_transfer_pipelined`); else
-    each pair has a transfer thread (the process's pool of the lane).
+    :data:`TRANSFER_THREADS` transfers going at once (:func:`_transfer_pipelined`), the
+    pairs of hosts with a kept-alive connection begun first, the others' as their
+    connections open (:func:`_in_connect_order`); else each pair has a transfer thread (the
+    process's pool of the lane).
     """
     has = {} if force else Replica.objects.synced_fingerprints(pairs)
     unreachable = {}
@@ -341,7 +356,8 @@ def _transfer(pairs, master_path, transports, coordinator, location, force, outc
         return request, source
 
     if all(transports[host].pipelines for host, _ in pairs):
-        results = _transfer_pipelined(pairs, start, outcomes, unreachable)
+        results = _transfer_pipelined(_in_connect_order(pairs, transports, master_path, unreachable), start,
+                                      outcomes, unreachable)
     else:
         def bring_in_line(pair):
             started = time.perf_counter()
@@ -363,6 +379,23 @@ def _transfer(pairs, master_path, transports, coordinator, location, force, outc
             outcomes[pair].action, outcomes[pair].error = "", error
 
 
+def _in_connect_order(pairs, transports, master_path, unreachable):
+    """``pairs``, host by host as each host can take a request
+    (:func:`~resto_celery.transport.as_connected`): a host that does not answer a connect
+    holds back neither the others' transfers nor this task by more than one connect
+    timeout. A host that could not be connected to goes in ``unreachable`` before its
+    pairs come (their transfers fail with that error without another try)."""
+    by_host = {}
+    for pair in pairs:
+        by_host.setdefault(pair[0], []).append(pair)
+    for host, failed_to_connect in as_connected({host: transports[host] for host in by_host}):
+        if failed_to_connect is not None:
+            name = by_host[host][0][1]
+            unreachable[host] = transports[host].failed_to_connect(failed_to_connect, _method_for(master_path(name)),
+                                                                   name)
+        yield from by_host[host]
+
+
 def _unreachable(error):
     """Whether ``error`` says the host cannot be reached at all: its other pairs then fail
     without another try. A refused connection or one that timed out connecting; not a
@@ -377,11 +410,13 @@ def _transfer_pipelined(pairs, start, outcomes, unreachable):
     (:func:`~resto_celery.transport.finish_together`). Transport and master failures are
     outcomes; anything else is raised once the requests begun are finished."""
     results = []
-    for first in range(0, len(pairs), TRANSFER_THREADS):
-        started, errors, unexpected = [], {}, None
+    pairs = iter(pairs)
+    while True:
+        chunk, started, errors, unexpected = [], [], {}, None
         begun = time.perf_counter()
         try:
-            for pair in pairs[first:first + TRANSFER_THREADS]:
+            for pair in pairs:  # begun as they come (see _in_connect_order), TRANSFER_THREADS at a time
+                chunk.append(pair)
                 try:
                     request, source = start(pair)
                 except (TransportError, MasterError, LeaseBusy) as error:
@@ -392,6 +427,8 @@ def _transfer_pipelined(pairs, start, outcomes, unreachable):
                 else:
                     if request is not None:
                         started.append((pair, request, source))
+                if len(chunk) == TRANSFER_THREADS:
+                    break
             finished = finish_together([request for _, request, _ in started])
         finally:
             for _, _, source in started:
@@ -407,10 +444,11 @@ def _transfer_pipelined(pairs, start, outcomes, unreachable):
                 errors[pair] = outcome
                 if _unreachable(outcome):
                     unreachable.setdefault(pair[0], outcome)
-        for pair in pairs[first:first + TRANSFER_THREADS]:
+        for pair in chunk:
             outcomes[pair].seconds = answered.get(pair, ended) - begun  # a slow host's time is its own
             results.append((pair, errors.get(pair)))
-    return results
+        if len(chunk) < TRANSFER_THREADS:
+            return results
 
 
 def _record(pairs, leases, outcomes, task_id):

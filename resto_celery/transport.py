@@ -18,6 +18,7 @@ import json
 import logging
 import mimetypes
 import os
+import queue
 import selectors
 import socket
 import ssl
@@ -461,6 +462,20 @@ class HostTransport(Transport):
         self.session.close()
         self._connections.clear()
 
+    def needs_connection(self) -> bool:
+        """Whether the next request would open a new connection (no kept-alive one is idle)."""
+        return self.pipelines and not self._connections.has_idle()
+
+    def connect_ahead(self) -> None:
+        """Open a connection and keep it for the next request (see :func:`as_connected`);
+        raises what connecting raised (``OSError``, ``ssl.SSLError``)."""
+        self._connections.connect_one()
+
+    def failed_to_connect(self, exc: BaseException, method: str, name: str) -> TransportError:
+        """The :class:`~resto_celery.exceptions.TransportError` a ``method`` of ``name``
+        raises when connecting to this host fails with ``exc``."""
+        return self._translate_sent(exc, method, name, connected=False)
+
     def _start(
         self, method: str, name: str, body: IO[bytes] | bytes | None = None,
         headers: Mapping[str, str] | None = None,
@@ -693,6 +708,43 @@ class _Done(PendingRequest[_R]):
         return self.result
 
 
+def as_connected(transports: Mapping[str, Transport]) -> Iterator[tuple[str, BaseException | None]]:
+    """Yield ``(host, None)`` for each host of ``transports`` (``{host: transport}``) as it
+    can take a request, ``(host, what connecting raised)`` for one that cannot be reached
+    (:meth:`HostTransport.failed_to_connect` makes it the error a request raises).
+
+    Hosts with a kept-alive connection idle come first. When two or more have none, they
+    are connected to at once, a thread each, and come as their connections open: a host
+    that does not answer then costs one connect timeout for the lot, and the requests to
+    the others go out meanwhile (connected one after another in the requesting thread,
+    each such host cost a timeout before the next host's request). With one such host, the
+    request connects itself.
+    """
+    cold = [host for host, transport in transports.items()
+            if isinstance(transport, HostTransport) and transport.needs_connection()]
+    if len(cold) < 2:
+        cold = []
+    for host in transports:
+        if host not in cold:
+            yield host, None
+    if not cold:
+        return
+    connected: queue.SimpleQueue[tuple[str, BaseException | None]] = queue.SimpleQueue()
+
+    def connect(host: str) -> None:
+        try:
+            cast("HostTransport", transports[host]).connect_ahead()
+        except (OSError, http.client.HTTPException) as exc:  # ssl.SSLError is an OSError
+            connected.put((host, exc))
+        else:
+            connected.put((host, None))
+
+    for host in cold:
+        threading.Thread(target=connect, args=(host,), name="resto-connect", daemon=True).start()
+    for _ in cold:
+        yield connected.get()
+
+
 def finish_together(requests: Sequence[PendingRequest[Any]]) -> list[Any]:
     """Finish every request of ``requests`` from this thread: the rest of each body goes a
     block at a time to whichever host's socket takes one, then each answer is read as it
@@ -852,6 +904,21 @@ class _KeptConnections:
             if not _closed_by_peer(connection.sock):
                 return connection, True
             connection.close()
+
+    def has_idle(self) -> bool:
+        """Whether a kept-alive connection waits for the next request (the host may have closed it)."""
+        return bool(self._idle)
+
+    def connect_one(self) -> None:
+        """Connect a new connection and keep it idle for the next request."""
+        connection = self._new()
+        try:
+            connection.connect()
+            cast("socket.socket", connection.sock).settimeout(self.read_timeout)
+        except BaseException:
+            connection.close()
+            raise
+        self.give_back(connection, keep=True)
 
     def give_back(self, connection: http.client.HTTPConnection, keep: bool) -> None:
         """Keep ``connection`` for the next request, unless ``keep`` is false or enough are idle."""

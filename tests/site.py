@@ -1,6 +1,7 @@
 """A replication site for tests: master, media hosts, Redis, real Celery worker processes."""
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -41,6 +42,21 @@ def wait_until(predicate, timeout=30, interval=0.05, message="condition"):
     """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
     if not became_true(predicate, timeout, interval):
         raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+class UnansweringHost:
+    """A loopback address whose connects time out, as a host behind a firewall that drops
+    packets: a listener whose one-place accept queue is kept full, so the kernel drops
+    every further connection attempt."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/media/"
+        self.filler = socket.create_connection(self.listener.getsockname(), timeout=2)
+
+    def close(self):
+        self.filler.close()
+        self.listener.close()
 
 
 def host_entry(host):

@@ -17,7 +17,7 @@ from resto_celery import replication
 from resto_celery.exceptions import HostTimeout, HostUnreachable, MasterReadError, ReplicationError
 from resto_celery.storage import HybridStorage
 from resto_celery.transport import HostTransport, finish_together
-from tests.site import wait_until
+from tests.site import UnansweringHost, wait_until
 
 
 @pytest.fixture
@@ -296,3 +296,27 @@ def test_each_answer_is_read_as_it_comes_so_a_quick_host_is_not_timed_by_a_slow_
 
     slow_request, quick_request = pending
     assert quick_request.answered_at < slow_request.answered_at
+
+
+def test_hosts_that_never_answer_a_connect_cost_one_timeout_together_and_hold_back_no_other(
+    media_root, make_media_server,
+):
+    unanswering = [UnansweringHost(), UnansweringHost()]
+    up = make_media_server()
+    storage = HybridStorage(location=str(media_root), hosts=[h.url for h in unanswering] + [up.url], timeout=1)
+    started = time.monotonic()
+    try:
+        with pytest.raises(ReplicationError) as raised:
+            storage.save("a.txt", ContentFile(b"bytes"))
+    finally:
+        for host in unanswering:
+            host.close()
+    waited = time.monotonic() - started
+
+    assert up.files() == {"a.txt": b"bytes"}
+    [put] = [r for r in up.requests if r.method == "PUT"]
+    assert put.time - started < 0.9, "the answering host's PUT waited for a connect timeout"
+    assert sorted(raised.value.failures) == sorted(h.url for h in unanswering)
+    for error in raised.value.failures.values():
+        assert isinstance(error, HostTimeout) and "timed out connecting" in str(error) and not error.in_doubt
+    assert waited < 1.8, f"{waited:.2f} s: the hosts were connected to one after another (2 x 1 s)"

@@ -11,6 +11,7 @@ from resto_celery.exceptions import HostShortCircuited, HostTimeout, HostUnreach
 from resto_celery.master import MasterStorage
 from resto_celery.models import Replica
 from resto_celery.transport import HostTransport
+from tests.site import UnansweringHost
 
 pytestmark = pytest.mark.django_db
 
@@ -354,3 +355,32 @@ def test_a_failures_row_keeps_its_reason_without_repeating_the_host(master, host
               on_failure=lambda error: FailureRecorder(resolve(), "t-1")("h1", "a.txt", error, False))
     row = Replica.objects.get(host="h1", path="a.txt")
     assert row.last_error == "PUT a.txt failed: 403 Forbidden"  # the row names the host already
+
+
+def test_hosts_that_never_answer_a_connect_hold_back_neither_the_others_nor_the_task_by_more_than_one_timeout(
+    master, make_media_server, coordinator,
+):
+    unanswering = {"dark-1": UnansweringHost(), "dark-2": UnansweringHost()}
+    up = make_media_server()
+    transports = {host: HostTransport(server.url, name=host, timeout=1) for host, server in unanswering.items()}
+    transports["up"] = HostTransport(up.url, name="up", timeout=1)
+    names = ["a.txt", "b.txt"]
+    for name in names:
+        master.save(name, ContentFile(b"v1"))
+    pairs = [(host, name) for name in names for host in transports]  # the silent hosts first
+    started = time.monotonic()
+    try:
+        outcomes = {o.pair: o for o in replication.sync_pairs(pairs, master.path, transports, coordinator)}
+    finally:
+        for server in unanswering.values():
+            server.close()
+    waited = time.monotonic() - started
+
+    assert up.files() == {"a.txt": b"v1", "b.txt": b"v1"}
+    assert all(outcomes[("up", name)].error is None for name in names)
+    assert max(r.time for r in up.requests if r.method == "PUT") - started < 0.9, "the PUTs waited for a timeout"
+    for host in unanswering:
+        for name in names:
+            error = outcomes[(host, name)].error
+            assert isinstance(error, HostTimeout) and "timed out connecting" in str(error) and not error.in_doubt
+    assert waited < 1.8, f"{waited:.2f} s: the silent hosts were connected to one after another (2 x 1 s)"
