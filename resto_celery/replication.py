@@ -251,7 +251,8 @@ def sync_pairs(pairs, master_path, transports, coordinator, *, location=None, on
        ``bulk``, bulk-lane work, so that live changes never queue behind it); once a host
        is unreachable, its other pairs fail without another try.
     4. Record: the successes in one statement, each failure in its row
-       (``on_failure(host, name, error, host_down)``, still under the lease). A pair whose
+       (``on_failure(host, name, error, host_down)``, still under the lease), those of the
+       hosts whose breaker is open last: the hosts that answer do not wait for them. A pair whose
        lease was lost meanwhile (Redis restarted, a stall past the TTL) gets a pending row
        instead: another worker may have sent a newer state.
     5. Give the leases back and close the breakers of the hosts that succeeded; a lease
@@ -278,7 +279,7 @@ def sync_pairs(pairs, master_path, transports, coordinator, *, location=None, on
         return list(outcomes.values())
 
     leases = coordinator.leases(list(outcomes))
-    active = []
+    active, short_circuited = [], []
     succeeded, in_doubt = set(), set()
     try:
         for pair, (acquired, wait) in leases.acquire().items():
@@ -287,31 +288,38 @@ def sync_pairs(pairs, master_path, transports, coordinator, *, location=None, on
                 outcomes[pair].error = LeaseBusy(host, name, wait)
             elif wait and not probe:
                 cause = leases.causes.get(host)
-                fail(pair, HostShortCircuited(
+                short_circuited.append((pair, HostShortCircuited(
                     host, "PUT/DELETE", name,
                     f"circuit breaker open after repeated failures{f' ({cause})' if cause else ''}; "
                     f"next try in {wait:.1f}s", wait=wait,
-                ), host_down=True)
+                )))
             else:
                 active.append(pair)
-        if active:
-            with leases.kept_alive(active):
-                _transfer(active, master_path, transports, coordinator, location, force or fresh, outcomes, bulk)
-            done = [pair for pair in active if outcomes[pair].error is None]
-            _record(done, leases, outcomes, task_id)
-            succeeded = set(done)
-            for pair in active:
-                error = outcomes[pair].error
-                if isinstance(error, TransportError):
-                    down = False
-                    if error.retryable:
-                        down = leases.breakers[pair[0]].record_failure(error.reason)
-                    if error.in_doubt:
-                        in_doubt.add(pair)
-                    fail(pair, error, down)
-                elif isinstance(error, MasterError):
-                    fail(pair, error)
-                # LeaseBusy (a directory another worker is making): no failure, try again soon
+        try:
+            if active:
+                with leases.kept_alive(active):
+                    _transfer(active, master_path, transports, coordinator, location, force or fresh, outcomes, bulk)
+                done = [pair for pair in active if outcomes[pair].error is None]
+                _record(done, leases, outcomes, task_id)
+                succeeded = set(done)
+                for pair in active:
+                    error = outcomes[pair].error
+                    if isinstance(error, TransportError):
+                        down = False
+                        if error.retryable:
+                            down = leases.breakers[pair[0]].record_failure(error.reason)
+                        if error.in_doubt:
+                            in_doubt.add(pair)
+                        fail(pair, error, down)
+                    elif isinstance(error, MasterError):
+                        fail(pair, error)
+                    # LeaseBusy (a directory another worker is making): no failure, try again soon
+        finally:
+            # The rows of the changes that wait for a down host are written once the hosts
+            # that answer have theirs (still under the leases): written first, they held up
+            # every transfer to the others by a few queries while a host was down.
+            for pair, error in short_circuited:
+                fail(pair, error, host_down=True)
     finally:
         came_back = leases.release(succeeded, keep=in_doubt)
     for host in dict.fromkeys(host for host, _ in outcomes):

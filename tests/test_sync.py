@@ -384,3 +384,24 @@ def test_hosts_that_never_answer_a_connect_hold_back_neither_the_others_nor_the_
             error = outcomes[(host, name)].error
             assert isinstance(error, HostTimeout) and "timed out connecting" in str(error) and not error.in_doubt
     assert waited < 1.8, f"{waited:.2f} s: the silent hosts were connected to one after another (2 x 1 s)"
+
+
+def test_a_change_for_a_down_host_is_recorded_after_the_answering_hosts_got_it(master, make_media_server, coordinator):
+    up, down = make_media_server(), make_media_server()
+    transports = {"up": HostTransport(up.url, name="up", timeout=2), "down": HostTransport(down.url, name="down")}
+    for _ in range(3):  # the breaker's threshold: "down" is short-circuited
+        coordinator.breaker("down").record_failure("connection failed: Connection refused")
+    master.save("a.txt", ContentFile(b"v1"))
+    recorded = {}
+
+    def on_failure(host, name, error, host_down):
+        recorded[(host, name)] = (time.monotonic(), type(error).__name__, host_down)
+
+    replication.sync_pairs([("down", "a.txt"), ("up", "a.txt")], master.path, transports, coordinator,
+                           on_failure=on_failure)
+
+    [put] = [r for r in up.requests if r.method == "PUT"]
+    at, kind, host_down = recorded[("down", "a.txt")]
+    assert (kind, host_down) == ("HostShortCircuited", True)
+    assert put.time < at, "the answering host's PUT waited for the down host's row"
+    assert down.requests == []
