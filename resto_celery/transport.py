@@ -732,12 +732,13 @@ def as_connected(transports: Mapping[str, Transport]) -> Iterator[tuple[str, Bas
     connected: queue.SimpleQueue[tuple[str, BaseException | None]] = queue.SimpleQueue()
 
     def connect(host: str) -> None:
+        failure = None
         try:
             cast("HostTransport", transports[host]).connect_ahead()
-        except (OSError, http.client.HTTPException) as exc:  # ssl.SSLError is an OSError
-            connected.put((host, exc))
-        else:
-            connected.put((host, None))
+        except Exception as exc:  # noqa: BLE001 - the caller turns it into the request's error
+            failure = exc
+        finally:
+            connected.put((host, failure))  # whatever happened: the caller waits for each host
 
     for host in cold:
         threading.Thread(target=connect, args=(host,), name="resto-connect", daemon=True).start()

@@ -8,7 +8,7 @@ import tracemalloc
 import pytest
 
 from resto_celery.exceptions import HostTimeout, HostUnreachable, MissingFile, TLSFailure, UnexpectedStatus
-from resto_celery.transport import HostTransport
+from resto_celery.transport import HostTransport, as_connected
 
 
 @pytest.fixture
@@ -360,3 +360,28 @@ def _file(folder, name, content):
     path = folder / name
     path.write_bytes(content)
     return path.open("rb")
+
+
+def test_hosts_are_connected_to_at_once_and_one_whose_connect_fails_comes_with_its_error(make_media_server):
+    up, refusing, broken = make_media_server(), make_media_server(), make_media_server()
+    refusing.stop()
+    transports = {server.url: HostTransport(server.url, timeout=2) for server in (up, refusing, broken)}
+
+    def not_a_socket_error():
+        raise ValueError("not a socket error")
+
+    transports[broken.url].connect_ahead = not_a_socket_error  # still yielded, with its error: nobody waits forever
+    came = dict(as_connected(transports))
+
+    assert came[up.url] is None and not transports[up.url].needs_connection()  # a connection waits for the request
+    assert isinstance(came[refusing.url], ConnectionRefusedError)
+    assert isinstance(came[broken.url], ValueError)
+    error = transports[refusing.url].failed_to_connect(came[refusing.url], "PUT", "a.txt")
+    assert isinstance(error, HostUnreachable) and not error.in_doubt and "Connection refused" in str(error)
+
+
+def test_a_lone_host_without_a_connection_connects_in_the_requesting_thread(make_media_server):
+    server = make_media_server()
+    transports = {server.url: HostTransport(server.url, timeout=2)}
+    assert list(as_connected(transports)) == [(server.url, None)]
+    assert transports[server.url].needs_connection()  # no thread connected ahead: the request will
