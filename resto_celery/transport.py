@@ -587,9 +587,8 @@ class _Exchange:
             self.connection, connected = connection, self.reused
             try:
                 if not self.reused:
-                    connection.connect()
+                    connections.open(connection)
                     connected = True
-                    connection.sock.settimeout(connections.read_timeout)
                 try:
                     connection.request(self.method, self.target, body=self.body, headers=dict(self.headers))
                 except (BrokenPipeError, ConnectionResetError):
@@ -910,12 +909,16 @@ class _KeptConnections:
         """Whether a kept-alive connection waits for the next request (the host may have closed it)."""
         return bool(self._idle)
 
+    def open(self, connection: http.client.HTTPConnection) -> None:
+        """Connect ``connection`` (within the connect timeout); its reads then wait up to the read timeout."""
+        connection.connect()
+        cast("socket.socket", connection.sock).settimeout(self.read_timeout)
+
     def connect_one(self) -> None:
         """Connect a new connection and keep it idle for the next request."""
         connection = self._new()
         try:
-            connection.connect()
-            cast("socket.socket", connection.sock).settimeout(self.read_timeout)
+            self.open(connection)
         except BaseException:
             connection.close()
             raise
