@@ -483,7 +483,8 @@ def _record(pairs, leases, outcomes, task_id):
 
 class _PositionalReader(io.RawIOBase):
     """A read-only view of an open master file with a position of its own (``os.pread``):
-    one file streamed to several hosts at once, each at its own pace. A read that fails
+    one file streamed to several hosts at once, each at its own pace (a plain HTTP host's
+    socket is fed from :meth:`fileno` by ``sendfile()``, from :meth:`tell` on). A read that fails
     raises :class:`~resto_celery.exceptions.MasterReadError` (the master's fault, not the
     host's: a failure to retry)."""
 
@@ -494,6 +495,11 @@ class _PositionalReader(io.RawIOBase):
 
     def readable(self):
         return True
+
+    def fileno(self):
+        # The file it reads, for sendfile(), which takes the offset it is given (tell()):
+        # the descriptor's own position is nobody's.
+        return self.fd
 
     def seekable(self):
         return True

@@ -1,4 +1,4 @@
-"""HTTP to one media host: pooled sessions, streaming PUT, typed errors.
+"""HTTP to one media host: pooled sessions, streaming PUT (``sendfile()`` from a file), typed errors.
 
 Knows nothing of Django models or Celery: a :class:`HostTransport` is built from a base
 URL and a few connection settings, and speaks plain HTTP/1.1 ``PUT``, ``DELETE``,
@@ -22,6 +22,7 @@ import queue
 import selectors
 import socket
 import ssl
+import stat
 import threading
 import time
 from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
@@ -572,6 +573,9 @@ class _Exchange:
         self.length = int(headers.get("Content-Length", 0)) if self.stream is not None else 0
         self.stream_start = None if self.stream is None else _position(self.stream)
         self.repeatable = in_memory or self.stream_start is not None
+        self.file_descriptor = None  # a regular file that sendfile() can send from where the stream began
+        if self.stream is not None and self.stream_start is not None:
+            self.file_descriptor = _regular_file_descriptor(self.stream)
         self.left = self.length
         self.block = memoryview(b"")
         self.failure: BaseException | None = None  # what stopped the stream (the answer may still come)
@@ -608,7 +612,16 @@ class _Exchange:
 
     def send_block(self) -> None:
         """Send what the socket takes now of the stream's current block (read the next one
-        first if it is all sent); the socket is non-blocking. A failure stops the stream."""
+        first if it is all sent); the socket is non-blocking. A failure stops the stream.
+
+        A regular file to a plain (not TLS) socket goes by ``sendfile()``: the kernel copies
+        the page cache to the socket, and no block passes through Python.
+        """
+        sock = cast("http.client.HTTPConnection", self.connection).sock
+        if self.file_descriptor is not None and not self.block and not isinstance(sock, ssl.SSLSocket):
+            if self._send_from_file(sock):
+                return
+            self.file_descriptor = None  # not something sendfile() can do: read and send it instead
         if not self.block:
             try:
                 self.block = memoryview(self.stream.read(min(SEND_BLOCK_SIZE, self.left)))  # type: ignore[union-attr]
@@ -619,7 +632,7 @@ class _Exchange:
                 self.failure = TimeoutError("the file ended before its Content-Length")
                 return
         try:
-            sent = cast("http.client.HTTPConnection", self.connection).sock.send(self.block)
+            sent = sock.send(self.block)
         except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             return
         except (BrokenPipeError, ConnectionResetError):
@@ -631,6 +644,27 @@ class _Exchange:
         self.block = self.block[sent:]
         self.left -= sent
         self.answer_by = time.monotonic() + self.transport._connections.read_timeout
+
+    def _send_from_file(self, sock: socket.socket) -> bool:
+        """Send what the socket takes now of the rest of the file with ``sendfile()``; False
+        if that failed for something other than the host (then nothing was sent, and reading
+        the file tells the file's error, sending it the host's)."""
+        offset = cast("int", self.stream_start) + self.length - self.left
+        try:
+            sent = os.sendfile(sock.fileno(), cast("int", self.file_descriptor), offset, self.left)
+        except BlockingIOError:
+            return True
+        except (BrokenPipeError, ConnectionResetError):
+            self.left = 0  # as for send(): the host may have answered (413), then closed
+            return True
+        except OSError:
+            return False
+        if sent == 0:  # the file ended before its Content-Length: the host waits, then gives up
+            self.failure = TimeoutError("the file ended before its Content-Length")
+            return True
+        self.left -= sent
+        self.answer_by = time.monotonic() + self.transport._connections.read_timeout
+        return True
 
     def finish(self) -> _Answer:
         """Read the answer, waiting at most until :attr:`answer_by` (each host has its own
@@ -849,6 +883,17 @@ def _send_streams(exchanges: list[_Exchange]) -> None:
         for exchange, sock in zip(exchanges, sockets, strict=True):
             if sock.fileno() >= 0:
                 sock.settimeout(exchange.transport._connections.read_timeout)
+
+
+def _regular_file_descriptor(stream: IO[bytes]) -> int | None:
+    """The descriptor of ``stream`` if it is a regular file (what ``sendfile()`` reads), else None."""
+    if not hasattr(os, "sendfile"):
+        return None
+    try:
+        descriptor = stream.fileno()
+        return descriptor if stat.S_ISREG(os.fstat(descriptor).st_mode) else None
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def _position(stream: IO[bytes]) -> int | None:

@@ -54,6 +54,23 @@ def test_a_large_file_streams_to_every_host_from_the_saving_thread(media_root, m
     assert all(h.files() == {"large.bin": data} for h in hosts)
 
 
+def test_the_master_file_goes_to_each_plain_http_host_by_sendfile(media_root, make_media_server, monkeypatch):
+    """The kernel copies the master's pages to each host's socket: no block passes through Python."""
+    hosts, data = [make_media_server() for _ in range(2)], os.urandom(1024 * 1024)
+    sendfile, calls = os.sendfile, []
+
+    def counting_sendfile(out, source, offset, count):
+        calls.append(out)
+        return sendfile(out, source, offset, count)
+
+    monkeypatch.setattr(os, "sendfile", counting_sendfile)
+
+    _storage(media_root, hosts).save("large.bin", ContentFile(data))
+
+    assert len(set(calls)) == 2  # each host's socket
+    assert all(h.files() == {"large.bin": data} for h in hosts)
+
+
 def test_hosts_of_another_kind_get_a_transfer_thread_each(media_root, make_dav_server, no_transfer_threads):
     webdav = [make_dav_server("wsgidav") for _ in range(2)]
     storage = HybridStorage(location=str(media_root), hosts=[host.host_entry for host in webdav])

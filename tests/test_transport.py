@@ -1,7 +1,9 @@
 """HostTransport: URLs, status handling, typed errors, credentials, streaming."""
 import base64
+import errno
 import http.server
 import logging
+import os
 import threading
 import tracemalloc
 
@@ -385,3 +387,60 @@ def test_a_lone_host_without_a_connection_connects_in_the_requesting_thread(make
     transports = {server.url: HostTransport(server.url, timeout=2)}
     assert list(as_connected(transports)) == [(server.url, None)]
     assert transports[server.url].needs_connection()  # no thread connected ahead: the request will
+
+
+class _SendfileSpy:
+    """``os.sendfile`` as it is, counting its calls (``failing``: each call raises that
+    instead, as for a file sendfile() cannot read)."""
+
+    def __init__(self, failing=None):
+        self.calls, self.failing, self.real = 0, failing, os.sendfile
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.failing is not None:
+            raise self.failing
+        return self.real(*args)
+
+
+def test_a_large_file_goes_to_a_plain_http_host_by_sendfile_and_arrives_whole(make_media_server, tmp_path, monkeypatch):
+    server, data = make_media_server(), os.urandom(1024 * 1024)
+    spy = _SendfileSpy()
+    monkeypatch.setattr(os, "sendfile", spy)
+    transport = HostTransport(server.url, timeout=5)
+    try:
+        with _file(tmp_path, "a.bin", data) as source:
+            assert transport.put("a.bin", source) == 201
+    finally:
+        transport.close()
+    assert spy.calls >= 1 and server.files() == {"a.bin": data}
+
+
+def test_a_file_sendfile_cannot_send_is_read_and_sent_in_blocks_instead(make_media_server, tmp_path, monkeypatch):
+    server, data = make_media_server(), os.urandom(512 * 1024)
+    spy = _SendfileSpy(failing=OSError(errno.EINVAL, os.strerror(errno.EINVAL)))
+    monkeypatch.setattr(os, "sendfile", spy)
+    transport = HostTransport(server.url, timeout=5)
+    try:
+        with _file(tmp_path, "a.bin", data) as source:
+            assert transport.put("a.bin", source) == 201
+    finally:
+        transport.close()
+    assert spy.calls == 1 and server.files() == {"a.bin": data}  # tried once, then blocks
+
+
+@pytest.mark.parametrize("by_sendfile", [True, False], ids=["sendfile", "blocks"])
+def test_a_file_shorter_than_its_content_length_fails_as_a_timeout_in_doubt(
+    make_media_server, tmp_path, monkeypatch, by_sendfile,
+):
+    """The file shrank after its size was taken: the host waits for bytes that never come."""
+    if not by_sendfile:
+        monkeypatch.setattr(os, "sendfile", _SendfileSpy(failing=OSError(errno.EINVAL, "no sendfile")))
+    server = make_media_server()
+    transport = HostTransport(server.url, timeout=0.5)
+    try:
+        with _file(tmp_path, "a.bin", b"x" * 100_000) as source, pytest.raises(HostTimeout) as raised:
+            transport.put("a.bin", source, length=150_000)
+    finally:
+        transport.close()
+    assert raised.value.in_doubt and "a.bin" not in server.files()
