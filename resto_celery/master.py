@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pathlib
 import secrets
@@ -109,22 +110,31 @@ class MasterStorage(FileSystemStorage):
         full_path, fd, temp_path = self._temporary_beside(name)
         try:
             self._write(fd, temp_path, content)
-            self._finish_temporary(temp_path)
-            while True:
-                try:
-                    _move_into_place(temp_path, full_path, overwrite=self._allow_overwrite)
-                    break
-                except FileExistsError:
-                    available = self.get_available_name(name)
-                    if available == name:  # never spin on one name
-                        raise FileExistsError(
-                            f"{name} exists and get_available_name() returned it again; "
-                            "use allow_overwrite=True to overwrite files."
-                        ) from None
-                    name, full_path = available, self.path(available)
+            return self._into_place(name, full_path, temp_path)
         finally:
             if os.path.lexists(temp_path):
                 os.unlink(temp_path)
+
+    def _into_place(self, name: str, full_path: str, temp_path: str) -> str:
+        """Move the written temporary file into place as ``name`` (another available name if
+        that was taken meanwhile, unless overwriting); return the name it took."""
+        self._finish_temporary(temp_path)
+        while True:
+            try:
+                _move_into_place(temp_path, full_path, overwrite=self._allow_overwrite)
+                break
+            except FileExistsError:
+                available = self.get_available_name(name)
+                if available == name:  # never spin on one name
+                    raise FileExistsError(
+                        f"{name} exists and get_available_name() returned it again; "
+                        "use allow_overwrite=True to overwrite files."
+                    ) from None
+                name, full_path = available, self.path(available)
+        return self._name_of(full_path)
+
+    def _name_of(self, full_path: str) -> str:
+        """The storage name of the file at ``full_path``."""
         return os.path.relpath(full_path, self.location).replace("\\", "/")
 
     def _open(self, name: str, mode: str = "rb") -> MasterFile:
@@ -211,6 +221,11 @@ class MasterStorage(FileSystemStorage):
             os.chmod(temp_path, mode)
             return
         with os.fdopen(fd, "wb") as destination:
+            whole = in_memory(content)
+            if whole is not None:  # written at once, not copied out in chunks first
+                with whole:
+                    destination.write(whole)
+                return
             for chunk in content.chunks():
                 destination.write(chunk if isinstance(chunk, bytes) else chunk.encode())
 
@@ -278,6 +293,14 @@ class MasterFile(File):
             self.close()
         else:
             self.discard()
+
+
+def in_memory(content: File) -> memoryview | None:
+    """The bytes of ``content`` without a copy, when it holds them in memory (a
+    ``ContentFile`` of bytes, an ``InMemoryUploadedFile``); else None. Release the view
+    (``with``) once done: the buffer cannot change while it is held."""
+    inner = getattr(content, "file", None)
+    return inner.getbuffer() if type(inner) is io.BytesIO else None
 
 
 def _create_temporary(directory: str) -> tuple[int, str]:

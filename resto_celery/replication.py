@@ -27,7 +27,7 @@ from .exceptions import (
 from .freshness import DELETED, Unconfirmed
 from .master import is_temporary
 from .models import Replica
-from .transport import as_connected, finish_together
+from .transport import abandon, as_connected, finish_together, send_available
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,55 @@ def push_everywhere(master_path, transports, name, location=None):
     for (host, _, _), outcome in zip(started, finished, strict=True):
         outcomes[host] = outcome if isinstance(outcome, BaseException) else None
     return [(host, outcomes[host]) for host in transports]
+
+
+def push_as_written(descriptor, size, transports, name, written, commit, location):
+    """Send a master file to every plain HTTP host of ``transports`` while it is written:
+    ``HybridStorage.save()`` of bytes in memory. The hosts then take the file as the master
+    writes it, rather than after.
+
+    ``descriptor`` is the file being written (opened for reading too), ``size`` its length
+    (more than :data:`~resto_celery.transport.SMALL_BODY`); iterating ``written`` writes it
+    and yields how many bytes are written so far; ``commit()`` then moves it into place and
+    returns its name (another one if ``name`` was taken meanwhile). ``location``: the
+    master folder, for errors.
+
+    The last byte goes to no host before ``commit()`` returns: if writing or committing
+    raises, or the file took another name, every request is abandoned (a host drops a body
+    it did not get whole) and nothing changes on the hosts. Returns ``(the name committed,
+    [(host, error or None)] in order)``, or ``(that name, None)`` when it is not ``name``:
+    the caller then pushes it as usual.
+    """
+    outcomes = {}
+    started = []
+    try:
+        for host, failed_to_connect in as_connected(transports):
+            transport = transports[host]
+            if failed_to_connect is not None:
+                outcomes[host] = transport.failed_to_connect(failed_to_connect, "PUT", name)
+                continue
+            try:
+                request = transport.start_put(name, _PositionalReader(descriptor, size, location, name), size)
+            except Exception as error:  # noqa: BLE001 - the caller sorts the outcomes out, as push_everywhere's
+                outcomes[host] = error
+                continue
+            request.hold(0)
+            started.append((host, request))
+        requests = [request for _, request in started]
+        for count in written:
+            for request in requests:
+                request.hold(min(count, size - 1))
+            send_available(requests)
+        committed = commit()
+    except BaseException:
+        abandon([request for _, request in started])
+        raise
+    if committed != name:
+        abandon(requests)
+        return committed, None
+    for (host, _), outcome in zip(started, finish_together(requests), strict=True):
+        outcomes[host] = outcome if isinstance(outcome, BaseException) else None
+    return committed, [(host, outcomes[host]) for host in transports]
 
 
 def _method_for(master_path):

@@ -28,8 +28,9 @@ from . import conf, hosts, marker, publisher, registry, replication
 from .broker import coordinator_for
 from .exceptions import ReplicationError
 from .freshness import DELETED, Unconfirmed
-from .master import MasterStorage
+from .master import MasterStorage, in_memory
 from .names import clean_name, relative_name
+from .transport import SEND_BLOCK_SIZE, SMALL_BODY
 
 if TYPE_CHECKING:
     from .conf import Options
@@ -68,7 +69,11 @@ class ReplicatedStorageMixin:
         a :class:`~resto_celery.exceptions.ReplicationError` is raised afterwards, once
         every host was tried.
         """
-        outcomes = self._execute_everywhere(operation, name, **kwargs)
+        self._report(operation, name, self._execute_everywhere(operation, name, **kwargs))
+
+    def _report(self, operation: str, name: str, outcomes: list[tuple[str, BaseException | None]]) -> None:
+        """Log each failure of ``outcomes`` (``[(host, error or None)]``) as :meth:`execute`
+        says, then raise if ``fatal_exceptions`` is on and a host failed."""
         failures: dict[str, BaseException] = {}
         for host, error in outcomes:
             if error is not None:
@@ -144,9 +149,47 @@ class HybridStorage(ReplicatedStorageMixin, MasterStorage):
         return _checked_base_url(super().base_url)
 
     def _save(self, name: str, content: File) -> str:
+        whole = in_memory(content) if self._pushes_while_writing() else None
+        if whole is not None:
+            with whole:
+                if len(whole) > SMALL_BODY:
+                    return self._save_and_push(name, whole)
         name = super()._save(name, content)
         self.execute("upload", name)
         return name
+
+    def _pushes_while_writing(self) -> bool:
+        """Whether a file can go to the hosts as the master writes it: every host speaks
+        plain HTTP, and no subclass changed how a change is executed."""
+        kind = type(self)
+        return (
+            bool(self.hosts) and kind.execute is ReplicatedStorageMixin.execute
+            and kind._execute_everywhere is HybridStorage._execute_everywhere
+            and kind.execute_one is HybridStorage.execute_one and kind.replicate is HybridStorage.replicate
+            and all(self.transport(host).pipelines for host in self.hosts)
+        )
+
+    def _save_and_push(self, name: str, whole: memoryview) -> str:
+        """Write ``whole`` as the master's ``name`` and send it to every host meanwhile
+        (:func:`~resto_celery.replication.push_as_written`): each host gets the file's last
+        byte once the master holds the file. Returns the name saved, as ``_save()``."""
+        full_path, fd, temp_path = self._temporary_beside(name)
+        wanted = self._name_of(full_path)
+        try:
+            saved, outcomes = replication.push_as_written(
+                fd, len(whole), {host: self.transport(host) for host in self.hosts}, clean_name(wanted),
+                _write_in_steps(fd, whole), lambda: clean_name(self._into_place(wanted, full_path, temp_path)),
+                self.location,
+            )
+        finally:
+            os.close(fd)
+            if os.path.lexists(temp_path):
+                os.unlink(temp_path)
+        if outcomes is None:  # the name was taken meanwhile: the file took another
+            self.execute("upload", saved)
+        else:
+            self._report("upload", saved, outcomes)
+        return saved
 
     def written(self, name: str) -> None:
         """Replicate ``name`` after a file opened for writing was closed, as after a save."""
@@ -179,6 +222,14 @@ class HybridStorage(ReplicatedStorageMixin, MasterStorage):
             return super()._execute_everywhere(operation, name, **kwargs)
         transports = {host: self.transport(host) for host in self.hosts}
         return replication.push_everywhere(self.path(name), transports, clean_name(name))
+
+
+def _write_in_steps(fd: int, data: memoryview) -> Iterator[int]:
+    """Write ``data`` to ``fd`` a send block at a time; yield how much is written after each."""
+    written = 0
+    while written < len(data):
+        written += os.write(fd, data[written:written + SEND_BLOCK_SIZE])
+        yield written
 
 
 @deconstructible(path="resto_celery.storage.AsyncStorage")

@@ -577,6 +577,7 @@ class _Exchange:
         if self.stream is not None and self.stream_start is not None:
             self.file_descriptor = _regular_file_descriptor(self.stream)
         self.left = self.length
+        self.upto = self.length  # how much of the stream may go now (see PendingRequest.hold)
         self.block = memoryview(b"")
         self.failure: BaseException | None = None  # what stopped the stream (the answer may still come)
         self.unreadable: Exception | None = None  # what reading the body raised: the request's outcome
@@ -610,6 +611,11 @@ class _Exchange:
         """Whether some of the stream is still to send (and nothing stopped it)."""
         return self.left > 0 and self.failure is None
 
+    @property
+    def sendable(self) -> int:
+        """How many bytes of the stream may go now (none once something stopped it)."""
+        return 0 if self.failure is not None else self.left - (self.length - self.upto)
+
     def send_block(self) -> None:
         """Send what the socket takes now of the stream's current block (read the next one
         first if it is all sent); the socket is non-blocking. A failure stops the stream.
@@ -624,7 +630,7 @@ class _Exchange:
             self.file_descriptor = None  # not something sendfile() can do: read and send it instead
         if not self.block:
             try:
-                self.block = memoryview(self.stream.read(min(SEND_BLOCK_SIZE, self.left)))  # type: ignore[union-attr]
+                self.block = memoryview(self.stream.read(min(SEND_BLOCK_SIZE, self.sendable)))  # type: ignore[union-attr]
             except Exception as exc:  # noqa: BLE001 - the file's fault, not the host's: finish() raises it
                 self.unreadable, self.left = exc, 0
                 return
@@ -651,7 +657,7 @@ class _Exchange:
         the file tells the file's error, sending it the host's)."""
         offset = cast("int", self.stream_start) + self.length - self.left
         try:
-            sent = os.sendfile(sock.fileno(), cast("int", self.file_descriptor), offset, self.left)
+            sent = os.sendfile(sock.fileno(), cast("int", self.file_descriptor), offset, self.sendable)
         except BlockingIOError:
             return True
         except (BrokenPipeError, ConnectionResetError):
@@ -703,7 +709,7 @@ class _Exchange:
         """Send the request again, from the start of its body."""
         if self.stream is not None:
             self.stream.seek(cast("int", self.stream_start))
-            self.left, self.block, self.failure = self.length, memoryview(b""), None
+            self.left, self.block, self.failure, self.upto = self.length, memoryview(b""), None, self.length
         self.send()
         if self.sending:
             _send_streams([self])
@@ -719,6 +725,14 @@ class PendingRequest(Generic[_R]):
 
     def _answer(self) -> _R:
         return self.answered(cast("_Exchange", self.exchange).finish())
+
+    def hold(self, upto: int) -> None:
+        """Send no more than the first ``upto`` bytes of the body (a stream) until told
+        otherwise, or until it is finished: :func:`send_available` sends what may go,
+        :func:`finish_together` sends it all. A file still being written is so sent as it
+        is written, and the host cannot take it before its last byte is let go."""
+        if self.exchange is not None and self.exchange.stream is not None:
+            self.exchange.upto = max(0, min(upto, self.exchange.length))
 
     def finish(self) -> _R:
         """Send the rest of the body, then read the answer: what :meth:`HostTransport.put`
@@ -793,6 +807,9 @@ def finish_together(requests: Sequence[PendingRequest[Any]]) -> list[Any]:
     """
     outcomes: dict[int, Any] = {}
     try:
+        for request in requests:
+            if request.exchange is not None:
+                request.exchange.upto = request.exchange.length
         streaming = [request.exchange for request in requests
                      if request.exchange is not None and request.exchange.sending]
         if streaming:
@@ -801,11 +818,37 @@ def finish_together(requests: Sequence[PendingRequest[Any]]) -> list[Any]:
             for index in ready:
                 _read_answer(requests[index], index, outcomes)
     except BaseException:
-        for index, request in enumerate(requests):
-            if index not in outcomes and request.exchange is not None and request.exchange.connection is not None:
-                request.exchange.connection.close()
+        abandon([request for index, request in enumerate(requests) if index not in outcomes])
         raise
     return [outcomes[index] for index in range(len(requests))]
+
+
+def send_available(requests: Sequence[PendingRequest[Any]]) -> None:
+    """Send, without waiting, what each host's socket takes now of the part of its body
+    that may go (:meth:`PendingRequest.hold`); a host that takes nothing is left for later."""
+    for request in requests:
+        exchange = request.exchange
+        if exchange is None or exchange.connection is None or exchange.connection.sock is None:
+            continue
+        sock = exchange.connection.sock
+        sock.setblocking(False)
+        try:
+            while exchange.sendable > 0 and exchange.unreadable is None:
+                before = exchange.left
+                exchange.send_block()
+                if exchange.left == before:
+                    break  # the socket took nothing: its buffer is full
+        finally:
+            if sock.fileno() >= 0:
+                sock.settimeout(exchange.transport._connections.read_timeout)
+
+
+def abandon(requests: Sequence[PendingRequest[Any]]) -> None:
+    """Close the connections of ``requests`` without reading their answers: a host drops a
+    body it did not get whole, so a PUT whose last bytes were held back changes nothing."""
+    for request in requests:
+        if request.exchange is not None and request.exchange.connection is not None:
+            request.exchange.connection.close()
 
 
 def _read_answer(request: PendingRequest[Any], index: int, outcomes: dict[int, Any]) -> None:

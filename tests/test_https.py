@@ -1,4 +1,6 @@
 """HTTPS to nginx with a CA made by the test: verification on, and a clear failure with a wrong CA."""
+import os
+
 import pytest
 from django.core.files.base import ContentFile
 
@@ -39,6 +41,16 @@ def test_storage_replicates_over_https_with_the_ca_bundle_option(https_host, cer
     storage = HybridStorage(hosts=[https_host.url], ca_bundle=str(certificates.ca_cert))
     storage.save("doc.txt", ContentFile(b"secret document"))
     assert https_host.files() == {"doc.txt": b"secret document"}
+
+
+def test_a_large_file_in_memory_reaches_an_https_host_whole_as_the_master_writes_it(
+    https_host, certificates, media_root,
+):
+    """TLS has no sendfile(): the master's blocks are read and sent as they are written."""
+    data = os.urandom(3 * 1024 * 1024 + 1)
+    storage = HybridStorage(hosts=[https_host.url], ca_bundle=str(certificates.ca_cert))
+    storage.save("large.bin", ContentFile(data))
+    assert https_host.files() == {"large.bin": data}
 
 
 def test_a_wrong_ca_fails_clearly_and_sends_nothing(https_host, wrong_ca):

@@ -3,6 +3,7 @@ saving thread (every request sent, then every answer read); larger files, other 
 host and subclasses that change what one host gets go host by host on the transfer threads.
 Real hosts: the project's MediaServer, and raw loopback servers where the order of the
 bytes on the wire is the point."""
+import errno
 import io
 import logging
 import os
@@ -13,7 +14,7 @@ import time
 import pytest
 from django.core.files.base import ContentFile
 
-from resto_celery import replication
+from resto_celery import replication, storage as storage_module
 from resto_celery.exceptions import HostTimeout, HostUnreachable, MasterReadError, ReplicationError
 from resto_celery.storage import HybridStorage
 from resto_celery.transport import HostTransport, finish_together
@@ -337,3 +338,113 @@ def test_hosts_that_never_answer_a_connect_cost_one_timeout_together_and_hold_ba
     for error in raised.value.failures.values():
         assert isinstance(error, HostTimeout) and "timed out connecting" in str(error) and not error.in_doubt
     assert waited < 1.8, f"{waited:.2f} s: the hosts were connected to one after another (2 x 1 s)"
+
+
+class _CountingHost:
+    """A loopback HTTP host that answers 201 to each whole PUT and counts, as they come, the
+    body bytes it has received of the request in progress."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/media/"
+        self.received, self.bodies = 0, []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        connection, _ = self.listener.accept()
+        with connection:
+            data = b""
+            while True:
+                while b"\r\n\r\n" not in data:
+                    chunk = connection.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length:")))
+                self.received = len(body)
+                while len(body) < length:
+                    chunk = connection.recv(65536)
+                    if not chunk:
+                        return
+                    body += chunk
+                    self.received = len(body)
+                body, data = body[:length], body[length:]
+                self.bodies.append(body)
+                connection.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+
+    def close(self):
+        self.listener.close()
+
+
+def test_a_file_in_memory_goes_to_the_hosts_as_the_master_writes_it_all_but_its_last_byte(media_root, monkeypatch):
+    """While the master's temporary file is written, its bytes go to the host; the last one
+    goes only once the file is in place, so a host never has a file the master lacks."""
+    host, data = _CountingHost(), os.urandom(2 * 1024 * 1024 + 1)
+    storage = _storage(media_root, [host])
+    at_commit = []
+    into_place = HybridStorage._into_place
+
+    def committing(self, name, full_path, temp_path):
+        wait_until(lambda: host.received == len(data) - 1, timeout=5, message="all but the last byte")
+        time.sleep(0.1)
+        at_commit.append((host.received, os.path.exists(full_path)))
+        return into_place(self, name, full_path, temp_path)
+
+    monkeypatch.setattr(HybridStorage, "_into_place", committing)
+    try:
+        assert storage.save("large.bin", ContentFile(data)) == "large.bin"
+    finally:
+        host.close()
+
+    assert at_commit == [(len(data) - 1, False)]  # all but one byte there, the master not yet
+    assert host.bodies == [data]
+    assert (media_root / "large.bin").read_bytes() == data
+
+
+def test_a_master_write_that_fails_leaves_nothing_on_the_hosts(media_root, make_media_server, monkeypatch):
+    hosts = [make_media_server() for _ in range(2)]
+    writes = storage_module._write_in_steps
+
+    def disk_full_after_the_first_step(fd, data):
+        steps = writes(fd, data)
+        yield next(steps)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(storage_module, "_write_in_steps", disk_full_after_the_first_step)
+    with pytest.raises(OSError, match=os.strerror(errno.ENOSPC)):
+        _storage(media_root, hosts).save("large.bin", ContentFile(os.urandom(1024 * 1024)))
+
+    time.sleep(0.2)  # the hosts see their connections closed mid-body; a file would show by now
+    assert [host.files() for host in hosts] == [{}, {}]
+    assert os.listdir(media_root) == []  # no master file, no temporary one
+
+
+def test_a_name_taken_while_the_file_was_written_goes_to_the_hosts_under_the_name_it_took(
+    media_root, make_media_server, monkeypatch,
+):
+    hosts = [make_media_server() for _ in range(2)]
+    data = os.urandom(1024 * 1024)
+    writes = storage_module._write_in_steps
+
+    def another_save_takes_the_name(fd, whole):
+        yield from writes(fd, whole)
+        (media_root / "large.bin").write_bytes(b"the other save's")
+
+    monkeypatch.setattr(storage_module, "_write_in_steps", another_save_takes_the_name)
+    saved = _storage(media_root, hosts).save("large.bin", ContentFile(data))
+
+    assert saved != "large.bin" and (media_root / saved).read_bytes() == data
+    assert [host.files() for host in hosts] == [{saved: data}, {saved: data}]
+
+
+def test_a_host_that_refuses_connections_fails_alone_as_the_file_is_written(media_root, make_media_server):
+    up, down = make_media_server(), make_media_server()
+    down.stop()
+    data = os.urandom(1024 * 1024)
+
+    with pytest.raises(ReplicationError, match=r"large\.bin on 1 of 2 media host.*refused"):
+        _storage(media_root, [down, up]).save("large.bin", ContentFile(data))
+
+    assert up.files() == {"large.bin": data} and (media_root / "large.bin").read_bytes() == data
