@@ -28,9 +28,9 @@ from . import conf, hosts, marker, publisher, registry, replication
 from .broker import coordinator_for
 from .exceptions import ReplicationError
 from .freshness import DELETED, Unconfirmed
-from .master import MasterStorage, in_memory
+from .master import MasterStorage, in_memory, write_in_steps
 from .names import clean_name, relative_name
-from .transport import SEND_BLOCK_SIZE, SMALL_BODY
+from .transport import SMALL_BODY
 
 if TYPE_CHECKING:
     from .conf import Options
@@ -128,6 +128,9 @@ def _media_url_now(storage: HybridStorage | DistributedStorage, base_url: str | 
 class HybridStorage(ReplicatedStorageMixin, MasterStorage):
     """Master copy in ``MEDIA_ROOT``, then the same change on every host, within the request.
 
+    A file saved from memory goes to plain HTTP hosts as the master writes it, each host
+    getting its last byte once the master's file is in place (see :meth:`_save_and_push`).
+
     Options: those of ``FileSystemStorage``, in its order (``location``, ``base_url``,
     ``file_permissions_mode``, ``directory_permissions_mode``, ``allow_overwrite``), and
     the resto options (``hosts``, ``timeout``, ``fatal_exceptions``, ``show_traceback``,
@@ -150,10 +153,8 @@ class HybridStorage(ReplicatedStorageMixin, MasterStorage):
 
     def _save(self, name: str, content: File) -> str:
         whole = in_memory(content) if self._pushes_while_writing() else None
-        if whole is not None:
-            with whole:
-                if len(whole) > SMALL_BODY:
-                    return self._save_and_push(name, whole)
+        if whole is not None and len(whole) > SMALL_BODY:
+            return self._save_and_push(name, whole)
         name = super()._save(name, content)
         self.execute("upload", name)
         return name
@@ -178,7 +179,7 @@ class HybridStorage(ReplicatedStorageMixin, MasterStorage):
         try:
             saved, outcomes = replication.push_as_written(
                 fd, len(whole), {host: self.transport(host) for host in self.hosts}, clean_name(wanted),
-                _write_in_steps(fd, whole), lambda: clean_name(self._into_place(wanted, full_path, temp_path)),
+                write_in_steps(fd, whole), lambda: clean_name(self._into_place(wanted, full_path, temp_path)),
                 self.location,
             )
         finally:
@@ -222,14 +223,6 @@ class HybridStorage(ReplicatedStorageMixin, MasterStorage):
             return super()._execute_everywhere(operation, name, **kwargs)
         transports = {host: self.transport(host) for host in self.hosts}
         return replication.push_everywhere(self.path(name), transports, clean_name(name))
-
-
-def _write_in_steps(fd: int, data: memoryview) -> Iterator[int]:
-    """Write ``data`` to ``fd`` a send block at a time; yield how much is written after each."""
-    written = 0
-    while written < len(data):
-        written += os.write(fd, data[written:written + SEND_BLOCK_SIZE])
-        yield written
 
 
 @deconstructible(path="resto_celery.storage.AsyncStorage")

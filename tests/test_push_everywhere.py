@@ -405,14 +405,14 @@ def test_a_file_in_memory_goes_to_the_hosts_as_the_master_writes_it_all_but_its_
 
 def test_a_master_write_that_fails_leaves_nothing_on_the_hosts(media_root, make_media_server, monkeypatch):
     hosts = [make_media_server() for _ in range(2)]
-    writes = storage_module._write_in_steps
+    writes = storage_module.write_in_steps
 
     def disk_full_after_the_first_step(fd, data):
         steps = writes(fd, data)
         yield next(steps)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(storage_module, "_write_in_steps", disk_full_after_the_first_step)
+    monkeypatch.setattr(storage_module, "write_in_steps", disk_full_after_the_first_step)
     with pytest.raises(OSError, match=os.strerror(errno.ENOSPC)):
         _storage(media_root, hosts).save("large.bin", ContentFile(os.urandom(1024 * 1024)))
 
@@ -426,13 +426,13 @@ def test_a_name_taken_while_the_file_was_written_goes_to_the_hosts_under_the_nam
 ):
     hosts = [make_media_server() for _ in range(2)]
     data = os.urandom(1024 * 1024)
-    writes = storage_module._write_in_steps
+    writes = storage_module.write_in_steps
 
     def another_save_takes_the_name(fd, whole):
         yield from writes(fd, whole)
         (media_root / "large.bin").write_bytes(b"the other save's")
 
-    monkeypatch.setattr(storage_module, "_write_in_steps", another_save_takes_the_name)
+    monkeypatch.setattr(storage_module, "write_in_steps", another_save_takes_the_name)
     saved = _storage(media_root, hosts).save("large.bin", ContentFile(data))
 
     assert saved != "large.bin" and (media_root / saved).read_bytes() == data
