@@ -27,7 +27,7 @@ from .exceptions import (
 from .freshness import DELETED, Unconfirmed
 from .master import is_temporary
 from .models import Replica
-from .transport import abandon, as_connected, finish_together, send_available
+from .transport import SMALL_BODY, abandon, as_connected, finish_together, send_available
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,8 @@ def push_everywhere(master_path, transports, name, location=None):
 
 
 def push_as_written(descriptor, size, transports, name, written, commit, location):
-    """Send a master file to every plain HTTP host of ``transports`` while it is written:
+    """Send a master file to every HTTP host of ``transports`` (plain or TLS: hosts whose
+    transport :attr:`~resto_celery.transport.Transport.pipelines`) while it is written:
     ``HybridStorage.save()`` of bytes in memory. The hosts then take the file as the master
     writes it, rather than after.
 
@@ -119,6 +120,8 @@ def push_as_written(descriptor, size, transports, name, written, commit, locatio
     [(host, error or None)] in order)``, or ``(that name, None)`` when it is not ``name``:
     the caller then pushes it as usual.
     """
+    if size <= SMALL_BODY or not all(transport.pipelines for transport in transports.values()):
+        raise ValueError("push_as_written() takes a file over SMALL_BODY bytes and hosts that pipeline.")
     outcomes = {}
     started = []
     try:
@@ -545,9 +548,12 @@ class _PositionalReader(io.RawIOBase):
     def readable(self):
         return True
 
+    #: Its file's bytes are those it reads, from tell(): sendfile() may send them.
+    sendfile_from_fileno = True
+
     def fileno(self):
-        # The file it reads, for sendfile(), which takes the offset it is given (tell()):
-        # the descriptor's own position is nobody's.
+        # For sendfile(), which takes the offset it is given (tell()): the descriptor's own
+        # position is nobody's.
         return self.fd
 
     def seekable(self):

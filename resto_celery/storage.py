@@ -128,7 +128,7 @@ def _media_url_now(storage: HybridStorage | DistributedStorage, base_url: str | 
 class HybridStorage(ReplicatedStorageMixin, MasterStorage):
     """Master copy in ``MEDIA_ROOT``, then the same change on every host, within the request.
 
-    A file saved from memory goes to plain HTTP hosts as the master writes it, each host
+    A file saved from memory goes to HTTP hosts as the master writes it, each host
     getting its last byte once the master's file is in place (see :meth:`_save_and_push`).
 
     Options: those of ``FileSystemStorage``, in its order (``location``, ``base_url``,
@@ -161,10 +161,12 @@ class HybridStorage(ReplicatedStorageMixin, MasterStorage):
 
     def _pushes_while_writing(self) -> bool:
         """Whether a file can go to the hosts as the master writes it: every host speaks
-        plain HTTP, and no subclass changed how a change is executed."""
+        HTTP (plain or TLS; not WebDAV, Tahoe-LAFS or a storage host), and no subclass
+        changed how a change is executed or how the master is written."""
         kind = type(self)
         return (
             bool(self.hosts) and kind.execute is ReplicatedStorageMixin.execute
+            and kind._write is MasterStorage._write
             and kind._execute_everywhere is HybridStorage._execute_everywhere
             and kind.execute_one is HybridStorage.execute_one and kind.replicate is HybridStorage.replicate
             and all(self.transport(host).pipelines for host in self.hosts)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import http.client
+import io
 import json
 import logging
 import mimetypes
@@ -614,7 +615,11 @@ class _Exchange:
     @property
     def sendable(self) -> int:
         """How many bytes of the stream may go now (none once something stopped it)."""
-        return 0 if self.failure is not None else self.left - (self.length - self.upto)
+        return 0 if self.failure is not None else max(0, self.left - (self.length - self.upto))
+
+    def _offset(self) -> int:
+        """Where in the file the next byte of the stream is."""
+        return cast("int", self.stream_start) + self.length - self.left
 
     def send_block(self) -> None:
         """Send what the socket takes now of the stream's current block (read the next one
@@ -623,11 +628,16 @@ class _Exchange:
         A regular file to a plain (not TLS) socket goes by ``sendfile()``: the kernel copies
         the page cache to the socket, and no block passes through Python.
         """
+        if not self.block and self.sendable <= 0:
+            return  # held back (PendingRequest.hold): nothing may go yet
         sock = cast("http.client.HTTPConnection", self.connection).sock
         if self.file_descriptor is not None and not self.block and not isinstance(sock, ssl.SSLSocket):
             if self._send_from_file(sock):
                 return
-            self.file_descriptor = None  # not something sendfile() can do: read and send it instead
+            # Not something sendfile() can do: read and send the rest instead, from where it
+            # stopped (sendfile() moves no stream's position).
+            self.file_descriptor = None
+            cast("IO[bytes]", self.stream).seek(self._offset())
         if not self.block:
             try:
                 self.block = memoryview(self.stream.read(min(SEND_BLOCK_SIZE, self.sendable)))  # type: ignore[union-attr]
@@ -655,9 +665,8 @@ class _Exchange:
         """Send what the socket takes now of the rest of the file with ``sendfile()``; False
         if that failed for something other than the host (then nothing was sent, and reading
         the file tells the file's error, sending it the host's)."""
-        offset = cast("int", self.stream_start) + self.length - self.left
         try:
-            sent = os.sendfile(sock.fileno(), cast("int", self.file_descriptor), offset, self.sendable)
+            sent = os.sendfile(sock.fileno(), cast("int", self.file_descriptor), self._offset(), self.sendable)
         except BlockingIOError:
             return True
         except (BrokenPipeError, ConnectionResetError):
@@ -670,6 +679,8 @@ class _Exchange:
             return True
         self.left -= sent
         self.answer_by = time.monotonic() + self.transport._connections.read_timeout
+        if self.left == 0:
+            cast("IO[bytes]", self.stream).seek(self._offset())  # at its end, as if read
         return True
 
     def finish(self) -> _Answer:
@@ -929,8 +940,13 @@ def _send_streams(exchanges: list[_Exchange]) -> None:
 
 
 def _regular_file_descriptor(stream: IO[bytes]) -> int | None:
-    """The descriptor of ``stream`` if it is a regular file (what ``sendfile()`` reads), else None."""
+    """The descriptor ``sendfile()`` can send ``stream``'s bytes from, else None: that of a
+    regular file opened for reading whose bytes are those the stream reads, from the offset
+    its ``tell()`` gives (a plain file; a stream that says so with a true ``sendfile_from_fileno``).
+    A compressed file's, a spooled one's or one with writes still buffered are not."""
     if not hasattr(os, "sendfile"):
+        return None
+    if not (isinstance(stream, (io.FileIO, io.BufferedReader)) or getattr(stream, "sendfile_from_fileno", False)):
         return None
     try:
         descriptor = stream.fileno()

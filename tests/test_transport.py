@@ -1,6 +1,7 @@
 """HostTransport: URLs, status handling, typed errors, credentials, streaming."""
 import base64
 import errno
+import gzip
 import http.server
 import logging
 import os
@@ -427,6 +428,40 @@ def test_a_file_sendfile_cannot_send_is_read_and_sent_in_blocks_instead(make_med
     finally:
         transport.close()
     assert spy.calls == 1 and server.files() == {"a.bin": data}  # tried once, then blocks
+
+
+def test_when_sendfile_fails_part_way_the_rest_is_read_from_where_it_stopped(make_media_server, tmp_path, monkeypatch):
+    server, data = make_media_server(), os.urandom(1024 * 1024)
+    real, calls = os.sendfile, []
+
+    def sends_a_little_then_fails(out, source, offset, count):
+        calls.append(offset)
+        if len(calls) > 1:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(out, source, offset, min(count, 100_000))
+
+    monkeypatch.setattr(os, "sendfile", sends_a_little_then_fails)
+    transport = HostTransport(server.url, timeout=5)
+    try:
+        with _file(tmp_path, "a.bin", data) as source:
+            assert transport.put("a.bin", source) == 201
+    finally:
+        transport.close()
+    assert calls == [0, 100_000] and server.files() == {"a.bin": data}
+
+
+def test_a_compressed_file_is_sent_as_the_bytes_it_reads_not_as_its_file_on_disk(make_media_server, tmp_path):
+    """A gzip file's descriptor holds the compressed bytes: sendfile() must not send those."""
+    server, data = make_media_server(), os.urandom(300 * 1024)
+    with gzip.open(tmp_path / "a.gz", "wb") as compressed:
+        compressed.write(data)
+    transport = HostTransport(server.url, timeout=5)
+    try:
+        with gzip.open(tmp_path / "a.gz", "rb") as source:
+            assert transport.put("a.bin", source, length=len(data)) == 201
+    finally:
+        transport.close()
+    assert server.files() == {"a.bin": data}
 
 
 @pytest.mark.parametrize("by_sendfile", [True, False], ids=["sendfile", "blocks"])
