@@ -78,28 +78,20 @@ def push_everywhere(master_path, transports, name, location=None):
     """
     if not all(transport.pipelines for transport in transports.values()):
         return in_parallel(lambda host: push(master_path, transports[host], name, location), transports)
-    outcomes = {}
+
+    def begin(transport):
+        _, _, _, request, source = _start_current_state(master_path, transport, name, location)
+        return request, source
+
     started = []
     try:
-        for host, failed_to_connect in as_connected(transports):
-            transport = transports[host]
-            if failed_to_connect is not None:
-                outcomes[host] = transport.failed_to_connect(failed_to_connect, _method_for(master_path), name)
-                continue
-            try:
-                _, _, _, request, source = _start_current_state(master_path, transport, name, location)
-            except Exception as error:  # noqa: BLE001 - the caller sorts the outcomes out, as in_parallel's
-                outcomes[host] = error
-            else:
-                started.append((host, request, source))
+        failed = _begin_everywhere(transports, name, lambda: _method_for(master_path), begin, started)
         finished = finish_together([request for _, request, _ in started])
     finally:
         for _, _, source in started:
             if source is not None:
                 source.close()
-    for (host, _, _), outcome in zip(started, finished, strict=True):
-        outcomes[host] = outcome if isinstance(outcome, BaseException) else None
-    return [(host, outcomes[host]) for host in transports]
+    return _outcomes(transports, failed, started, finished)
 
 
 def push_as_written(descriptor, size, transports, name, written, commit, location):
@@ -122,36 +114,60 @@ def push_as_written(descriptor, size, transports, name, written, commit, locatio
     """
     if size <= SMALL_BODY or not all(transport.pipelines for transport in transports.values()):
         raise ValueError("push_as_written() takes a file over SMALL_BODY bytes and hosts that pipeline.")
-    outcomes = {}
+
+    def begin(transport):
+        request = transport.start_put(name, _PositionalReader(descriptor, size, location, name), size)
+        request.hold(0)
+        return request, None
+
     started = []
     try:
-        for host, failed_to_connect in as_connected(transports):
-            transport = transports[host]
-            if failed_to_connect is not None:
-                outcomes[host] = transport.failed_to_connect(failed_to_connect, "PUT", name)
-                continue
-            try:
-                request = transport.start_put(name, _PositionalReader(descriptor, size, location, name), size)
-            except Exception as error:  # noqa: BLE001 - the caller sorts the outcomes out, as push_everywhere's
-                outcomes[host] = error
-                continue
-            request.hold(0)
-            started.append((host, request))
-        requests = [request for _, request in started]
+        failed = _begin_everywhere(transports, name, lambda: "PUT", begin, started)
+        requests = [request for _, request, _ in started]
         for count in written:
             for request in requests:
                 request.hold(min(count, size - 1))
             send_available(requests)
         committed = commit()
     except BaseException:
-        abandon([request for _, request in started])
+        abandon([request for _, request, _ in started])
         raise
     if committed != name:
         abandon(requests)
         return committed, None
-    for (host, _), outcome in zip(started, finish_together(requests), strict=True):
+    return committed, _outcomes(transports, failed, started, finish_together(requests))
+
+
+def _begin_everywhere(transports, name, method, begin, started):
+    """Begin a request of ``name`` to each host of ``transports`` as it can take one
+    (:func:`~resto_celery.transport.as_connected`): ``begin(transport)`` returns ``(request,
+    source or None)``, appended to ``started`` as ``(host, request, source)`` at once (the
+    caller cleans up what began, should this raise). Returns ``{host: error}`` for the
+    hosts that could not be connected to (``method()`` says what would have been sent: asked
+    only then, as it may look at the master) or whose ``begin`` raised: the caller sorts the
+    outcomes out, as :func:`in_parallel`'s."""
+    failed = {}
+    for host, failed_to_connect in as_connected(transports):
+        transport = transports[host]
+        if failed_to_connect is not None:
+            failed[host] = transport.failed_to_connect(failed_to_connect, method(), name)
+            continue
+        try:
+            request, source = begin(transport)
+        except Exception as error:  # noqa: BLE001 - that host's outcome
+            failed[host] = error
+        else:
+            started.append((host, request, source))
+    return failed
+
+
+def _outcomes(transports, failed, started, finished):
+    """``[(host, error or None)]`` in the order of ``transports``, from the hosts that failed
+    to begin and what :func:`~resto_celery.transport.finish_together` gave the others."""
+    outcomes = dict(failed)
+    for (host, _, _), outcome in zip(started, finished, strict=True):
         outcomes[host] = outcome if isinstance(outcome, BaseException) else None
-    return committed, [(host, outcomes[host]) for host in transports]
+    return [(host, outcomes[host]) for host in transports]
 
 
 def _method_for(master_path):

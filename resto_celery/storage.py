@@ -154,25 +154,32 @@ class HybridStorage(ReplicatedStorageMixin, MasterStorage):
     def _save(self, name: str, content: File) -> str:
         whole = in_memory(content) if self._pushes_while_writing() else None
         if whole is not None and len(whole) > SMALL_BODY:
-            return self._save_and_push(name, whole)
+            transports = {host: self.transport(host) for host in self.hosts}
+            if all(transport.pipelines for transport in transports.values()):
+                return self._save_and_push(name, whole, transports)
         name = super()._save(name, content)
         self.execute("upload", name)
         return name
 
     def _pushes_while_writing(self) -> bool:
-        """Whether a file can go to the hosts as the master writes it: every host speaks
-        HTTP (plain or TLS; not WebDAV, Tahoe-LAFS or a storage host), and no subclass
-        changed how a change is executed or how the master is written."""
+        """Whether a file may go to the hosts as the master writes it (when every host speaks
+        HTTP, plain or TLS: not WebDAV, Tahoe-LAFS or a storage host): there are hosts, and
+        no subclass changed how a change is executed or how the master is written."""
         kind = type(self)
         return (
             bool(self.hosts) and kind.execute is ReplicatedStorageMixin.execute
             and kind._write is MasterStorage._write
             and kind._execute_everywhere is HybridStorage._execute_everywhere
-            and kind.execute_one is HybridStorage.execute_one and kind.replicate is HybridStorage.replicate
-            and all(self.transport(host).pipelines for host in self.hosts)
+            and self._pushes_everywhere_at_once()
         )
 
-    def _save_and_push(self, name: str, whole: memoryview) -> str:
+    def _pushes_everywhere_at_once(self) -> bool:
+        """Whether no subclass changed what one host gets (``execute_one``, ``replicate``):
+        a change then goes to every host from this thread (``replication.push_everywhere``)."""
+        kind = type(self)
+        return kind.execute_one is HybridStorage.execute_one and kind.replicate is HybridStorage.replicate
+
+    def _save_and_push(self, name: str, whole: memoryview, transports: dict[str, Transport]) -> str:
         """Write ``whole`` as the master's ``name`` and send it to every host meanwhile
         (:func:`~resto_celery.replication.push_as_written`): each host gets the file's last
         byte once the master holds the file. Returns the name saved, as ``_save()``."""
@@ -180,7 +187,7 @@ class HybridStorage(ReplicatedStorageMixin, MasterStorage):
         wanted = self._name_of(full_path)
         try:
             saved, outcomes = replication.push_as_written(
-                fd, len(whole), {host: self.transport(host) for host in self.hosts}, clean_name(wanted),
+                fd, len(whole), transports, clean_name(wanted),
                 write_in_steps(fd, whole), lambda: clean_name(self._into_place(wanted, full_path, temp_path)),
                 self.location,
             )
@@ -220,8 +227,7 @@ class HybridStorage(ReplicatedStorageMixin, MasterStorage):
     def _execute_everywhere(self, operation: str, name: str, **kwargs: Any) -> list[tuple[str, BaseException | None]]:
         # Every host at once from this thread (replication.push_everywhere), unless a subclass
         # changed what one host gets: then its execute_one, host by host.
-        kind = type(self)
-        if kind.execute_one is not HybridStorage.execute_one or kind.replicate is not HybridStorage.replicate:
+        if not self._pushes_everywhere_at_once():
             return super()._execute_everywhere(operation, name, **kwargs)
         transports = {host: self.transport(host) for host in self.hosts}
         return replication.push_everywhere(self.path(name), transports, clean_name(name))

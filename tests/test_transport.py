@@ -404,16 +404,21 @@ class _SendfileSpy:
         return self.real(*args)
 
 
+def _put_from_a_file(server, tmp_path, data):
+    """PUT ``data`` to ``server`` as ``a.bin``, from a file on disk; the answer's status."""
+    transport = HostTransport(server.url, timeout=5)
+    try:
+        with _file(tmp_path, "a.bin", data) as source:
+            return transport.put("a.bin", source)
+    finally:
+        transport.close()
+
+
 def test_a_large_file_goes_to_a_plain_http_host_by_sendfile_and_arrives_whole(make_media_server, tmp_path, monkeypatch):
     server, data = make_media_server(), os.urandom(1024 * 1024)
     spy = _SendfileSpy()
     monkeypatch.setattr(os, "sendfile", spy)
-    transport = HostTransport(server.url, timeout=5)
-    try:
-        with _file(tmp_path, "a.bin", data) as source:
-            assert transport.put("a.bin", source) == 201
-    finally:
-        transport.close()
+    assert _put_from_a_file(server, tmp_path, data) == 201
     assert spy.calls >= 1 and server.files() == {"a.bin": data}
 
 
@@ -421,12 +426,7 @@ def test_a_file_sendfile_cannot_send_is_read_and_sent_in_blocks_instead(make_med
     server, data = make_media_server(), os.urandom(512 * 1024)
     spy = _SendfileSpy(failing=OSError(errno.EINVAL, os.strerror(errno.EINVAL)))
     monkeypatch.setattr(os, "sendfile", spy)
-    transport = HostTransport(server.url, timeout=5)
-    try:
-        with _file(tmp_path, "a.bin", data) as source:
-            assert transport.put("a.bin", source) == 201
-    finally:
-        transport.close()
+    assert _put_from_a_file(server, tmp_path, data) == 201
     assert spy.calls == 1 and server.files() == {"a.bin": data}  # tried once, then blocks
 
 
@@ -441,12 +441,7 @@ def test_when_sendfile_fails_part_way_the_rest_is_read_from_where_it_stopped(mak
         return real(out, source, offset, min(count, 100_000))
 
     monkeypatch.setattr(os, "sendfile", sends_a_little_then_fails)
-    transport = HostTransport(server.url, timeout=5)
-    try:
-        with _file(tmp_path, "a.bin", data) as source:
-            assert transport.put("a.bin", source) == 201
-    finally:
-        transport.close()
+    assert _put_from_a_file(server, tmp_path, data) == 201
     assert calls == [0, 100_000] and server.files() == {"a.bin": data}
 
 
